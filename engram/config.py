@@ -1,0 +1,290 @@
+"""Typed, frozen configuration of one trial: model, memory, data and training.
+
+Everything a trial needs is one `TrialConfig`. It is validated once, when built (`from_dict` turns plain
+mappings, e.g. parsed YAML, into these objects and names the field path of any mistake); after that nothing
+reads YAML or environment variables. "Off" is `None`, never `-1`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+MEMORY_KINDS = ("engram", "overencoding", "none")
+DATA_FORMATS = ("auto", "stdlib", "text", "jsonl", "parquet", "tokens")
+SCHEDULES = ("cosine", "wsd")
+DEVICES = ("auto", "cpu", "cuda")
+
+
+class ConfigError(ValueError):
+    """A configuration mistake; the message is one line that starts with the field path."""
+
+
+def _positive(name: str, value: int | float | None, *, allow_none: bool = False) -> None:
+    if value is None and allow_none:
+        return
+    if value is None or value <= 0:
+        raise ConfigError(f"{name}: expected a positive number, got {value!r}")
+
+
+def _choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}: expected one of {', '.join(choices)}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    """Conditional memory attached to the backbone.
+
+    `slots` is the total number of table rows over all Engram layers, n-gram orders and heads; each of the
+    (max_ngram - 1) * n_heads tables of a layer gets a distinct prime near slots / (layers * (max_ngram - 1) * n_heads).
+    `layers` are 0-based block indices: the default (1,) is the paper's "layer 2".
+    """
+
+    kind: Literal["engram", "overencoding", "none"] = "none"
+    slots: int = 0
+    layers: tuple[int, ...] = (1,)
+    max_ngram: int = 3
+    n_heads: int = 4
+    d_head: int = 16
+    signed_sqrt: bool = True
+    conv_kernel: int = 4
+    hash_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _choice("kind", self.kind, MEMORY_KINDS)
+        if self.kind == "none":
+            return
+        _positive("slots", self.slots)
+        if self.max_ngram < 2:
+            raise ConfigError(f"max_ngram: expected an integer >= 2, got {self.max_ngram!r}")
+        _positive("n_heads", self.n_heads)
+        _positive("d_head", self.d_head)
+        _positive("conv_kernel", self.conv_kernel)
+        if self.kind == "engram" and not self.layers:
+            raise ConfigError("layers: expected at least one layer index for memory kind 'engram'")
+        if len(set(self.layers)) != len(self.layers) or any(i < 0 for i in self.layers):
+            raise ConfigError(f"layers: expected distinct non-negative layer indices, got {list(self.layers)}")
+        n_tables = len(self.layers if self.kind == "engram" else (0,)) * (self.max_ngram - 1) * self.n_heads
+        if self.slots < 16 * n_tables:
+            raise ConfigError(f"slots: expected at least {16 * n_tables} (16 rows per table), got {self.slots}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only Engram+MoE transformer. Every FFN after the first `n_dense_layers` is a DeepSeekMoE layer."""
+
+    vocab_size: int = 4096
+    seq_len: int = 128
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    n_dense_layers: int = 1
+    d_ff_dense: int = 384
+    n_shared_experts: int = 1
+    d_expert: int = 64
+    n_routed: int = 16
+    top_k: int = 2
+    balance_rate: float = 1e-3
+    tie_embeddings: bool = True
+    rope_theta: float = 10000.0
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff_dense", "d_expert", "top_k"):
+            _positive(name, getattr(self, name))
+        if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
+            raise ConfigError(f"n_heads: expected a divisor of d_model={self.d_model} with an even head size, "
+                              f"got {self.n_heads}")
+        if not 0 <= self.n_dense_layers <= self.n_layers:
+            raise ConfigError(f"n_dense_layers: expected 0..{self.n_layers}, got {self.n_dense_layers}")
+        if self.n_shared_experts < 0:
+            raise ConfigError(f"n_shared_experts: expected >= 0, got {self.n_shared_experts}")
+        if self.n_routed < self.top_k:
+            raise ConfigError(f"n_routed: expected at least top_k={self.top_k}, got {self.n_routed}")
+        if self.balance_rate < 0:
+            raise ConfigError(f"balance_rate: expected >= 0, got {self.balance_rate}")
+        if self.memory.kind == "engram" and max(self.memory.layers) >= self.n_layers:
+            raise ConfigError(f"memory.layers: expected indices below n_layers={self.n_layers}, "
+                              f"got {list(self.memory.layers)}")
+
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - self.n_dense_layers
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the text comes from and how it is split. The tokenizer's size is `ModelConfig.vocab_size`.
+
+    corpus: "stdlib" (the running Python's standard library sources, no download), a directory or glob of text
+    files, a .jsonl file with `text_field`, a .parquet file with a `text_field` column, or a .npy token array.
+    """
+
+    corpus: str = "stdlib"
+    format: Literal["auto", "stdlib", "text", "jsonl", "parquet", "tokens"] = "auto"
+    text_field: str = "text"
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    max_bytes: int | None = 16_000_000
+
+    def __post_init__(self) -> None:
+        _choice("format", self.format, DATA_FORMATS)
+        if not self.corpus:
+            raise ConfigError("corpus: expected 'stdlib' or a path, got an empty string")
+        if not 0 < self.val_fraction < 0.5:
+            raise ConfigError(f"val_fraction: expected a number in (0, 0.5), got {self.val_fraction!r}")
+        _positive("max_bytes", self.max_bytes, allow_none=True)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation of one trial. The horizon is exactly one of `steps`, `tokens` or `flops`."""
+
+    steps: int | None = None
+    tokens: int | None = None
+    flops: float | None = None
+    batch_size: int = 16
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = 0.2
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    engram_lr_mult: float = 5.0
+    grad_clip: float | None = 1.0
+    eval_interval: int | None = 50
+    eval_tokens: int = 65_536
+    checkpoint_interval: int | None = 100
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    def __post_init__(self) -> None:
+        set_horizons = [n for n in ("steps", "tokens", "flops") if getattr(self, n) is not None]
+        if len(set_horizons) != 1:
+            raise ConfigError(f"steps/tokens/flops: expected exactly one horizon, got "
+                              f"{', '.join(set_horizons) if set_horizons else 'none'}")
+        _positive(set_horizons[0], getattr(self, set_horizons[0]))
+        for name in ("batch_size", "lr", "engram_lr_mult", "eval_tokens"):
+            _positive(name, getattr(self, name))
+        for name in ("grad_clip", "eval_interval", "checkpoint_interval"):
+            _positive(name, getattr(self, name), allow_none=True)
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps: expected >= 0, got {self.warmup_steps}")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError(f"min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio}")
+        if not 0 < self.decay_fraction <= 1:
+            raise ConfigError(f"decay_fraction: expected a number in (0, 1], got {self.decay_fraction}")
+        if self.weight_decay < 0:
+            raise ConfigError(f"weight_decay: expected >= 0, got {self.weight_decay}")
+        for name in ("beta1", "beta2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ConfigError(f"{name}: expected a number in [0, 1), got {getattr(self, name)}")
+        _choice("schedule", self.schedule, SCHEDULES)
+        _choice("device", self.device, DEVICES)
+
+
+@dataclass(frozen=True)
+class TrialConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(steps=200))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Plain mappings <-> config objects
+
+
+def from_dict(cls: type, data: Any, path: str = "") -> Any:
+    """Build the frozen dataclass `cls` from a mapping, checking keys and types; errors name the field path."""
+    where = path or cls.__name__
+    if isinstance(data, cls):
+        return data
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{_join(path, str(unknown[0]))}: unknown key (expected one of {', '.join(sorted(names))})")
+    kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError as err:
+        raise ConfigError(_join(path, str(err))) from None
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain, JSON-able mapping of a config (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def config_hash(config: Any, *extra: str) -> str:
+    """Content hash of a config (and extra strings such as a data fingerprint): stable across processes."""
+    text = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":")) + "|" + "|".join(extra)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        assert len(inner) == 1, f"unsupported union {tp}"
+        return _coerce(inner[0], value, path)
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{path}: expected one of {', '.join(map(str, args))}, got {value!r}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{path}: expected a list, got {value!r}")
+        return tuple(_coerce(args[0], v, f"{path}[{i}]") for i, v in enumerate(value))
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, path)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path}: expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, str):  # YAML 1.1 reads 1e6 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+            raise ConfigError(f"{path}: expected an integer, got {value!r}")
+        return int(value)
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e20 as a string
+            try:
+                value = float(value)
+            except ValueError:
+                raise ConfigError(f"{path}: expected a number, got {value!r}") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path}: expected a string, got {value!r}")
+        return value
+    raise AssertionError(f"unsupported config type {_type_name(tp)} at {path}")
