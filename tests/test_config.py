@@ -1,0 +1,45 @@
+"""Config validation at the boundary: mappings -> frozen configs, errors naming the field path."""
+
+import pytest
+
+from engram.config import ConfigError, MemoryConfig, TrainConfig, TrialConfig, config_hash, from_dict, to_dict
+
+
+def test_round_trip_and_yaml_style_numbers():
+    config = from_dict(TrialConfig, {"model": {"memory": {"kind": "engram", "slots": "1e5"}}, "train": {"tokens": "1e6"}})
+    assert config.model.memory.slots == 100_000 and config.train.tokens == 1_000_000
+    assert from_dict(TrialConfig, to_dict(config)) == config
+
+
+def test_hash_is_stable_and_sensitive():
+    a = TrialConfig()
+    assert config_hash(a) == config_hash(TrialConfig())
+    assert config_hash(a) != config_hash(a, "other-data")
+    assert config_hash(a) != config_hash(from_dict(TrialConfig, {"model": {"d_model": 64}}))
+
+
+@pytest.mark.parametrize("data, message", [
+    ({"model": {"dmodel": 1}}, "trial.model.dmodel: unknown key"),
+    ({"model": {"d_model": "wide"}}, "trial.model.d_model: expected an integer"),
+    ({"model": {"d_model": 130}}, "trial.model.n_heads: expected a divisor"),
+    ({"model": {"n_routed": 1}}, "trial.model.n_routed: expected at least top_k=2"),
+    ({"model": {"memory": {"kind": "ram"}}}, "trial.model.memory.kind: expected one of engram, overencoding, none"),
+    ({"model": {"memory": {"kind": "engram", "slots": 0}}}, "trial.model.memory.slots: expected a positive number"),
+    ({"model": {"memory": {"kind": "engram", "slots": 10_000, "layers": [7]}}}, "trial.model.memory.layers"),
+    ({"model": {"tie_embeddings": "yes"}}, "trial.model.tie_embeddings: expected true or false"),
+    ({"train": {"steps": 10, "tokens": 100}}, "trial.train.steps/tokens/flops: expected exactly one horizon"),
+    ({"train": {"lr": 0.1}}, "trial.train.steps/tokens/flops: expected exactly one horizon, got none"),
+    ({"train": {"steps": 5, "schedule": "linear"}}, "trial.train.schedule: expected one of cosine, wsd"),
+    ({"data": {"val_fraction": 0.9}}, "trial.data.val_fraction: expected a number in (0, 0.5)"),
+    ({"data": []}, "trial.data: expected a mapping"),
+])
+def test_errors_name_the_field(data, message):
+    with pytest.raises(ConfigError) as err:
+        from_dict(TrialConfig, data, "trial")
+    assert str(err.value).startswith(message), str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_memory_off_needs_no_slots():
+    assert MemoryConfig(kind="none", slots=0).kind == "none"
+    assert TrainConfig(flops=1e12).flops == 1e12
