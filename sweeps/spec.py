@@ -1,0 +1,455 @@
+"""The sweep spec: a YAML file -> a validated, frozen `SweepSpec` (the schema is documented in docs/sweep-spec.md).
+
+This is the only module that reads YAML. Validation happens once, here: every mistake raises `SpecError` whose
+message is one line starting with the field path (`experiments[1].rho[2]: ...`) or, for a YAML syntax error,
+`file:line`. The checks go beyond types: the allocation solver is run for every target (P_tot below P_act is
+caught here), every budget must pay for at least one optimiser step, and corpus paths must exist (nothing is
+tokenized at load). Paths in a spec are relative to the spec file's folder and are stored absolute, because
+Ray workers do not run in the driver's working directory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import math
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from engram.config import (ConfigError, DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig,
+                           from_dict, to_dict)
+
+EXPERIMENT_KINDS = ("allocation", "memory", "search")
+SWEEP_MEMORY_KINDS = ("engram", "overencoding")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# Keys a spec may not set in `train` / `model.memory`: each experiment sets them per trial.
+_TRAIN_PER_TRIAL = {"steps": "the experiment's budget sets the horizon (train.flops)",
+                    "tokens": "the experiment's budget sets the horizon (train.flops)",
+                    "flops": "the experiment's budget sets the horizon (train.flops)",
+                    "seed": "each experiment's seeds set it"}
+_MEMORY_PER_TRIAL = {"kind": "each experiment sets the memory kind",
+                     "slots": "each experiment sets the slot count (allocation: the solver; memory: `slots`)"}
+
+
+class SpecError(ValueError):
+    """A mistake in a sweep spec; the message is one line naming the field path (or file:line)."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Sections
+
+
+@dataclass(frozen=True)
+class Resources:
+    """What each trial is given and how many run at once. Fractional GPUs share a device."""
+
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int | None = None
+    max_retries: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.cpus_per_trial > 0:
+            raise ConfigError(f"cpus_per_trial: expected a positive number, got {self.cpus_per_trial}")
+        if self.gpus_per_trial < 0 or (self.gpus_per_trial > 1 and self.gpus_per_trial != int(self.gpus_per_trial)):
+            raise ConfigError(f"gpus_per_trial: expected 0, a fraction in (0, 1] or a whole number, "
+                              f"got {self.gpus_per_trial}")
+        if self.max_concurrent is not None and self.max_concurrent < 1:
+            raise ConfigError(f"max_concurrent: expected a positive integer or null, got {self.max_concurrent}")
+        if not 0 <= self.max_retries <= 100:
+            raise ConfigError(f"max_retries: expected an integer in 0..100, got {self.max_retries}")
+
+
+def _check_target(exp: Any) -> None:
+    given = [n for n in ("p_tot_ratio", "p_tot") if getattr(exp, n) is not None]
+    if len(given) != 1:
+        raise ConfigError(f"p_tot_ratio/p_tot: expected exactly one of them, got "
+                          f"{' and '.join(given) if given else 'neither'}")
+    value = getattr(exp, given[0])
+    if not (math.isfinite(value) and value > (1 if given[0] == "p_tot_ratio" else 0)):
+        bound = "a number > 1" if given[0] == "p_tot_ratio" else "a positive number"
+        raise ConfigError(f"{given[0]}: expected {bound}, got {value}")
+
+
+def _check_list(name: str, values: tuple, check: Any, expected: str) -> None:
+    if not values:
+        raise ConfigError(f"{name}: expected a non-empty list")
+    for i, v in enumerate(values):
+        if not check(v):
+            raise ConfigError(f"{name}[{i}]: expected {expected}, got {v!r}")
+    dups = [v for i, v in enumerate(values) if v in values[:i]]
+    if dups:
+        raise ConfigError(f"{name}[{values.index(dups[0], values.index(dups[0]) + 1)}]: duplicate value {dups[0]!r}")
+
+
+def _check_budget(name: str, value: float) -> None:
+    if not (math.isfinite(value) and value > 0):
+        raise ConfigError(f"{name}: expected a positive number of FLOPs, got {value}")
+
+
+@dataclass(frozen=True)
+class AllocationExperiment:
+    """Fixed P_tot (hence P_act) per budget; rho moves the sparse budget between routed experts and Engram slots."""
+
+    name: str
+    rho: tuple[float, ...]
+    budgets: tuple[float, ...]
+    seeds: tuple[int, ...] = (0,)
+    p_tot_ratio: float | None = None
+    p_tot: float | None = None
+    kind: str = "allocation"
+
+    def __post_init__(self) -> None:
+        _check_target(self)
+        _check_list("rho", self.rho, lambda r: 0 <= r <= 1, "a number in [0, 1]")
+        _check_list("budgets", self.budgets, lambda b: math.isfinite(b) and b > 0, "a positive number of FLOPs")
+        _check_list("seeds", self.seeds, lambda s: s >= 0, "a non-negative integer")
+
+
+@dataclass(frozen=True)
+class MemoryExperiment:
+    """The fixed MoE backbone of `model` plus memory of each kind and slot count (swept over decades)."""
+
+    name: str
+    slots: tuple[int, ...]
+    budget: float
+    memory: tuple[str, ...] = ("engram",)
+    seeds: tuple[int, ...] = (0,)
+    kind: str = "memory"
+
+    def __post_init__(self) -> None:
+        _check_list("memory", self.memory, lambda m: m in SWEEP_MEMORY_KINDS, f"one of {', '.join(SWEEP_MEMORY_KINDS)}")
+        _check_list("slots", self.slots, lambda s: s > 0, "a positive integer")
+        _check_budget("budget", self.budget)
+        _check_list("seeds", self.seeds, lambda s: s >= 0, "a non-negative integer")
+
+
+@dataclass(frozen=True)
+class SearchExperiment:
+    """Adaptive search (Optuna, seeded) for the best rho in [0, 1] at one budget, `n_trials` trials."""
+
+    name: str
+    budget: float
+    n_trials: int
+    seed: int = 0
+    p_tot_ratio: float | None = None
+    p_tot: float | None = None
+    kind: str = "search"
+
+    def __post_init__(self) -> None:
+        _check_target(self)
+        _check_budget("budget", self.budget)
+        if not 1 <= self.n_trials <= 10_000:
+            raise ConfigError(f"n_trials: expected an integer in 1..10000, got {self.n_trials}")
+        if self.seed < 0:
+            raise ConfigError(f"seed: expected a non-negative integer, got {self.seed}")
+
+
+Experiment = Union[AllocationExperiment, MemoryExperiment, SearchExperiment]
+_EXPERIMENT_CLASSES = {"allocation": AllocationExperiment, "memory": MemoryExperiment, "search": SearchExperiment}
+
+
+@dataclass(frozen=True)
+class FailAttempts:
+    """Test-only fault injection: trials whose experiment name or trial_id starts with `match` raise at start
+    in their first `times` attempts."""
+
+    match: str
+    times: int = 1
+
+    def __post_init__(self) -> None:
+        if not self.match:
+            raise ConfigError("match: expected an experiment name or trial_id prefix, got an empty string")
+        if self.times < 1:
+            raise ConfigError(f"times: expected a positive integer, got {self.times}")
+
+    def applies(self, experiment: str, trial_id: str, attempt: int) -> bool:
+        """Whether attempt number `attempt` (1-based) of this trial should fail."""
+        return (experiment == self.match or trial_id.startswith(self.match)) and attempt <= self.times
+
+
+@dataclass(frozen=True)
+class Testing:
+    """Test-only knobs; never part of a trial_id."""
+
+    fail_attempts: FailAttempts | None = None
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated sweep. `train` is a template: its horizon and seed are placeholders that `trial_train`
+    replaces per trial (train.flops = the experiment's budget, train.seed = the trial's seed)."""
+
+    name: str
+    results_dir: Path
+    data: DataConfig
+    model: ModelConfig
+    train: TrainConfig
+    resources: Resources
+    experiments: tuple[Experiment, ...]
+    testing: Testing = Testing()
+
+    @property
+    def store_dir(self) -> Path:
+        return self.results_dir / self.name
+
+    def experiment(self, name: str) -> Experiment:
+        for exp in self.experiments:
+            if exp.name == name:
+                return exp
+        raise KeyError(name)
+
+    def trial_train(self, budget: float, seed: int) -> TrainConfig:
+        return dataclasses.replace(self.train, steps=None, tokens=None, flops=float(budget), seed=seed)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_spec(path: str | Path) -> SweepSpec:
+    """Read and validate a sweep spec file. Raises SpecError (one line) for any mistake."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    return parse_spec(raw, base_dir=path.resolve().parent)
+
+
+def load_trial_config(path: str | Path) -> TrialConfig:
+    """Read one trial's config (the `engram-sweep train --config` file): a TrialConfig mapping."""
+    path = Path(path)
+    raw = _read_yaml(path)
+    try:
+        config = from_dict(TrialConfig, raw)
+    except ConfigError as err:
+        raise SpecError(str(err)) from None
+    return dataclasses.replace(config, data=_resolve_data(config.data, path.resolve().parent, "data"))
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such file") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
+        raise SpecError(f"{path}: cannot read ({type(err).__name__})") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError(f"{where}: YAML syntax error: {problem}") from None
+
+
+_TOP_KEYS = ("name", "results_dir", "data", "model", "train", "resources", "experiments", "testing")
+
+
+def parse_spec(raw: Any, base_dir: Path) -> SweepSpec:
+    """Validate a parsed spec mapping; relative paths are taken from `base_dir`."""
+    try:
+        return _parse(raw, base_dir)
+    except ConfigError as err:
+        raise SpecError(str(err)) from None
+
+
+def _parse(raw: Any, base_dir: Path) -> SweepSpec:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"spec: expected a mapping with keys {', '.join(_TOP_KEYS)}, got {type(raw).__name__}")
+    unknown = sorted(str(k) for k in set(raw) - set(_TOP_KEYS))
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (expected one of {', '.join(_TOP_KEYS)})")
+    for key in ("name", "experiments"):
+        if key not in raw:
+            raise ConfigError(f"{key}: required")
+    name = raw["name"]
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"name: expected letters, digits, '_', '.', '-' (not starting with '.' or '-'), got {name!r}")
+    results_dir = raw.get("results_dir", "results")
+    if not isinstance(results_dir, str) or not results_dir:
+        raise ConfigError(f"results_dir: expected a folder path, got {results_dir!r}")
+
+    data = _resolve_data(from_dict(DataConfig, raw.get("data"), "data"), base_dir, "data")
+    model = _parse_model(raw.get("model"))
+    train = _parse_train(raw.get("train"))
+    resources = from_dict(Resources, raw.get("resources"), "resources")
+    testing = from_dict(Testing, raw.get("testing"), "testing")
+
+    experiments_raw = raw["experiments"]
+    if not isinstance(experiments_raw, list) or not experiments_raw:
+        raise ConfigError("experiments: expected a non-empty list of experiments")
+    experiments = tuple(_parse_experiment(e, f"experiments[{i}]") for i, e in enumerate(experiments_raw))
+    seen: dict[str, int] = {}
+    for i, exp in enumerate(experiments):
+        if exp.name in seen:
+            raise ConfigError(f"experiments[{i}].name: duplicate experiment name {exp.name!r} "
+                              f"(also experiments[{seen[exp.name]}])")
+        seen[exp.name] = i
+
+    spec = SweepSpec(name=name, results_dir=(base_dir / results_dir).resolve(), data=data, model=model,
+                     train=train, resources=resources, experiments=experiments, testing=testing)
+    for i, exp in enumerate(experiments):
+        _check_feasible(spec, exp, f"experiments[{i}]")
+    return spec
+
+
+def _parse_model(raw: Any) -> ModelConfig:
+    if raw is None:
+        raw = {}
+    if isinstance(raw, dict) and isinstance(raw.get("memory"), dict):
+        for key, why in _MEMORY_PER_TRIAL.items():
+            if key in raw["memory"]:
+                raise ConfigError(f"model.memory.{key}: not allowed in a sweep spec ({why})")
+    model = from_dict(ModelConfig, raw, "model")
+    # Validate the Engram shape now (a MemoryConfig of kind 'none' skips its checks); the slot count is a
+    # stand-in large enough to pass the rows-per-table floor.
+    shape = dataclasses.replace(model.memory, kind="none", slots=0)
+    try:
+        dataclasses.replace(model, memory=dataclasses.replace(shape, kind="engram", slots=1 << 40))
+    except ConfigError as err:
+        msg = str(err)
+        raise ConfigError(f"model.{msg}" if msg.startswith("memory.") else f"model.memory.{msg}") from None
+    return dataclasses.replace(model, memory=shape)
+
+
+def _parse_train(raw: Any) -> TrainConfig:
+    if raw is None:
+        raw = {}
+    if isinstance(raw, dict):
+        for key, why in _TRAIN_PER_TRIAL.items():
+            if key in raw:
+                raise ConfigError(f"train.{key}: not allowed in a sweep spec ({why})")
+        raw = {**raw, "steps": 1}  # placeholder horizon, replaced per trial by SweepSpec.trial_train
+    return from_dict(TrainConfig, raw, "train")
+
+
+def _parse_experiment(raw: Any, path: str) -> Experiment:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__}")
+    kind = raw.get("kind")
+    if kind not in _EXPERIMENT_CLASSES:
+        raise ConfigError(f"{path}.kind: expected one of {', '.join(EXPERIMENT_KINDS)}, got {kind!r}")
+    cls = _EXPERIMENT_CLASSES[kind]
+    required = [f.name for f in dataclasses.fields(cls)
+                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [k for k in required if k not in raw]
+    if missing:
+        raise ConfigError(f"{path}.{missing[0]}: required for a {kind} experiment")
+    name = raw["name"]
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise ConfigError(f"{path}.name: expected letters, digits, '_', '.', '-' (not starting with '.' or '-'), "
+                          f"got {name!r}")
+    for key in ("rho", "budgets", "seeds", "slots", "memory"):
+        if key in raw and not isinstance(raw[key], list) and key in {f.name for f in dataclasses.fields(cls)}:
+            raise ConfigError(f"{path}.{key}: expected a list, got {raw[key]!r}")
+    return from_dict(cls, raw, path)
+
+
+def _resolve_data(data: DataConfig, base_dir: Path, path: str) -> DataConfig:
+    """Make a corpus path absolute and check that it exists (a glob must match at least one file)."""
+    if data.corpus == "stdlib":
+        return data
+    corpus = os.path.expanduser(data.corpus)
+    if not os.path.isabs(corpus):
+        corpus = os.path.normpath(os.path.join(base_dir, corpus))
+    if glob.has_magic(corpus):
+        if not glob.glob(corpus, recursive=True):
+            raise ConfigError(f"{path}.corpus: no file matches {data.corpus!r} (relative to {base_dir})")
+    elif not os.path.exists(corpus):
+        raise ConfigError(f"{path}.corpus: no such file or folder {data.corpus!r} (relative to {base_dir})")
+    return dataclasses.replace(data, corpus=corpus)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Feasibility (runs the allocation solver; nothing is tokenized or built)
+
+
+def engram_shape(spec: SweepSpec, slots: int, kind: str = "engram") -> MemoryConfig:
+    """The spec's memory shape with a kind and slot count filled in."""
+    return dataclasses.replace(spec.model.memory, kind=kind, slots=int(slots))
+
+
+def target_p_tot(spec: SweepSpec, exp: AllocationExperiment | SearchExperiment) -> float:
+    """The experiment's P_tot target: `p_tot`, or `p_tot_ratio` times P_act of the rho = 1 (pure MoE) model,
+    i.e. the backbone of `model` without memory (its router sized for `model.n_routed`)."""
+    from engram.accounting import param_counts
+
+    if exp.p_tot is not None:
+        return float(exp.p_tot)
+    p_act = param_counts(dataclasses.replace(spec.model, memory=MemoryConfig())).p_act
+    return float(exp.p_tot_ratio) * p_act
+
+
+def step_flops(spec: SweepSpec, model: ModelConfig) -> float:
+    """FLOPs of one optimiser step of `model` under the spec's batch: the least budget a trial can have."""
+    from engram.accounting import flops_per_token
+
+    return flops_per_token(model) * spec.train.batch_size * model.seq_len
+
+
+def _check_feasible(spec: SweepSpec, exp: Experiment, path: str) -> None:
+    from engram.accounting import AllocationError, param_counts, solve_allocation
+
+    if isinstance(exp, MemoryExperiment):
+        for i, slots in enumerate(exp.slots):
+            for kind in exp.memory:
+                try:
+                    model = dataclasses.replace(spec.model, memory=engram_shape(spec, slots, kind))
+                except ConfigError as err:
+                    raise ConfigError(f"{path}.slots[{i}]: {str(err).split(': ', 1)[-1]} (memory {kind})") from None
+                need = step_flops(spec, model)
+                if exp.budget < need:
+                    raise ConfigError(f"{path}.budget: expected at least {need:.3g} FLOPs (one step of the "
+                                      f"{kind} model with {slots} slots), got {exp.budget:.3g}")
+        return
+
+    target_field = "p_tot" if exp.p_tot is not None else "p_tot_ratio"
+    p_tot = target_p_tot(spec, exp)
+    p_act = param_counts(dataclasses.replace(spec.model, memory=MemoryConfig())).p_act
+    if p_tot <= p_act:
+        raise ConfigError(f"{path}.{target_field}: P_tot target {p_tot:.4g} is not above P_act {p_act:.4g} "
+                          f"of the backbone (nothing left for sparse parameters)")
+    rhos = exp.rho if isinstance(exp, AllocationExperiment) else (0.0, 1.0)
+    budgets = exp.budgets if isinstance(exp, AllocationExperiment) else (exp.budget,)
+    for i, rho in enumerate(rhos):
+        where = f"{path}.rho[{i}]" if isinstance(exp, AllocationExperiment) else f"{path}.{target_field}"
+        try:
+            alloc = solve_allocation(dataclasses.replace(spec.model, memory=engram_shape(spec, 1 << 20)), p_tot, rho)
+        except (AllocationError, ConfigError) as err:
+            raise ConfigError(f"{where}: infeasible allocation at rho={rho:g}: {err}") from None
+        need = step_flops(spec, alloc.model)
+        for j, budget in enumerate(budgets):
+            if budget < need:
+                bpath = f"{path}.budgets[{j}]" if isinstance(exp, AllocationExperiment) else f"{path}.budget"
+                raise ConfigError(f"{bpath}: expected at least {need:.3g} FLOPs (one step at rho={rho:g}), "
+                                  f"got {budget:.3g}")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The resolved spec as a plain mapping / YAML text (written beside the results)
+
+
+def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
+    """A plain mapping that `parse_spec` reads back into an equal spec (paths are absolute)."""
+    model = to_dict(spec.model)
+    for key in _MEMORY_PER_TRIAL:
+        model["memory"].pop(key)
+    train = to_dict(spec.train)
+    for key in _TRAIN_PER_TRIAL:
+        train.pop(key)
+    out: dict[str, Any] = {
+        "name": spec.name, "results_dir": str(spec.results_dir), "data": to_dict(spec.data), "model": model,
+        "train": train, "resources": to_dict(spec.resources),
+        "experiments": [{k: v for k, v in to_dict(e).items() if v is not None} for e in spec.experiments],
+    }
+    if spec.testing != Testing():
+        out["testing"] = to_dict(spec.testing)
+    return out
+
+
+def dump_spec(spec: SweepSpec) -> str:
+    return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
