@@ -1,0 +1,479 @@
+"""One training trial: `run_trial(TrialConfig) -> TrialResult`.
+
+Holds the optimisers, the learning-rate schedule, the fixed validation set, divergence detection and
+checkpoint/resume of one trial. Knows nothing of Ray or YAML; a launcher calls `run_trial` and receives typed
+records (`Progress` at each evaluation, a `TrialResult` at the end).
+
+Optimisation (DESIGN.md "Optimiser"; Engram paper arXiv 2601.07372 §2):
+- backbone: AdamW; weight decay on matrices only (ndim >= 2), NOT on norms, biases or embeddings (the token
+  embedding, hence a tied LM head, and any other `nn.Embedding`), following nanoGPT / DeepSeek practice;
+- memory tables (`model.table_parameters()`, sparse gradients): `torch.optim.SparseAdam` at
+  `train.engram_lr_mult` x the base learning rate and no weight decay. SparseAdam is "lazy": only the rows
+  touched in a step have their moments and values updated, so an update costs O(rows touched), not O(slots);
+- one schedule for both: linear warmup, then cosine (or warmup-stable-decay) down to `min_lr_ratio` x lr;
+- gradient clipping by the global norm over ALL gradients, sparse ones included (norm of coalesced values).
+
+Horizon: exactly one of train.steps / tokens / flops (`horizon_steps`). Validation: the first
+`train.eval_tokens` tokens of the validation split cut into non-overlapping windows, the same for every trial
+of a corpus. Train batches: random windows drawn by a generator seeded with `train.seed`. On CPU a seed gives
+bitwise-identical losses; a checkpointed-and-resumed trial gives the same losses as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from engram.accounting import ParamCounts, flops_per_token, param_counts
+from engram.config import TrainConfig, TrialConfig, config_hash
+from engram.data import prepare_data
+from engram.memory import build_compression
+from engram.model import EngramMoE
+
+STATE_FILE = "state.pt"
+RESULT_FILE = "result.json"
+# Train-loss points kept per curve (besides the evaluations): enough for a smooth plot, small in Parquet.
+N_CURVE_POINTS = 100
+
+
+@dataclass(frozen=True)
+class CurvePoint:
+    step: int
+    tokens: int
+    train_loss: float  # mean training loss over the steps since the previous point
+    val_loss: float | None  # None where no evaluation ran
+    lr: float  # base learning rate at this step (the tables use engram_lr_mult x this)
+    elapsed: float  # seconds of this trial so far, summed over resumes
+
+
+@dataclass(frozen=True)
+class Progress:
+    step: int
+    total_steps: int
+    tokens: int
+    train_loss: float
+    val_loss: float | None
+    lr: float
+    elapsed: float
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    status: str  # "ok" | "diverged"  ("failed" is what a launcher records when run_trial raises)
+    final_val_loss: float | None
+    best_val_loss: float | None
+    train_loss: float | None
+    steps: int
+    tokens: int
+    flops_per_token: float
+    compute: float  # flops_per_token * tokens trained
+    wall_seconds: float  # training loop incl. evaluation and checkpoints, summed over resumes
+    tokens_per_second: float  # training tokens over the time spent in training steps only
+    device: str
+    counts: ParamCounts
+    curve: tuple[CurvePoint, ...]
+    error: str | None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able mapping (for transport between processes); inverse of `from_dict`."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        out["counts"] = dataclasses.asdict(self.counts)
+        out["curve"] = [dataclasses.asdict(p) for p in self.curve]
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrialResult:
+        fields = dict(data)
+        fields["counts"] = ParamCounts(**fields["counts"])
+        fields["curve"] = tuple(CurvePoint(**p) for p in fields["curve"])
+        return cls(**fields)
+
+
+def format_progress(p: Progress) -> str:
+    """One line for a CLI: `step 120/400 (30%) | 245.8k tok | train 4.123 | val 4.456 | lr 2.71e-03 | 12s`."""
+    val = "   -  " if p.val_loss is None else f"{p.val_loss:.3f}"
+    return (f"step {p.step}/{p.total_steps} ({100 * p.step / max(p.total_steps, 1):.0f}%) | "
+            f"{_si(p.tokens)} tok | train {p.train_loss:.3f} | val {val} | lr {p.lr:.2e} | {p.elapsed:.0f}s")
+
+
+def horizon_steps(train: TrainConfig, flops_per_token: float, seq_len: int) -> int:
+    """Optimiser steps of a trial: train.steps, or tokens / (batch * seq_len), or flops / (fpt * batch * seq_len)."""
+    tokens_per_step = train.batch_size * seq_len
+    if train.steps is not None:
+        return train.steps
+    if train.tokens is not None:
+        return max(1, round(train.tokens / tokens_per_step))
+    assert train.flops is not None  # TrainConfig guarantees exactly one horizon
+    return max(1, round(train.flops / (flops_per_token * tokens_per_step)))
+
+
+def lr_factor(train: TrainConfig, step: int, total_steps: int) -> float:
+    """Multiplier of the base learning rate for (1-based) optimiser step `step` of `total_steps`."""
+    if step <= train.warmup_steps:
+        return step / train.warmup_steps
+    floor = train.min_lr_ratio
+    if train.schedule == "cosine":
+        span = max(total_steps - train.warmup_steps, 1)
+        progress = min((step - train.warmup_steps) / span, 1.0)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    # WSD: constant after warmup, then a linear decay over the last decay_fraction of the steps.
+    decay_start = total_steps - train.decay_fraction * total_steps
+    if step <= decay_start:
+        return 1.0
+    progress = min((step - decay_start) / max(total_steps - decay_start, 1e-9), 1.0)
+    return 1.0 - (1 - floor) * progress
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimisers
+
+
+def build_optimizers(model: EngramMoE, train: TrainConfig) -> tuple[torch.optim.AdamW, torch.optim.SparseAdam | None]:
+    """AdamW for the backbone (decay on matrices, not norms/biases/embeddings); SparseAdam for memory tables."""
+    table_ids = {id(p) for p in model.table_parameters()}
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    decay, no_decay = [], []
+    for p in model.parameters():  # parameters() deduplicates, so a tied head is seen once
+        if not p.requires_grad or id(p) in table_ids:
+            continue
+        (decay if p.ndim >= 2 and id(p) not in embedding_ids else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(train.beta1, train.beta2),
+                              foreach=True)
+    tables = model.table_parameters()
+    sparse = None
+    if tables:
+        sparse = torch.optim.SparseAdam(tables, lr=train.lr * train.engram_lr_mult, betas=(train.beta1, train.beta2))
+    return dense, sparse
+
+
+@torch.no_grad()
+def clip_grad_norm(params: list[nn.Parameter], max_norm: float | None) -> torch.Tensor:
+    """Global L2 norm of all gradients (sparse ones from their coalesced values); scale them down to max_norm.
+
+    `torch.nn.utils.clip_grad_norm_` does not take sparse gradients; an uncoalesced sparse gradient repeats a row
+    once per occurrence, so its values must be summed per row (coalesced) before taking the norm.
+    """
+    sq_norms = []
+    for p in params:
+        if p.grad is None:
+            continue
+        if p.grad.is_sparse:
+            p.grad = p.grad.coalesce()
+            sq_norms.append(p.grad._values().float().pow(2).sum())
+        else:
+            sq_norms.append(p.grad.float().pow(2).sum())
+    if not sq_norms:
+        return torch.zeros(())
+    total = torch.stack(sq_norms).sum().sqrt()
+    if max_norm is not None:
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        for p in params:
+            if p.grad is not None:
+                if p.grad.is_sparse:
+                    p.grad._values().mul_(coef.to(p.grad.dtype))
+                else:
+                    p.grad.mul_(coef.to(p.grad.dtype))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data
+
+
+def validation_windows(val_tokens: np.ndarray, seq_len: int, eval_tokens: int) -> torch.Tensor:
+    """The fixed validation set: the first `eval_tokens` of the split as non-overlapping (n, seq_len + 1) windows.
+
+    Consecutive windows share one boundary token (one's last target is the next one's first input), so every
+    token of the span is predicted exactly once.
+    """
+    n_windows = min(eval_tokens, len(val_tokens) - 1) // seq_len
+    if n_windows < 1:
+        raise ValueError(f"data.val_fraction: the validation split has {len(val_tokens)} tokens, fewer than "
+                         f"seq_len + 1 = {seq_len + 1}")
+    idx = np.arange(n_windows)[:, None] * seq_len + np.arange(seq_len + 1)[None, :]
+    return torch.from_numpy(np.asarray(val_tokens[idx], dtype=np.int64))
+
+
+def sample_batch(train_tokens: np.ndarray, batch_size: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
+    """(batch_size, seq_len + 1) random windows of the train split, drawn with `gen`."""
+    n_starts = len(train_tokens) - seq_len
+    if n_starts < 1:
+        raise ValueError(f"data: the train split has {len(train_tokens)} tokens, fewer than seq_len + 1")
+    starts = torch.randint(0, n_starts, (batch_size,), generator=gen).numpy()
+    idx = starts[:, None] + np.arange(seq_len + 1)[None, :]
+    return torch.from_numpy(np.asarray(train_tokens[idx], dtype=np.int64))
+
+
+def train_step(model: EngramMoE, batch_BT: torch.Tensor, dense_opt: torch.optim.Optimizer,
+               sparse_opt: torch.optim.Optimizer | None, params: list[nn.Parameter], *, lr: float,
+               train: TrainConfig) -> float:
+    """One optimiser step on `batch_BT` (B, T + 1) at base learning rate `lr`; returns the training loss.
+
+    A non-finite loss or gradient norm returns NaN WITHOUT updating the weights (the trial ends as diverged).
+    """
+    with _autocast(batch_BT.device):
+        _, loss = model(batch_BT[:, :-1], batch_BT[:, 1:])
+    loss_value = float(loss.detach())
+    if not math.isfinite(loss_value):
+        return loss_value
+    loss.backward()
+    grad_norm = clip_grad_norm(params, train.grad_clip)
+    if not math.isfinite(float(grad_norm)):
+        return float("nan")
+    for group in dense_opt.param_groups:
+        group["lr"] = lr
+    dense_opt.step()
+    dense_opt.zero_grad(set_to_none=True)
+    if sparse_opt is not None:
+        for group in sparse_opt.param_groups:
+            group["lr"] = lr * train.engram_lr_mult
+        sparse_opt.step()
+        sparse_opt.zero_grad(set_to_none=True)
+    model.update_router_biases()  # after the step: counts of this step's training tokens steer the next
+    return loss_value
+
+
+@torch.no_grad()
+def evaluate(model: EngramMoE, windows_NT: torch.Tensor, batch_size: int, device: torch.device) -> float:
+    """Mean next-token cross-entropy over the fixed validation windows (every window has seq_len targets)."""
+    was_training = model.training
+    model.eval()  # eval mode: the MoE gathers balancing counts in training only
+    total = 0.0
+    for i in range(0, len(windows_NT), batch_size):
+        batch_BT = windows_NT[i:i + batch_size].to(device)
+        with _autocast(device):
+            _, loss = model(batch_BT[:, :-1], batch_BT[:, 1:])
+        total += float(loss) * len(batch_BT)
+    model.train(was_training)
+    return total / len(windows_NT)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trial
+
+
+def run_trial(config: TrialConfig, *, cache_dir: Path | None = None, checkpoint_dir: Path | None = None,
+              on_progress: Callable[[Progress], None] | None = None,
+              on_checkpoint: Callable[[Path], None] | None = None) -> TrialResult:
+    """Train one model to its horizon and return its validation losses, curve and costs.
+
+    With `checkpoint_dir`, resume from the state saved there (if any), save state atomically every
+    train.checkpoint_interval steps and at the end (then call `on_checkpoint(checkpoint_dir)`); a trial whose
+    saved state is complete returns its stored result without training.
+    """
+    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
+    key = config_hash(config)
+    if checkpoint_dir is not None and (checkpoint_dir / RESULT_FILE).exists():
+        stored = json.loads((checkpoint_dir / RESULT_FILE).read_text())
+        _check_key(stored, key, checkpoint_dir / RESULT_FILE)
+        return TrialResult.from_dict(stored["result"])
+
+    # The trial owns the global RNG while it runs (model init, anything in the model drawing from it); fork so
+    # that the caller's RNG state is left as it was.
+    device = resolve_device(config.train.device)
+    rng_devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=rng_devices):
+        return _Trial(config, device, key, cache_dir, checkpoint_dir, on_progress, on_checkpoint).run()
+
+
+class _Trial:
+    """The mutable state of one running trial (model, optimisers, generator, curve); `run` trains it."""
+
+    def __init__(self, config: TrialConfig, device: torch.device, key: str, cache_dir: Path | None,
+                 checkpoint_dir: Path | None, on_progress: Callable[[Progress], None] | None,
+                 on_checkpoint: Callable[[Path], None] | None) -> None:
+        self.config, self.device, self.key = config, device, key
+        self.checkpoint_dir, self.on_progress, self.on_checkpoint = checkpoint_dir, on_progress, on_checkpoint
+        mcfg, tcfg = config.model, config.train
+
+        data = prepare_data(config.data, mcfg.vocab_size, cache_dir, seq_len=mcfg.seq_len)
+        if data.vocab_size > mcfg.vocab_size:
+            raise ValueError(f"model.vocab_size: {mcfg.vocab_size} is smaller than the data's vocabulary "
+                             f"({data.vocab_size})")
+        self.train_tokens = data.train
+        self.val_windows_NT = validation_windows(data.val, mcfg.seq_len, tcfg.eval_tokens)
+
+        torch.manual_seed(tcfg.seed)
+        compression = None
+        if data.token_texts:
+            compression = torch.as_tensor(build_compression(data.token_texts))
+        self.model = EngramMoE(mcfg, compression).to(device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.dense_opt, self.sparse_opt = build_optimizers(self.model, tcfg)
+        self.gen = torch.Generator().manual_seed(tcfg.seed)
+
+        self.counts = param_counts(mcfg)
+        self.fpt = flops_per_token(mcfg)
+        self.tokens_per_step = tcfg.batch_size * mcfg.seq_len
+        self.total_steps = horizon_steps(tcfg, self.fpt, mcfg.seq_len)
+        self.log_every = max(1, math.ceil(self.total_steps / N_CURVE_POINTS))
+
+        self.step = 0  # optimiser steps completed
+        self.curve: list[CurvePoint] = []
+        self.loss_sum, self.loss_n = 0.0, 0  # training losses since the last curve point
+        self.best_val: float | None = None
+        self.elapsed = 0.0  # seconds in previous runs of this trial (resumes)
+        self.train_seconds = 0.0  # seconds in training steps only
+        if checkpoint_dir is not None and (checkpoint_dir / STATE_FILE).exists():
+            self._load(checkpoint_dir / STATE_FILE)
+
+    # -- training ---------------------------------------------------------------------------------------------
+
+    def run(self) -> TrialResult:
+        tcfg, seq_len = self.config.train, self.config.model.seq_len
+        self.model.train()
+        t_start, elapsed_before = time.perf_counter(), self.elapsed
+        while self.step < self.total_steps:
+            step = self.step + 1
+            lr = tcfg.lr * lr_factor(tcfg, step, self.total_steps)
+            t_step = time.perf_counter()
+            batch_BT = sample_batch(self.train_tokens, tcfg.batch_size, seq_len, self.gen)
+            loss = train_step(self.model, batch_BT.to(self.device), self.dense_opt, self.sparse_opt, self.params,
+                              lr=lr, train=tcfg)
+            self.elapsed = elapsed_before + time.perf_counter() - t_start
+            if not math.isfinite(loss):
+                return self._finish("diverged", f"non-finite loss at step {step}")
+            self.step = step
+            self.loss_sum += loss
+            self.loss_n += 1
+            self.train_seconds += time.perf_counter() - t_step
+
+            is_last = step == self.total_steps
+            do_eval = is_last or (tcfg.eval_interval is not None and step % tcfg.eval_interval == 0)
+            if do_eval or step % self.log_every == 0:
+                val = evaluate(self.model, self.val_windows_NT, tcfg.batch_size, self.device) if do_eval else None
+                if val is not None and not math.isfinite(val):
+                    return self._finish("diverged", f"non-finite validation loss at step {step}")
+                self.elapsed = elapsed_before + time.perf_counter() - t_start
+                point = CurvePoint(step, step * self.tokens_per_step, self.loss_sum / self.loss_n, val, lr,
+                                   self.elapsed)
+                self.curve.append(point)
+                self.loss_sum, self.loss_n = 0.0, 0
+                if val is not None:
+                    self.best_val = val if self.best_val is None else min(self.best_val, val)
+                    if self.on_progress is not None:
+                        self.on_progress(Progress(step, self.total_steps, point.tokens, point.train_loss, val, lr,
+                                                  self.elapsed))
+            if (self.checkpoint_dir is not None and not is_last and tcfg.checkpoint_interval is not None
+                    and step % tcfg.checkpoint_interval == 0):
+                self._save()
+        return self._finish("ok", None)
+
+    def _finish(self, status: str, error: str | None) -> TrialResult:
+        tokens = self.step * self.tokens_per_step
+        final_val = self.curve[-1].val_loss if status == "ok" else None
+        last_train = self.curve[-1].train_loss if self.curve else None
+        if status == "ok":
+            assert final_val is not None and self.curve[-1].step == self.step
+        result = TrialResult(
+            status=status, final_val_loss=final_val, best_val_loss=self.best_val, train_loss=last_train,
+            steps=self.step, tokens=tokens, flops_per_token=self.fpt, compute=self.fpt * tokens,
+            wall_seconds=self.elapsed, tokens_per_second=tokens / self.train_seconds if self.train_seconds else 0.0,
+            device=_device_name(self.device), counts=self.counts, curve=tuple(self.curve), error=error)
+        if self.checkpoint_dir is not None:
+            if status == "ok":  # final weights stay next to the result; a diverged state is of no use
+                self._save(notify=False)
+            _atomic_write_bytes(self.checkpoint_dir / RESULT_FILE,
+                                json.dumps({"key": self.key, "result": result.to_dict()}).encode())
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(self.checkpoint_dir)
+        return result
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+
+    def _save(self, notify: bool = True) -> None:
+        assert self.checkpoint_dir is not None
+        state = {
+            "key": self.key, "step": self.step, "model": self.model.state_dict(),
+            "dense_opt": self.dense_opt.state_dict(),
+            "sparse_opt": self.sparse_opt.state_dict() if self.sparse_opt is not None else None,
+            "gen": self.gen.get_state(), "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "curve": [dataclasses.asdict(p) for p in self.curve], "loss_sum": self.loss_sum, "loss_n": self.loss_n,
+            "best_val": self.best_val, "elapsed": self.elapsed, "train_seconds": self.train_seconds,
+        }
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=f".{STATE_FILE}.")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                torch.save(state, f)
+            os.replace(tmp, self.checkpoint_dir / STATE_FILE)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        if notify and self.on_checkpoint is not None:
+            self.on_checkpoint(self.checkpoint_dir)
+
+    def _load(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        _check_key(state, self.key, path)
+        self.model.load_state_dict(state["model"])
+        self.dense_opt.load_state_dict(state["dense_opt"])
+        if self.sparse_opt is not None:
+            self.sparse_opt.load_state_dict(state["sparse_opt"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"] is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        self.step = state["step"]
+        self.curve = [CurvePoint(**p) for p in state["curve"]]
+        self.loss_sum, self.loss_n = state["loss_sum"], state["loss_n"]
+        self.best_val, self.elapsed, self.train_seconds = state["best_val"], state["elapsed"], state["train_seconds"]
+
+
+def _check_key(state: dict[str, Any], key: str, path: Path) -> None:
+    if state.get("key") != key:
+        raise ValueError(f"checkpoint_dir: {path} belongs to another trial config (key {state.get('key')!r}, "
+                         f"expected {key!r})")
+
+
+def _atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    return "cpu"
+
+
+def _si(n: float) -> str:
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{unit}"
+    return f"{n:.0f}"

@@ -1,0 +1,258 @@
+"""Tests of one training trial (engram/trial.py) with the real model, data and optimisers on tiny sizes."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from engram.accounting import flops_per_token
+from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig
+from engram.model import EngramMoE
+from engram.trial import (
+    STATE_FILE,
+    Progress,
+    TrialResult,
+    build_optimizers,
+    clip_grad_norm,
+    format_progress,
+    horizon_steps,
+    lr_factor,
+    run_trial,
+)
+
+VOCAB = 512
+SEQ_LEN = 32
+BATCH = 8
+MEMORY = MemoryConfig(kind="engram", slots=4096, layers=(1,), max_ngram=3, n_heads=2, d_head=8)
+MODEL = ModelConfig(vocab_size=VOCAB, seq_len=SEQ_LEN, d_model=32, n_layers=2, n_heads=2, n_dense_layers=1,
+                    d_ff_dense=64, d_expert=16, n_routed=4, top_k=2, memory=MEMORY)
+DATA = DataConfig(corpus="stdlib", max_bytes=2_000_000)
+TRAIN = TrainConfig(steps=20, batch_size=BATCH, lr=3e-3, warmup_steps=4, eval_interval=4, eval_tokens=1024,
+                    checkpoint_interval=5, device="cpu")
+
+
+def trial(**train: object) -> TrialConfig:
+    return TrialConfig(model=MODEL, data=DATA, train=dataclasses.replace(TRAIN, **train))
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def losses(result: TrialResult) -> list[tuple[int, float, float | None]]:
+    return [(p.step, p.train_loss, p.val_loss) for p in result.curve]
+
+
+class Interrupt(Exception):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A whole trial
+
+
+def test_tiny_trial_learns_well_below_uniform(cache_dir: Path) -> None:
+    config = trial(steps=400, eval_interval=200, warmup_steps=10, lr=1e-2)
+    seen: list[Progress] = []
+    result = run_trial(config, cache_dir=cache_dir, on_progress=seen.append)
+    assert result.status == "ok" and result.error is None
+    assert result.steps == 400 and result.tokens == 400 * BATCH * SEQ_LEN
+    assert result.compute == pytest.approx(result.flops_per_token * result.tokens)
+    assert result.final_val_loss is not None and result.final_val_loss < math.log(VOCAB) - 1.25
+    assert result.best_val_loss is not None and result.best_val_loss <= result.final_val_loss
+    assert [p.step for p in seen] == [200, 400]
+    assert result.curve[-1].val_loss == result.final_val_loss
+    assert result.curve[0].train_loss > result.curve[-1].train_loss + 1.0
+    assert result.counts.total == sum(p.numel() for p in EngramMoE(MODEL).parameters())
+
+
+def test_same_seed_gives_bitwise_same_losses_and_another_seed_differs(cache_dir: Path) -> None:
+    a = run_trial(trial(steps=8), cache_dir=cache_dir)
+    b = run_trial(trial(steps=8), cache_dir=cache_dir)
+    c = run_trial(trial(steps=8, seed=1), cache_dir=cache_dir)
+    assert losses(a) == losses(b)
+    assert losses(a) != losses(c)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Checkpoint / resume
+
+
+def test_resume_after_interrupted_progress_equals_uninterrupted_run(cache_dir: Path, tmp_path: Path) -> None:
+    config = trial(steps=20, eval_interval=4, checkpoint_interval=5)
+    straight = run_trial(config, cache_dir=cache_dir)
+
+    def stop_at_12(p: Progress) -> None:  # last checkpoint before the interrupt is at step 10
+        if p.step == 12:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path, on_progress=stop_at_12)
+    assert (tmp_path / STATE_FILE).exists()
+    after: list[int] = []
+    resumed = run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path, on_progress=lambda p: after.append(p.step))
+    assert after == [12, 16, 20]  # resumed from step 10: steps 11.. were trained again
+    assert losses(resumed) == losses(straight)
+    assert resumed.final_val_loss == straight.final_val_loss and resumed.steps == straight.steps
+
+
+def test_resume_after_interrupted_checkpoint_callback_equals_uninterrupted_run(cache_dir: Path,
+                                                                               tmp_path: Path) -> None:
+    config = trial(steps=12, eval_interval=3, checkpoint_interval=4)
+    straight = run_trial(config, cache_dir=cache_dir)
+    saved: list[Path] = []
+
+    def stop_at_second(path: Path) -> None:
+        saved.append(path)
+        if len(saved) == 2:  # the state at step 8 is on disk; die before training on
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path, on_checkpoint=stop_at_second)
+    after: list[int] = []
+    resumed = run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path, on_progress=lambda p: after.append(p.step))
+    assert after == [9, 12]
+    assert losses(resumed) == losses(straight)
+
+
+def test_complete_trial_returns_stored_result_without_training(cache_dir: Path, tmp_path: Path) -> None:
+    config = trial(steps=6)
+    called: list[Path] = []
+    first = run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path, on_checkpoint=called.append)
+    assert called[-1] == tmp_path  # the final save is announced
+    state_mtime = (tmp_path / STATE_FILE).stat().st_mtime_ns
+    seen: list[object] = []
+    again = run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path, on_progress=seen.append,
+                      on_checkpoint=seen.append)
+    assert seen == []
+    assert again == first
+    assert (tmp_path / STATE_FILE).stat().st_mtime_ns == state_mtime
+
+
+def test_checkpoint_of_another_config_is_refused(cache_dir: Path, tmp_path: Path) -> None:
+    run_trial(trial(steps=5, checkpoint_interval=5), cache_dir=cache_dir, checkpoint_dir=tmp_path)
+    with pytest.raises(ValueError, match="checkpoint_dir"):
+        run_trial(trial(steps=5, seed=3), cache_dir=cache_dir, checkpoint_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Horizon, schedule, divergence
+
+
+def test_horizon_in_steps_tokens_and_flops() -> None:
+    fpt = flops_per_token(MODEL)
+    per_step = BATCH * SEQ_LEN
+    assert horizon_steps(dataclasses.replace(TRAIN, steps=7), fpt, SEQ_LEN) == 7
+    tokens = TrainConfig(tokens=int(6.4 * per_step), batch_size=BATCH)
+    assert horizon_steps(tokens, fpt, SEQ_LEN) == 6
+    flops = TrainConfig(flops=fpt * per_step * 9.2, batch_size=BATCH)
+    assert horizon_steps(flops, fpt, SEQ_LEN) == 9
+    tiny = TrainConfig(flops=1.0, batch_size=BATCH)
+    assert horizon_steps(tiny, fpt, SEQ_LEN) == 1
+
+
+def test_flops_horizon_sets_the_trained_steps(cache_dir: Path) -> None:
+    fpt = flops_per_token(MODEL)
+    config = TrialConfig(model=MODEL, data=DATA, train=dataclasses.replace(
+        TRAIN, steps=None, flops=fpt * BATCH * SEQ_LEN * 5, eval_interval=None))
+    result = run_trial(config, cache_dir=cache_dir)
+    assert result.steps == 5
+    assert result.compute == pytest.approx(fpt * 5 * BATCH * SEQ_LEN)
+    assert [p.val_loss is not None for p in result.curve] == [False] * (len(result.curve) - 1) + [True]
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_schedule_warms_up_peaks_and_ends_at_min_ratio(schedule: str) -> None:
+    train = TrainConfig(steps=100, warmup_steps=10, min_lr_ratio=0.1, schedule=schedule, decay_fraction=0.2)
+    factors = [lr_factor(train, s, 100) for s in range(1, 101)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(0.1)
+    assert all(a >= b - 1e-12 for a, b in zip(factors[9:], factors[10:]))  # never rises after warmup
+    if schedule == "wsd":
+        assert factors[79] == pytest.approx(1.0) and factors[85] < 1.0
+
+
+def test_huge_learning_rate_ends_as_diverged_with_the_curve_so_far(cache_dir: Path) -> None:
+    result = run_trial(trial(steps=200, lr=1e4, warmup_steps=0, grad_clip=None, eval_interval=2),
+                       cache_dir=cache_dir)
+    assert result.status == "diverged"
+    assert result.error is not None and "non-finite" in result.error
+    assert result.steps < 200 and result.final_val_loss is None
+    assert result.tokens == result.steps * BATCH * SEQ_LEN
+    assert all(p.step <= result.steps for p in result.curve)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Optimisers
+
+
+def test_tables_get_lazy_sparse_updates_and_no_weight_decay() -> None:
+    torch.manual_seed(0)
+    model = EngramMoE(MODEL)
+    train = TrainConfig(steps=1, lr=1e-2, weight_decay=0.1)
+    dense, sparse = build_optimizers(model, train)
+    tables = model.table_parameters()
+    assert tables and sparse is not None
+    table_ids = {id(t) for t in tables}
+    assert not any(id(p) in table_ids for g in dense.param_groups for p in g["params"])
+    decayed = {id(p) for g in dense.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for m in model.modules():
+        if isinstance(m, (nn.Embedding,)) or "Norm" in type(m).__name__:
+            assert not any(id(p) in decayed for p in m.parameters(recurse=False))
+    assert all(p.ndim >= 2 for g in dense.param_groups if g["weight_decay"] > 0 for p in g["params"])
+
+    before = [t.detach().clone() for t in tables]
+    ids_BT = torch.randint(0, VOCAB, (2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(0))
+    _, loss = model(ids_BT[:, :-1], ids_BT[:, 1:])
+    loss.backward()
+    assert all(t.grad is not None and t.grad.is_sparse for t in tables)
+    clip_grad_norm([p for p in model.parameters()], 1.0)
+    sparse.step()
+    for table, old in zip(tables, before):
+        touched = torch.zeros(table.shape[0], dtype=torch.bool)
+        touched[table.grad._indices()[0]] = True
+        assert 0 < touched.sum() < table.shape[0] // 4  # a few rows of a big table
+        assert torch.equal(table.detach()[~touched], old[~touched])
+        assert not torch.equal(table.detach()[touched], old[touched])
+        state = sparse.state[table]
+        assert torch.count_nonzero(state["exp_avg"][~touched]) == 0
+        assert torch.count_nonzero(state["exp_avg_sq"][~touched]) == 0
+        assert torch.count_nonzero(state["exp_avg_sq"][touched].abs().sum(-1)) == touched.sum()
+
+
+def test_clip_grad_norm_counts_repeated_sparse_rows_once_per_row() -> None:
+    ids = torch.tensor([3, 3, 5, 3, 0])
+    dense_emb, sparse_emb = nn.Embedding(8, 4), nn.Embedding(8, 4, sparse=True)
+    sparse_emb.weight.data.copy_(dense_emb.weight.data)
+    weights = torch.arange(20.0).reshape(5, 4)
+    (dense_emb(ids) * weights).sum().backward()
+    (sparse_emb(ids) * weights).sum().backward()
+    dense_norm = clip_grad_norm([dense_emb.weight], None)
+    sparse_norm = clip_grad_norm([sparse_emb.weight], 1.0)
+    assert dense_norm == pytest.approx(float(dense_emb.weight.grad.norm()))
+    assert sparse_norm == pytest.approx(float(dense_norm))
+    assert float(sparse_emb.weight.grad.to_dense().norm()) == pytest.approx(1.0, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Transport and display
+
+
+def test_result_round_trips_through_json(cache_dir: Path) -> None:
+    result = run_trial(trial(steps=3), cache_dir=cache_dir)
+    assert TrialResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result
+
+
+def test_format_progress_is_one_line_with_the_figures() -> None:
+    line = format_progress(Progress(step=120, total_steps=400, tokens=245_760, train_loss=4.1234, val_loss=None,
+                                    lr=2.7e-3, elapsed=12.4))
+    assert "\n" not in line
+    assert "120/400" in line and "30%" in line and "4.123" in line and "245.8k" in line
+    assert "4.456" in format_progress(Progress(1, 2, 3, 4.0, 4.456, 1e-3, 0.0))
