@@ -374,14 +374,13 @@ def engram_shape(spec: SweepSpec, slots: int, kind: str = "engram") -> MemoryCon
 
 
 def target_p_tot(spec: SweepSpec, exp: AllocationExperiment | SearchExperiment) -> float:
-    """The experiment's P_tot target: `p_tot`, or `p_tot_ratio` times P_act of the rho = 1 (pure MoE) model,
-    i.e. the backbone of `model` without memory (its router sized for `model.n_routed`)."""
-    from engram.accounting import param_counts
+    """The experiment's P_tot target: `p_tot`, or `p_tot_ratio` times P_act of the rho = 1 (pure MoE) model of
+    that P_tot (engram.accounting.p_tot_for_ratio)."""
+    from engram.accounting import p_tot_for_ratio
 
     if exp.p_tot is not None:
         return float(exp.p_tot)
-    p_act = param_counts(dataclasses.replace(spec.model, memory=MemoryConfig())).p_act
-    return float(exp.p_tot_ratio) * p_act
+    return float(p_tot_for_ratio(spec.model, exp.p_tot_ratio))
 
 
 def step_flops(spec: SweepSpec, model: ModelConfig) -> float:
@@ -392,7 +391,7 @@ def step_flops(spec: SweepSpec, model: ModelConfig) -> float:
 
 
 def _check_feasible(spec: SweepSpec, exp: Experiment, path: str) -> None:
-    from engram.accounting import AllocationError, param_counts, solve_allocation
+    from engram.accounting import AllocationError, moe_model_for_p_tot, solve_allocation
 
     if isinstance(exp, MemoryExperiment):
         for i, slots in enumerate(exp.slots):
@@ -408,20 +407,20 @@ def _check_feasible(spec: SweepSpec, exp: Experiment, path: str) -> None:
         return
 
     target_field = "p_tot" if exp.p_tot is not None else "p_tot_ratio"
-    p_tot = target_p_tot(spec, exp)
-    p_act = param_counts(dataclasses.replace(spec.model, memory=MemoryConfig())).p_act
-    if p_tot <= p_act:
-        raise ConfigError(f"{path}.{target_field}: P_tot target {p_tot:.4g} is not above P_act {p_act:.4g} "
-                          f"of the backbone (nothing left for sparse parameters)")
+    try:
+        p_tot = target_p_tot(spec, exp)
+        moe_model_for_p_tot(spec.model, p_tot)  # P_tot below P_act of the smallest MoE fails here
+    except (AllocationError, ValueError) as err:
+        raise ConfigError(f"{path}.{target_field}: {err}") from None
     rhos = exp.rho if isinstance(exp, AllocationExperiment) else (0.0, 1.0)
     budgets = exp.budgets if isinstance(exp, AllocationExperiment) else (exp.budget,)
     for i, rho in enumerate(rhos):
         where = f"{path}.rho[{i}]" if isinstance(exp, AllocationExperiment) else f"{path}.{target_field}"
         try:
-            alloc = solve_allocation(dataclasses.replace(spec.model, memory=engram_shape(spec, 1 << 20)), p_tot, rho)
-        except (AllocationError, ConfigError) as err:
+            model = solve_allocation(spec.model, p_tot, rho).config
+        except (AllocationError, ValueError) as err:
             raise ConfigError(f"{where}: infeasible allocation at rho={rho:g}: {err}") from None
-        need = step_flops(spec, alloc.model)
+        need = step_flops(spec, model)
         for j, budget in enumerate(budgets):
             if budget < need:
                 bpath = f"{path}.budgets[{j}]" if isinstance(exp, AllocationExperiment) else f"{path}.budget"
