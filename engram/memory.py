@@ -1,0 +1,389 @@
+"""Conditional memory: tokenizer compression, multi-head n-gram hashing, the Engram module, the OverEncoding
+baseline, and their parameter counts (the one home of those formulas; `engram.accounting` calls them).
+
+References: DeepSeek / PKU, "Conditional Memory via Scalable Lookup" (arXiv 2601.07372, section 2) and its demo
+code (deepseek-ai/Engram, engram_demo_v1.py); Huang et al., "Over-Tokenized Transformer" (arXiv 2501.16975) for
+the OverEncoding baseline. /work/shared/DESIGN.md lists the facts followed here.
+
+Hashing. Token ids are first mapped through the compression P (or used as they are), giving ids x' < PAD_ID;
+positions before the start of the sequence read PAD_ID. For a layer with odd multipliers m_0..m_{N-1},
+    mix_n(t) = XOR_{j<n} (x'_{t-j} * m_j)        (int64)        and head k of order n reads mix_n(t) mod p_{n,k}.
+Overflow: ids are < 2**20 and multipliers < 2**40, so every product is < 2**60 and every XOR of them is a
+non-negative int64 below 2**60. No multiplication ever wraps, so the indices are the same on every platform
+and device (no reliance on two's-complement wrap-around, no negative remainders). Multipliers come from numpy's
+PCG64 bit generator, whose raw output is stable across numpy versions and machines (unlike Generator methods),
+seeded by (memory.hash_seed, stream, layer id); never Python's `hash()`.
+
+Tables. Every memory table is a distinct prime number of rows near slots / n_tables (`memory_primes`), the primes
+of all Engram layers together are distinct (as in the demo code), and the tables of one module live in ONE
+`nn.Embedding(sum(primes), width, sparse=True)` addressed through per-table offsets, so the optimiser (SparseAdam
+or a lazy Adam) pays for the rows touched, not for the table size.
+
+Shape legend: B batch, T time, D d_model, H tables of one module ((N-1) * K), E d_head, M d_mem = H * E.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import unicodedata
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engram.config import MemoryConfig
+
+HASH_ID_LIMIT = 1 << 20  # compressed ids (and the pad id) must be below this: products stay below 2**60
+PAD_ID = HASH_ID_LIMIT - 1  # read at positions before the sequence start; no real (compressed) id may equal it
+MULTIPLIER_BITS = 40  # multipliers are odd and below 2**40
+ENGRAM_TABLE_INIT_STD = 1.0  # rows feed W_K / W_V like a normalised activation (demo: nn.Embedding default)
+OVERENCODING_TABLE_INIT_STD = 0.02  # rows enter the residual stream directly, at the token-embedding scale
+PROJ_INIT_STD = 0.02
+
+# Streams of the multiplier generator, so Engram layer 0 and OverEncoding never share multipliers.
+_ENGRAM_STREAM = 0
+_OVERENCODING_STREAM = 1
+
+_REPLACEMENT_CHAR = "\ufffd"
+_WHITESPACE_RUN = re.compile(r"\s+")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizer compression
+
+
+def normalize_token_text(text: str) -> str:
+    """The paper's normaliser: NFKC, NFD, strip accents, lowercase, collapse whitespace runs, strip.
+
+    A whitespace-only token stays " " (so space, newline and tab runs merge into one id rather than vanish).
+    """
+    text = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
+    text = "".join(c for c in text if unicodedata.category(c) != "Mn")
+    text = _WHITESPACE_RUN.sub(" ", text.lower())
+    return " " if text == " " else text.strip()
+
+
+def build_compression(token_texts: Sequence[str]) -> np.ndarray:
+    """Surjection id -> compressed id merging ids whose normalised text is equal; (V,) int64.
+
+    Compressed ids are numbered in order of first appearance, so they are dense in [0, V'). Texts holding a
+    replacement character (partial UTF-8 bytes of a byte-level BPE token decoded alone) and texts that normalise
+    to nothing are never merged: their decoded text does not identify the bytes they stand for.
+    """
+    if isinstance(token_texts, str) or len(token_texts) == 0:
+        raise ValueError("token_texts: expected a non-empty sequence of strings (one per token id)")
+    key_to_new: dict[object, int] = {}
+    mapping_V = np.empty(len(token_texts), dtype=np.int64)
+    for token_id, text in enumerate(token_texts):
+        if not isinstance(text, str):
+            raise ValueError(f"token_texts[{token_id}]: expected a string, got {type(text).__name__}")
+        norm = normalize_token_text(text)
+        key: object = norm if norm and _REPLACEMENT_CHAR not in text else ("unmerged", token_id)
+        mapping_V[token_id] = key_to_new.setdefault(key, len(key_to_new))
+    if len(key_to_new) >= PAD_ID:
+        raise ValueError(f"token_texts: {len(key_to_new)} compressed ids, expected fewer than {PAD_ID}")
+    return mapping_V
+
+
+def compression_ratio(mapping: np.ndarray | torch.Tensor) -> float:
+    """V' / V, compressed ids over original ids (the paper reports 0.77, i.e. a 23% reduction, on 128k ids)."""
+    mapping = np.asarray(mapping)
+    if mapping.ndim != 1 or mapping.size == 0:
+        raise ValueError(f"mapping: expected a non-empty 1-D array, got shape {mapping.shape}")
+    return float(np.unique(mapping).size / mapping.size)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Primes and parameter counts
+
+
+def _is_prime(n: int) -> bool:
+    # Deterministic Miller-Rabin: these bases are exact for n < 3.3e24, far beyond any table size.
+    if n < 2:
+        return False
+    bases = (2, 3, 5, 7, 11, 13, 17, 19, 23, 29, 31, 37, 41)
+    for p in bases:
+        if n % p == 0:
+            return n == p
+    d, s = n - 1, 0
+    while d % 2 == 0:
+        d, s = d // 2, s + 1
+    for a in bases:
+        x = pow(a, d, n)
+        if x in (1, n - 1):
+            continue
+        for _ in range(s - 1):
+            x = x * x % n
+            if x == n - 1:
+                break
+        else:
+            return False
+    return True
+
+
+def n_memory_tables(cfg: MemoryConfig) -> int:
+    """Tables over the whole model: (N-1) * K per Engram layer; (N-1) * K for OverEncoding; 0 for none."""
+    if cfg.kind == "none":
+        return 0
+    n_modules = len(cfg.layers) if cfg.kind == "engram" else 1
+    return n_modules * (cfg.max_ngram - 1) * cfg.n_heads
+
+
+def table_primes(cfg: MemoryConfig, n_tables: int, rows_per_table: int) -> list[int]:
+    """The `n_tables` distinct primes nearest to `rows_per_table` (ties to the smaller), ascending.
+
+    Taking the nearest primes on both sides keeps their sum within a few prime gaps of n_tables * rows_per_table,
+    so `slots` is met closely. `cfg` fixes the table group size: n_tables must be whole groups of (N-1) * K.
+    """
+    group = (cfg.max_ngram - 1) * cfg.n_heads
+    if n_tables <= 0 or n_tables % group:
+        raise ValueError(f"n_tables: expected a positive multiple of (max_ngram - 1) * n_heads = {group}, "
+                         f"got {n_tables}")
+    if rows_per_table < 2:
+        raise ValueError(f"rows_per_table: expected at least 2, got {rows_per_table}")
+    primes: list[int] = []
+    below, above = rows_per_table, rows_per_table + 1
+    while len(primes) < n_tables:
+        # Walk outwards one step on each side; the lower candidate first, so ties go to the smaller prime.
+        if below >= 2 and rows_per_table - below <= above - rows_per_table:
+            if _is_prime(below):
+                primes.append(below)
+            below -= 1
+        else:
+            if _is_prime(above):
+                primes.append(above)
+            above += 1
+    return sorted(primes)
+
+
+def memory_primes(cfg: MemoryConfig) -> list[int]:
+    """Rows of every memory table of the model, in module order (Engram layers as listed), order-major then head."""
+    n_tables = n_memory_tables(cfg)
+    if n_tables == 0:
+        return []
+    return table_primes(cfg, n_tables, cfg.slots // n_tables)
+
+
+def _layer_primes(cfg: MemoryConfig, layer_id: int) -> list[int]:
+    if layer_id not in cfg.layers:
+        raise ValueError(f"layer_id: expected one of memory.layers {list(cfg.layers)}, got {layer_id}")
+    per_layer = (cfg.max_ngram - 1) * cfg.n_heads
+    start = cfg.layers.index(layer_id) * per_layer
+    return memory_primes(cfg)[start:start + per_layer]
+
+
+def d_mem(cfg: MemoryConfig) -> int:
+    """Width of the concatenated Engram lookup e_t: (N-1) * K * d_head."""
+    return (cfg.max_ngram - 1) * cfg.n_heads * cfg.d_head
+
+
+def engram_param_counts(cfg: MemoryConfig, d_model: int) -> tuple[int, int]:
+    """(tables, dense) parameters of all Engram layers of a model with this memory config.
+
+    tables: sum of table rows * d_head. dense per layer: W_K and W_V (d_mem x d_model, no bias), the RMSNorm
+    weights of h, k and the conv input (3 * d_model), and the depthwise conv (d_model * conv_kernel, no bias).
+    """
+    if cfg.kind != "engram":
+        raise ValueError(f"memory.kind: expected 'engram', got {cfg.kind!r}")
+    tables = sum(memory_primes(cfg)) * cfg.d_head
+    dense_per_layer = 2 * d_mem(cfg) * d_model + 3 * d_model + d_model * cfg.conv_kernel
+    return tables, len(cfg.layers) * dense_per_layer
+
+
+def overencoding_param_counts(cfg: MemoryConfig, d_model: int) -> tuple[int, int]:
+    """(tables, dense) parameters of the OverEncoding module: rows * d_model, and no dense parameters."""
+    if cfg.kind != "overencoding":
+        raise ValueError(f"memory.kind: expected 'overencoding', got {cfg.kind!r}")
+    return sum(memory_primes(cfg)) * d_model, 0
+
+
+def memory_param_counts(cfg: MemoryConfig, d_model: int) -> tuple[int, int]:
+    """(tables, dense) parameters of whatever memory `cfg` describes; (0, 0) for kind "none"."""
+    if cfg.kind == "engram":
+        return engram_param_counts(cfg, d_model)
+    if cfg.kind == "overencoding":
+        return overencoding_param_counts(cfg, d_model)
+    return 0, 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hashing
+
+
+def hash_multipliers(cfg: MemoryConfig, stream: int, layer_id: int) -> np.ndarray:
+    """(max_ngram,) int64 odd multipliers m_j < 2**40 of one module, from (hash_seed, stream, layer_id)."""
+    seed = np.random.SeedSequence([cfg.hash_seed, stream, layer_id])
+    raw = np.random.PCG64(seed).random_raw(cfg.max_ngram)  # uint64, stable across numpy versions
+    return ((raw >> np.uint64(64 - MULTIPLIER_BITS)) | np.uint64(1)).astype(np.int64)
+
+
+class NgramHasher(nn.Module):
+    """ids (B, T) -> per-table row indices (B, T, H), head k of order n below its prime p_{n,k}.
+
+    Holds only derived, non-persistent buffers (compression, multipliers, primes): they follow `.to(device)` but
+    stay out of state dicts, since they are recomputed from the config and the data.
+    """
+
+    def __init__(self, cfg: MemoryConfig, primes: Sequence[int], multipliers: np.ndarray,
+                 compression: torch.Tensor | np.ndarray | None):
+        super().__init__()
+        assert len(primes) == (cfg.max_ngram - 1) * cfg.n_heads and len(multipliers) == cfg.max_ngram
+        self.max_ngram = cfg.max_ngram
+        self.n_heads = cfg.n_heads
+        if compression is not None:
+            compression = torch.as_tensor(compression, dtype=torch.int64, device="cpu")
+            if compression.ndim != 1 or compression.numel() == 0:
+                raise ValueError(f"compression: expected a non-empty 1-D id map, got shape {tuple(compression.shape)}")
+            if int(compression.min()) < 0 or int(compression.max()) >= PAD_ID:
+                raise ValueError(f"compression: expected compressed ids in [0, {PAD_ID}), got "
+                                 f"[{int(compression.min())}, {int(compression.max())}]")
+        self.register_buffer("compression", compression, persistent=False)
+        self.register_buffer("multipliers", torch.as_tensor(multipliers, dtype=torch.int64), persistent=False)
+        self.register_buffer("primes", torch.tensor(list(primes), dtype=torch.int64), persistent=False)
+
+    def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        if self.compression is not None:
+            x_BT = self.compression[ids_BT]
+        else:
+            # Without a compression map the raw ids must leave room for the pad id (one reduction per call).
+            if ids_BT.numel() and (int(ids_BT.min()) < 0 or int(ids_BT.max()) >= PAD_ID):
+                raise ValueError(f"ids: expected token ids in [0, {PAD_ID}) when no compression is given")
+            x_BT = ids_BT.long()
+        T = x_BT.shape[1]
+        mix_BT = x_BT * self.multipliers[0]
+        idx_per_order = []
+        for j in range(1, self.max_ngram):
+            shifted_BT = F.pad(x_BT, (j, 0), value=PAD_ID)[:, :T]  # x'_{t-j}, PAD_ID before the start
+            mix_BT = mix_BT ^ (shifted_BT * self.multipliers[j])  # now mix_{j+1}: the suffix (j+1)-gram
+            primes_K = self.primes[(j - 1) * self.n_heads:j * self.n_heads]
+            idx_per_order.append(torch.remainder(mix_BT.unsqueeze(-1), primes_K))
+        return torch.cat(idx_per_order, dim=-1)  # (B, T, H)
+
+
+class _MultiTableEmbedding(nn.Module):
+    """Several hash tables stored as one sparse-gradient embedding; (B, T, H) row indices -> (B, T, H, width)."""
+
+    def __init__(self, primes: Sequence[int], width: int, init_std: float):
+        super().__init__()
+        offsets = np.concatenate([[0], np.cumsum(primes)[:-1]]).astype(np.int64)
+        self.register_buffer("offsets", torch.as_tensor(offsets), persistent=False)
+        self.table = nn.Embedding(int(sum(primes)), width, sparse=True)
+        nn.init.normal_(self.table.weight, std=init_std)
+
+    def forward(self, idx_BTH: torch.Tensor) -> torch.Tensor:
+        return self.table(idx_BTH + self.offsets)
+
+
+def _signed_sqrt(s: torch.Tensor) -> torch.Tensor:
+    # The clamp keeps the gradient of sqrt finite at 0 (as the demo code does).
+    return s.abs().clamp_min(1e-6).sqrt() * s.sign()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engram
+
+
+class Engram(nn.Module):
+    """One Engram layer: hashed n-gram lookup, context-aware gate, short causal conv.
+
+    e_t = concat of the (N-1) * K head rows; k_t = W_K e_t, v_t = W_V e_t;
+    alpha_t = sigmoid(ssqrt(RMSNorm(h_t) . RMSNorm(k_t) / sqrt(D))) (ssqrt = sign * sqrt|.|, when signed_sqrt);
+    Y = SiLU(Conv1D(RMSNorm(alpha * v))) + alpha * v, the conv depthwise, causal, dilation N, zero-initialised.
+    The caller adds Y to the residual stream before the block's attention.
+    """
+
+    def __init__(self, cfg: MemoryConfig, d_model: int, layer_id: int,
+                 compression: torch.Tensor | np.ndarray | None = None):
+        super().__init__()
+        if cfg.kind != "engram":
+            raise ValueError(f"memory.kind: expected 'engram', got {cfg.kind!r}")
+        if d_model <= 0:
+            raise ValueError(f"d_model: expected a positive integer, got {d_model}")
+        primes = _layer_primes(cfg, layer_id)
+        self.layer_id = layer_id
+        self.signed_sqrt = cfg.signed_sqrt
+        self.max_ngram = cfg.max_ngram
+        self.hasher = NgramHasher(cfg, primes, hash_multipliers(cfg, _ENGRAM_STREAM, layer_id), compression)
+        self.tables = _MultiTableEmbedding(primes, cfg.d_head, ENGRAM_TABLE_INIT_STD)
+        width = d_mem(cfg)
+        self.key_proj = nn.Linear(width, d_model, bias=False)
+        self.value_proj = nn.Linear(width, d_model, bias=False)
+        nn.init.normal_(self.key_proj.weight, std=PROJ_INIT_STD)  # scale is irrelevant: k is RMS-normalised
+        # v joins the residual stream: start it at the token-embedding scale (RMS ~0.02) for unit-RMS e_t.
+        nn.init.normal_(self.value_proj.weight, std=PROJ_INIT_STD / math.sqrt(width))
+        self.norm_h = nn.RMSNorm(d_model, eps=1e-6)
+        self.norm_k = nn.RMSNorm(d_model, eps=1e-6)
+        self.norm_conv = nn.RMSNorm(d_model, eps=1e-6)
+        self.conv = nn.Conv1d(d_model, d_model, cfg.conv_kernel, groups=d_model, dilation=cfg.max_ngram, bias=False)
+        nn.init.zeros_(self.conv.weight)  # Y == alpha * v at init
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        return [self.tables.table.weight]
+
+    def lookup(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """e_t for every position: (B, T, M)."""
+        e_BTHE = self.tables(self.hasher(ids_BT))
+        return e_BTHE.flatten(start_dim=2)
+
+    def gate(self, h_BTD: torch.Tensor, k_BTD: torch.Tensor) -> torch.Tensor:
+        """alpha_t in (0, 1): (B, T, 1)."""
+        score_BT = (self.norm_h(h_BTD) * self.norm_k(k_BTD)).sum(dim=-1) / math.sqrt(h_BTD.shape[-1])
+        if self.signed_sqrt:
+            score_BT = _signed_sqrt(score_BT)
+        return torch.sigmoid(score_BT).unsqueeze(-1)
+
+    def forward(self, h_BTD: torch.Tensor, ids_BT: torch.Tensor) -> torch.Tensor:
+        if h_BTD.shape[:2] != ids_BT.shape:
+            raise ValueError(f"ids_BT: expected shape {tuple(h_BTD.shape[:2])} to match h_BTD, "
+                             f"got {tuple(ids_BT.shape)}")
+        e_BTM = self.lookup(ids_BT)
+        gated_BTD = self.gate(h_BTD, self.key_proj(e_BTM)) * self.value_proj(e_BTM)
+        x_BDT = self.norm_conv(gated_BTD).transpose(1, 2)
+        left_pad = (self.conv.kernel_size[0] - 1) * self.conv.dilation[0]  # causal: only past positions
+        conv_BTD = self.conv(F.pad(x_BDT, (left_pad, 0))).transpose(1, 2)
+        return F.silu(conv_BTD) + gated_BTD
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# OverEncoding baseline
+
+
+class OverEncoding(nn.Module):
+    """Hashed n-gram input embeddings (Huang et al. 2025, "Over-Encoding"), mixed into the token embedding.
+
+    What is implemented: the same compression and multi-head hashing as Engram (its own multipliers), K tables
+    per order n = 2..N, each a distinct prime number of rows of width d_model (slots = total rows). Per order the
+    K head rows are averaged (several hash views of one n-gram, reducing the effect of collisions); the input
+    embedding is then the mean of the token (1-gram) embedding and the N-1 order embeddings:
+        x_t = (tok_emb_t + sum_n mean_k T_{n,k}[mix_n(t) mod p_{n,k}]) / N,
+    i.e. OE's average over 1..N-gram embeddings. Simplification: OE slices the embedding width over its heads;
+    here every head row has the full width d_model, as our slot accounting assumes.
+    """
+
+    def __init__(self, cfg: MemoryConfig, d_model: int, compression: torch.Tensor | np.ndarray | None = None):
+        super().__init__()
+        if cfg.kind != "overencoding":
+            raise ValueError(f"memory.kind: expected 'overencoding', got {cfg.kind!r}")
+        if d_model <= 0:
+            raise ValueError(f"d_model: expected a positive integer, got {d_model}")
+        primes = memory_primes(cfg)
+        self.max_ngram = cfg.max_ngram
+        self.n_heads = cfg.n_heads
+        self.hasher = NgramHasher(cfg, primes, hash_multipliers(cfg, _OVERENCODING_STREAM, 0), compression)
+        self.tables = _MultiTableEmbedding(primes, d_model, OVERENCODING_TABLE_INIT_STD)
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        return [self.tables.table.weight]
+
+    def forward(self, ids_BT: torch.Tensor, tok_emb_BTD: torch.Tensor) -> torch.Tensor:
+        if tok_emb_BTD.shape[:2] != ids_BT.shape:
+            raise ValueError(f"ids_BT: expected shape {tuple(tok_emb_BTD.shape[:2])} to match tok_emb_BTD, "
+                             f"got {tuple(ids_BT.shape)}")
+        rows_BTHD = self.tables(self.hasher(ids_BT))
+        B, T, _, D = rows_BTHD.shape
+        # Mean over the K heads of each order, summed over orders: one mean over all H rows, times (N-1).
+        ngram_sum_BTD = rows_BTHD.mean(dim=2) * (self.max_ngram - 1)
+        return (tok_emb_BTD + ngram_sum_BTD.to(tok_emb_BTD.dtype)) / self.max_ngram

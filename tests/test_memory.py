@@ -1,0 +1,349 @@
+"""Tests of engram/memory.py: compression, primes, hashing, the Engram module, OverEncoding, parameter counts."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from engram.config import MemoryConfig
+from engram.memory import (
+    MULTIPLIER_BITS,
+    PAD_ID,
+    Engram,
+    NgramHasher,
+    OverEncoding,
+    build_compression,
+    compression_ratio,
+    d_mem,
+    engram_param_counts,
+    hash_multipliers,
+    memory_param_counts,
+    memory_primes,
+    n_memory_tables,
+    overencoding_param_counts,
+    table_primes,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _engram_cfg(**kw) -> MemoryConfig:
+    return MemoryConfig(**{"kind": "engram", "slots": 20_000, "layers": (1,), **kw})
+
+
+def _is_prime_slow(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+
+def _hasher(cfg: MemoryConfig, layer_id: int = 1, compression=None) -> NgramHasher:
+    return Engram(cfg, 32, layer_id, compression).hasher
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Compression
+
+
+def test_compression_merges_case_and_leading_space_variants():
+    texts = ["The", " the", "THE", "the ", "then", " Then", "\tTHE\n"]
+    mapping = build_compression(texts)
+    assert mapping.dtype == np.int64 and mapping.shape == (len(texts),)
+    assert len({mapping[i] for i in (0, 1, 2, 3, 6)}) == 1
+    assert mapping[4] == mapping[5] != mapping[0]
+
+
+def test_compression_whitespace_accents_nfkc_and_replacement_chars():
+    texts = [" ", "\n\n", "\t ", "   ", "é", "E", "\ufb01", "fi", "\ufffd", "\ufffd", " \ufffd", "", "\u0301", "ä"]
+    mapping = build_compression(texts)
+    assert len({mapping[i] for i in range(4)}) == 1  # whitespace-only tokens merge into " "
+    assert mapping[4] == mapping[5]  # accent stripped, lowercased
+    assert mapping[6] == mapping[7]  # NFKC folds the ligature
+    # Partial-byte tokens decode to replacement chars: never merged with each other or anything else.
+    unmerged = [mapping[i] for i in (8, 9, 10, 11, 12)]
+    assert len(set(unmerged)) == 5 and not set(unmerged) & set(mapping[:8])
+    # Dense ids in order of first appearance, so the map is a surjection onto range(V').
+    assert sorted(set(mapping.tolist())) == list(range(mapping.max() + 1)) and mapping[0] == 0
+
+
+def test_compression_ratio_and_bad_inputs():
+    mapping = build_compression(["a", "A", " a", "b", "B", "c"])
+    assert compression_ratio(mapping) == pytest.approx(3 / 6)
+    with pytest.raises(ValueError, match=r"token_texts\[1\]"):
+        build_compression(["a", None])
+    with pytest.raises(ValueError, match="token_texts"):
+        build_compression([])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Primes
+
+
+@pytest.mark.parametrize("layers,max_ngram,n_heads,slots", [((1,), 3, 4, 20_000), ((0, 2), 4, 2, 10**6),
+                                                            ((1,), 2, 1, 16), ((0, 1, 3), 3, 8, 123_457)])
+def test_memory_primes_distinct_prime_and_near_the_per_table_size(layers, max_ngram, n_heads, slots):
+    cfg = MemoryConfig(kind="engram", slots=slots, layers=layers, max_ngram=max_ngram, n_heads=n_heads)
+    primes = memory_primes(cfg)
+    n_tables = len(layers) * (max_ngram - 1) * n_heads
+    assert len(primes) == n_memory_tables(cfg) == n_tables
+    assert len(set(primes)) == n_tables
+    assert all(_is_prime_slow(p) for p in primes)
+    rows = slots // n_tables
+    # Nearest primes on both sides: the total stays within ~1% of slots beyond tiny tables.
+    assert abs(sum(primes) - slots) <= max(0.01 * slots, 4 * n_tables)
+    assert all(abs(p - rows) <= max(0.05 * rows, 4 * n_tables) for p in primes)
+
+
+def test_table_primes_validates_its_arguments():
+    cfg = _engram_cfg()
+    assert table_primes(cfg, 8, 1000) == sorted(table_primes(cfg, 8, 1000))
+    with pytest.raises(ValueError, match="n_tables"):
+        table_primes(cfg, 7, 1000)
+    with pytest.raises(ValueError, match="rows_per_table"):
+        table_primes(cfg, 8, 1)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hashing
+
+
+def test_multipliers_are_odd_bounded_and_differ_by_layer_and_stream():
+    cfg = _engram_cfg(max_ngram=4)
+    m1, m2, m_oe = hash_multipliers(cfg, 0, 1), hash_multipliers(cfg, 0, 2), hash_multipliers(cfg, 1, 1)
+    for m in (m1, m2, m_oe):
+        assert m.dtype == np.int64 and m.shape == (4,)
+        assert np.all(m % 2 == 1) and np.all(m > 0) and np.all(m < 2**MULTIPLIER_BITS)
+    assert not np.array_equal(m1, m2) and not np.array_equal(m1, m_oe)
+    assert not np.array_equal(m1, hash_multipliers(MemoryConfig(kind="engram", slots=20_000, hash_seed=1), 0, 1)[:4])
+
+
+def test_hash_equals_the_formula_in_exact_integer_arithmetic():
+    cfg = _engram_cfg(max_ngram=4, n_heads=3)
+    hasher = _hasher(cfg)
+    m = [int(v) for v in hasher.multipliers]
+    primes = [int(p) for p in hasher.primes]
+    gen = torch.Generator().manual_seed(0)
+    ids_BT = torch.randint(0, PAD_ID, (2, 9), generator=gen)
+    idx_BTH = hasher(ids_BT)
+    for b in range(2):
+        x = [int(v) for v in ids_BT[b]]
+        for t in range(9):
+            for n in range(2, 5):
+                mix = 0
+                for j in range(n):  # Python ints never overflow: this is the reference
+                    mix ^= (x[t - j] if t - j >= 0 else PAD_ID) * m[j]
+                for k in range(3):
+                    h = (n - 2) * 3 + k
+                    assert int(idx_BTH[b, t, h]) == mix % primes[h]
+
+
+def test_hash_indices_in_range_below_each_prime():
+    cfg = _engram_cfg(slots=5_000, max_ngram=4, n_heads=4)
+    compression = torch.as_tensor(build_compression([f"tok{i % 700}" for i in range(1000)]))
+    hasher = _hasher(cfg, compression=compression)
+    idx_BTH = hasher(torch.randint(0, 1000, (8, 200)))
+    assert idx_BTH.shape == (8, 200, 12) and idx_BTH.dtype == torch.int64
+    assert bool((idx_BTH >= 0).all()) and bool((idx_BTH < hasher.primes).all())
+    # every table is actually used across its range
+    assert bool((idx_BTH.amax(dim=(0, 1)) > hasher.primes // 2).all())
+
+
+def test_hash_is_deterministic_in_a_fresh_process():
+    cfg = _engram_cfg(slots=50_000, max_ngram=3, n_heads=4, hash_seed=7)
+    ids_BT = torch.arange(3 * 50).reshape(3, 50) * 37 % 5000
+    here = _hasher(cfg, layer_id=1)(ids_BT)
+    script = (
+        "import json, torch\n"
+        "from engram.config import MemoryConfig\n"
+        "from engram.memory import Engram\n"
+        "cfg = MemoryConfig(kind='engram', slots=50_000, layers=(1,), max_ngram=3, n_heads=4, hash_seed=7)\n"
+        "ids = torch.arange(3 * 50).reshape(3, 50) * 37 % 5000\n"
+        "print(json.dumps(Engram(cfg, 32, 1).hasher(ids).tolist()))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, check=True,
+                         env={"PYTHONHASHSEED": "12345", "PATH": "", "PYTHONPATH": str(REPO)})
+    assert json.loads(out.stdout) == here.tolist()
+
+
+def test_collisions_of_random_ngrams_are_near_uniform():
+    # Chi-square of bucket counts over many distinct random trigrams, per table, against the uniform law.
+    cfg = _engram_cfg(slots=2 * 4 * 1009, max_ngram=3, n_heads=4)
+    hasher = _hasher(cfg)
+    gen = torch.Generator().manual_seed(1)
+    n_samples = 40_000
+    ids_BT = torch.randint(0, 50_000, (n_samples, 3), generator=gen)
+    idx_SH = hasher(ids_BT)[:, -1, :]  # last position: its 2-gram and 3-gram are random, no padding
+    for h, p in enumerate(hasher.primes.tolist()):
+        counts = np.bincount(idx_SH[:, h].numpy(), minlength=p)
+        expected = n_samples / p
+        chi2 = float(((counts - expected) ** 2 / expected).sum())
+        dof = p - 1
+        assert abs(chi2 - dof) < 6 * np.sqrt(2 * dof), (h, p, chi2)
+
+
+def test_structured_bigrams_fill_buckets_as_a_random_function_would():
+    # All bigrams of small consecutive ids (the hard case for multiplicative hashing): occupancy as expected.
+    cfg = _engram_cfg(slots=2 * 2 * 4001, max_ngram=3, n_heads=2)
+    hasher = _hasher(cfg)
+    a, b = torch.meshgrid(torch.arange(120), torch.arange(120), indexing="ij")
+    ids_BT = torch.stack([a.flatten(), b.flatten()], dim=1)
+    idx_SH = hasher(ids_BT)[:, -1, :2]  # the 2-gram heads at the last position
+    n = ids_BT.shape[0]
+    for h in range(2):
+        p = int(hasher.primes[h])
+        occupied = np.unique(idx_SH[:, h].numpy()).size
+        expected = p * (1 - (1 - 1 / p) ** n)
+        assert abs(occupied - expected) < 0.03 * expected, (occupied, expected)
+    # Heads collide independently: n-grams sharing a row in head 0 rarely share one in head 1 (~1/p).
+    i0, i1 = idx_SH[:, 0].numpy(), idx_SH[:, 1].numpy()
+    pairs_both = n - np.unique(i0 * 10**6 + i1).size
+    pairs_head0 = n - np.unique(i0).size
+    assert pairs_both <= max(5, 0.01 * pairs_head0)
+
+
+def test_padding_marks_the_sequence_start():
+    cfg = _engram_cfg()
+    hasher = _hasher(cfg)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    shifted = torch.tensor([[9, 5, 6, 7]])
+    # Same suffix n-grams at the same content, but position 0 of `ids` sees the pad where `shifted` sees 9.
+    assert torch.equal(hasher(ids)[0, 2], hasher(shifted)[0, 3])
+    assert not torch.equal(hasher(ids)[0, 0], hasher(shifted)[0, 1])
+
+
+def test_hasher_rejects_out_of_range_ids_and_compressions():
+    cfg = _engram_cfg()
+    with pytest.raises(ValueError, match="ids"):
+        _hasher(cfg)(torch.tensor([[1, PAD_ID]]))
+    with pytest.raises(ValueError, match="compression"):
+        _hasher(cfg, compression=torch.tensor([0, PAD_ID]))
+    with pytest.raises(ValueError, match="layer_id"):
+        Engram(cfg, 32, 0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engram module
+
+
+def test_engram_output_is_gated_value_at_init():
+    cfg = _engram_cfg(slots=4_000)
+    torch.manual_seed(0)
+    module = Engram(cfg, 64, 1)
+    h_BTD = torch.randn(2, 12, 64)
+    ids_BT = torch.randint(0, 500, (2, 12))
+    e_BTM = module.lookup(ids_BT)
+    assert e_BTM.shape == (2, 12, d_mem(cfg))
+    alpha_BT1 = module.gate(h_BTD, module.key_proj(e_BTM))
+    assert bool(((alpha_BT1 > 0) & (alpha_BT1 < 1)).all())
+    expected_BTD = alpha_BT1 * module.value_proj(e_BTM)
+    y_BTD = module(h_BTD, ids_BT)
+    torch.testing.assert_close(y_BTD, expected_BTD, rtol=0, atol=0)
+    assert float(y_BTD.detach().abs().max()) > 0
+    # With trained (non-zero) conv weights the conv branch contributes.
+    torch.nn.init.normal_(module.conv.weight)
+    assert not torch.allclose(module(h_BTD, ids_BT), expected_BTD)
+
+
+def test_signed_sqrt_changes_the_gate_score():
+    torch.manual_seed(0)
+    on, off = Engram(_engram_cfg(), 32, 1), Engram(_engram_cfg(signed_sqrt=False), 32, 1)
+    off.load_state_dict(on.state_dict())
+    h_BTD, k_BTD = torch.randn(1, 20, 32) * 3, torch.randn(1, 20, 32)
+    s_BT = (on.norm_h(h_BTD) * on.norm_k(k_BTD)).sum(-1) / 32**0.5
+    torch.testing.assert_close(off.gate(h_BTD, k_BTD)[..., 0], torch.sigmoid(s_BT))
+    torch.testing.assert_close(on.gate(h_BTD, k_BTD)[..., 0], torch.sigmoid(s_BT.sign() * s_BT.abs().sqrt()))
+
+
+def test_engram_is_causal():
+    cfg = _engram_cfg(max_ngram=3, conv_kernel=4)
+    torch.manual_seed(0)
+    module = Engram(cfg, 32, 1)
+    torch.nn.init.normal_(module.conv.weight)  # a zero conv would hide a non-causal padding bug
+    T, t = 24, 13
+    h_BTD = torch.randn(2, T, 32)
+    ids_BT = torch.randint(0, 300, (2, T))
+    h2_BTD, ids2_BT = h_BTD.clone(), ids_BT.clone()
+    h2_BTD[:, t + 1:] = torch.randn(2, T - t - 1, 32)
+    ids2_BT[:, t + 1:] = torch.randint(300, 600, (2, T - t - 1))
+    y, y2 = module(h_BTD, ids_BT), module(h2_BTD, ids2_BT)
+    torch.testing.assert_close(y[:, :t + 1], y2[:, :t + 1], rtol=0, atol=0)
+    assert not torch.allclose(y[:, t + 1:], y2[:, t + 1:])
+    # The conv reaches back (kernel - 1) * dilation = 9 positions: a change there does move position t.
+    ids3_BT = ids_BT.clone()
+    ids3_BT[:, t - 9] += 300
+    assert not torch.allclose(module(h_BTD, ids3_BT)[:, t], y[:, t])
+
+
+def test_engram_tables_get_sparse_gradients_on_touched_rows_only():
+    cfg = _engram_cfg(slots=8_000)
+    module = Engram(cfg, 32, 1)
+    ids_BT = torch.randint(0, 100, (2, 10))
+    module(torch.randn(2, 10, 32), ids_BT).square().sum().backward()
+    (table,) = module.table_parameters()
+    assert table.grad is not None and table.grad.is_sparse
+    touched = (module.hasher(ids_BT) + module.tables.offsets).unique()
+    grad = table.grad.coalesce()
+    assert set(grad.indices()[0].tolist()) <= set(touched.tolist())
+    assert len(touched) < table.shape[0] // 10
+    assert float(grad.values().abs().sum()) > 0
+
+
+@pytest.mark.parametrize("kw,d_model", [({}, 64), ({"layers": (0, 2), "max_ngram": 4, "n_heads": 2, "d_head": 8}, 48),
+                                        ({"signed_sqrt": False, "conv_kernel": 2, "slots": 100_003}, 32)])
+def test_engram_param_counts_equal_module_parameters(kw, d_model):
+    cfg = _engram_cfg(**kw)
+    modules = [Engram(cfg, d_model, layer) for layer in cfg.layers]
+    tables = sum(p.numel() for m in modules for p in m.table_parameters())
+    total = sum(p.numel() for m in modules for p in m.parameters())
+    assert engram_param_counts(cfg, d_model) == (tables, total - tables)
+    assert memory_param_counts(cfg, d_model) == (tables, total - tables)
+    assert tables == sum(memory_primes(cfg)) * cfg.d_head
+    # tables of different layers never share a prime
+    rows = [m.hasher.primes.tolist() for m in modules]
+    assert len({p for r in rows for p in r}) == sum(len(r) for r in rows)
+
+
+def test_overencoding_param_counts_equal_module_parameters():
+    cfg = MemoryConfig(kind="overencoding", slots=30_000, max_ngram=3, n_heads=2)
+    module = OverEncoding(cfg, 48)
+    n_params = sum(p.numel() for p in module.parameters())
+    assert overencoding_param_counts(cfg, 48) == memory_param_counts(cfg, 48) == (n_params, 0)
+    assert n_params == sum(memory_primes(cfg)) * 48
+    assert memory_param_counts(MemoryConfig(), 48) == (0, 0)
+    with pytest.raises(ValueError, match="memory.kind"):
+        engram_param_counts(cfg, 48)
+
+
+def test_overencoding_averages_order_means_with_the_token_embedding():
+    cfg = MemoryConfig(kind="overencoding", slots=10_000, max_ngram=3, n_heads=2)
+    module = OverEncoding(cfg, 16, torch.arange(200) // 2)
+    ids_BT = torch.randint(0, 200, (3, 7))
+    tok_BTD = torch.randn(3, 7, 16)
+    idx_BTH = module.hasher(ids_BT) + module.tables.offsets
+    rows_BTHD = module.tables.table.weight[idx_BTH]
+    bigram_BTD, trigram_BTD = rows_BTHD[:, :, :2].mean(2), rows_BTHD[:, :, 2:].mean(2)
+    expected_BTD = (tok_BTD + bigram_BTD + trigram_BTD) / 3
+    torch.testing.assert_close(module(ids_BT, tok_BTD), expected_BTD)
+    assert module.tables.table.weight.std() < 0.05  # token-embedding scale
+    module(ids_BT, tok_BTD).sum().backward()
+    assert module.tables.table.weight.grad.is_sparse
+    # OverEncoding and Engram layer 0 use different multipliers
+    assert not torch.equal(module.hasher.multipliers, Engram(MemoryConfig(kind="engram", slots=10_000, layers=(0,),
+                                                                          n_heads=2), 16, 0).hasher.multipliers)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_hash_and_forward_on_cuda_match_cpu():
+    cfg = _engram_cfg(slots=50_000)
+    torch.manual_seed(0)
+    module = Engram(cfg, 64, 1, torch.arange(5000) // 3)
+    ids_BT, h_BTD = torch.randint(0, 5000, (4, 64)), torch.randn(4, 64, 64)
+    cpu_idx, cpu_y = module.hasher(ids_BT), module(h_BTD, ids_BT)
+    module.cuda()
+    assert torch.equal(module.hasher(ids_BT.cuda()).cpu(), cpu_idx)
+    torch.testing.assert_close(module(h_BTD.cuda(), ids_BT.cuda()).cpu(), cpu_y, rtol=1e-4, atol=1e-5)
