@@ -1,0 +1,230 @@
+"""The `engram-sweep` command: plan / run / status / report / train.
+
+    engram-sweep plan SPEC                   print every trial (params, tokens, FLOPs, ETA, stored?) without running
+    engram-sweep run SPEC [--address ADDR]   run the sweep on Ray (embedded local Ray, or ADDR / $RAY_ADDRESS)
+    engram-sweep status RESULTS_DIR|SPEC     progress from the store alone (safe while a sweep runs)
+    engram-sweep report RESULTS_DIR          fits, plots and report.md (analysis.report.write_report)
+    engram-sweep train --config TRIAL.yaml   one trial in this process, progress lines, then the result
+
+A mistake in the user's input (spec, trial config, paths) prints one line on stderr naming the field or file
+and exits with status 2; nothing is written. `RAY_ADDRESS` is read here, at the boundary, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Sequence
+
+USER_ERROR = 2
+PROG = "engram-sweep"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    from engram.accounting import AllocationError
+    from engram.config import ConfigError
+    from engram.data import DataError
+    from sweeps.spec import SpecError
+
+    try:
+        return args.func(args)
+    except (SpecError, ConfigError, DataError, AllocationError, UserError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return USER_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+class UserError(ValueError):
+    """A mistake in the command line (a missing folder, a wrong kind of file); one line, exit status 2."""
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog=PROG, description="Scaling-law sweeps of Engram + MoE models on Ray.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plan", help="print every trial of a sweep without running anything")
+    p.add_argument("spec", type=Path, help="sweep spec (YAML)")
+    p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser("run", help="run a sweep on Ray, skipping trials already complete in the store")
+    p.add_argument("spec", type=Path, help="sweep spec (YAML)")
+    p.add_argument("--address", default=None,
+                   help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.set_defaults(func=cmd_run)
+
+    p = sub.add_parser("status", help="summarise a sweep's progress from its results store")
+    p.add_argument("target", type=Path, help="results folder (results/<sweep>) or the sweep spec (YAML)")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("report", help="fit, plot and write report.md for a results folder")
+    p.add_argument("results_dir", type=Path)
+    p.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS_DIR/report)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("train", help="train one trial from a TrialConfig YAML, in this process")
+    p.add_argument("--config", type=Path, required=True, help="trial config (YAML: model, data, train)")
+    p.add_argument("--checkpoint-dir", type=Path, default=None, help="resume from / save checkpoints here")
+    p.add_argument("--cache-dir", type=Path, default=None, help="token cache folder (default: engram.data's)")
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Commands
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from sweeps.plan import calibrate_throughput, plan_sweep, plan_table
+    from sweeps.spec import load_spec
+    from sweeps.store import ResultStore
+
+    spec = load_spec(args.spec)
+    store = ResultStore(spec.store_dir)
+    throughput = calibrate_throughput(spec, store.runs())
+    trials = plan_sweep(spec, throughput=throughput)
+    print(f"sweep {spec.name}: {len(spec.experiments)} experiment(s), store {spec.store_dir}")
+    print(plan_table(spec, trials, store.completed_ids(), throughput))
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from sweeps.launcher import launch
+    from sweeps.plan import calibrate_throughput, plan_sweep
+    from sweeps.spec import dump_spec, load_spec
+    from sweeps.store import ResultStore
+
+    spec = load_spec(args.spec)
+    store = ResultStore(spec.store_dir)
+    trials = plan_sweep(spec, throughput=calibrate_throughput(spec, store.runs()))
+    # This driver is the store's only writer: leftovers of a killed predecessor can go.
+    store.remove_temp_files()
+    store.write_spec(dump_spec(spec))
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    summary = launch(spec, trials, store, address=address, log_path=store.root / "ray.log")
+    print(summary)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from sweeps.store import ResultStore
+
+    target: Path = args.target
+    spec = None
+    if target.is_file():
+        from sweeps.spec import load_spec
+
+        spec = load_spec(target)
+        root = spec.store_dir
+    elif target.is_dir():
+        root = target
+    else:
+        raise UserError(f"{target}: no such results folder or spec file")
+    store = ResultStore(root)
+    print(status_text(store, spec))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.report import write_report
+
+    if not args.results_dir.is_dir():
+        raise UserError(f"{args.results_dir}: no such results folder")
+    if not (args.results_dir / "runs").is_dir():
+        raise UserError(f"{args.results_dir}: no runs/ folder (not a results folder, or no trial finished yet)")
+    path = write_report(args.results_dir, args.out)
+    print(path)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from engram.trial import format_progress, run_trial
+    from sweeps.spec import load_trial_config
+
+    config = load_trial_config(args.config)
+    result = run_trial(config, cache_dir=args.cache_dir, checkpoint_dir=args.checkpoint_dir,
+                       on_progress=lambda p: print(format_progress(p), flush=True))
+    print(result_text(result))
+    return 0 if result.status == "ok" else 1
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Text
+
+
+def _loss(x: float | None) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def result_text(result) -> str:
+    """A finished trial in a few lines (the end of `engram-sweep train`)."""
+    c = result.counts
+    lines = [f"status {result.status}" + (f": {result.error}" if result.error else ""),
+             f"val loss final {_loss(result.final_val_loss)} best {_loss(result.best_val_loss)} | "
+             f"train loss {_loss(result.train_loss)}",
+             f"steps {result.steps} | tokens {result.tokens} | compute {result.compute:.3e} FLOPs "
+             f"({result.flops_per_token:.4g} per token)",
+             f"P_tot {c.p_tot} | P_act {c.p_act} | P_sparse {c.p_sparse} | P_engram {c.p_engram} | rho {c.rho:.3f}",
+             f"wall {result.wall_seconds:.1f}s | {result.tokens_per_second:.0f} tok/s | device {result.device}"]
+    return "\n".join(lines)
+
+
+def status_text(store, spec=None) -> str:
+    """Per-experiment progress from the store; with the spec, also how many planned trials remain."""
+    from sweeps.plan import plan_sweep
+    from sweeps.spec import SearchExperiment
+
+    runs = store.runs()
+    lines = [f"store {store.root}: {len(runs)} trial row(s)"]
+    experiments = list(dict.fromkeys(runs["experiment"].tolist()))
+    planned: dict[str, set[str]] = {}
+    if spec is not None:
+        from sweeps.plan import Throughput
+
+        # Only ids are needed: a fixed throughput skips the calibration.
+        for t in plan_sweep(spec, throughput=Throughput(1e9, 0.0, "unused")):
+            planned.setdefault(t.experiment, set()).add(t.trial_id)
+        experiments = list(dict.fromkeys([e.name for e in spec.experiments] + experiments))
+    header = ["experiment", "ok", "diverged", "failed", "planned", "remaining", "best val loss"]
+    rows = []
+    for name in experiments:
+        sub = runs[runs["experiment"] == name]
+        n = {s: int((sub["status"] == s).sum()) for s in ("ok", "diverged", "failed")}
+        complete_ids = set(sub.loc[sub["status"].isin(["ok", "diverged"]), "trial_id"])
+        n_planned, remaining = "-", "-"
+        if spec is not None:
+            exp = next((e for e in spec.experiments if e.name == name), None)
+            if isinstance(exp, SearchExperiment):
+                n_planned, remaining = str(exp.n_trials), str(max(0, exp.n_trials - len(complete_ids)))
+            elif exp is not None:
+                ids = planned.get(name, set())
+                n_planned, remaining = str(len(ids)), str(len(ids - complete_ids))
+            else:
+                n_planned = "not in spec"
+        ok = sub[sub["status"] == "ok"].dropna(subset=["best_val_loss"])
+        best = "-"
+        if len(ok):
+            r = ok.loc[ok["best_val_loss"].idxmin()]
+            where = f"slots={r['slots']}" if r["kind"] == "memory" else f"rho={r['rho']:.3g}"
+            best = f"{r['best_val_loss']:.4f} ({r['memory']}, {where}, seed {r['seed']})"
+        rows.append([name, str(n["ok"]), str(n["diverged"]), str(n["failed"]), n_planned, remaining, best])
+    if not rows:
+        lines.append("no trials stored yet")
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
+    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    if spec is not None:
+        left = sum(int(r[5]) for r in rows if r[5].isdigit())
+        lines.append(f"{left} planned trial(s) remain" if left else "all planned trials complete")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
