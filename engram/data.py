@@ -37,6 +37,7 @@ import hashlib
 import json
 import os
 import shutil
+import stat
 import sysconfig
 import tempfile
 import time
@@ -77,9 +78,10 @@ class PreparedData:
 
 @dataclass(frozen=True)
 class _File:
-    path: Path
+    path: str  # absolute
     name: str  # relative to the corpus root: the document's identity for the split and the fingerprint
     size: int
+    mtime_ns: int
 
 
 @dataclass(frozen=True)
@@ -113,7 +115,7 @@ def _resolve(cfg: DataConfig) -> _Source:
     files = _corpus_files(cfg.corpus)
     fmt = cfg.format
     if fmt == "auto":
-        formats = {SUFFIX_FORMATS.get(f.path.suffix.lower(), "text") for f in files}
+        formats = {SUFFIX_FORMATS.get(os.path.splitext(f.path)[1].lower(), "text") for f in files}
         fmt = formats.pop() if len(formats) == 1 else "text"
     if fmt == "tokens":
         if len(files) != 1:
@@ -129,13 +131,13 @@ def _stdlib_files() -> tuple[_File, ...]:
     root = stdlib_root()
     if not root.is_dir():
         raise DataError(f"corpus: the standard library folder {root} of this Python is missing")
-    files = []
+    files, n_root = [], len(str(root)) + 1
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in STDLIB_SKIP_DIRS and not d.startswith("."))
-        for fname in filenames:
-            if fname.endswith(".py"):
-                path = Path(dirpath, fname)
-                files.append(_File(path, path.relative_to(root).as_posix(), _size(path)))
+        prefix = dirpath[n_root:].replace(os.sep, "/") + "/" if len(dirpath) >= n_root else ""
+        # plain strings, not pathlib: the planner fingerprints the ~700 files of the stdlib on every call
+        files.extend(_file(os.path.join(dirpath, fname), prefix + fname) for fname in filenames
+                     if fname.endswith(".py"))
     return tuple(files)
 
 
@@ -145,8 +147,7 @@ def _corpus_files(corpus: str) -> tuple[_File, ...]:
         if not paths:
             raise DataError(f"corpus: no files match the glob {corpus!r}")
         root = Path(os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths]))
-        return tuple(_File(Path(p), Path(os.path.abspath(p)).relative_to(root).as_posix(), _size(Path(p)))
-                     for p in paths)
+        return tuple(_file(p, Path(os.path.abspath(p)).relative_to(root).as_posix()) for p in paths)
     path = Path(corpus).expanduser()
     if path.is_dir():
         files = []
@@ -155,23 +156,23 @@ def _corpus_files(corpus: str) -> tuple[_File, ...]:
             for fname in sorted(filenames):
                 if not fname.startswith("."):
                     p = Path(dirpath, fname)
-                    files.append(_File(p, p.relative_to(path).as_posix(), _size(p)))
+                    files.append(_file(p, p.relative_to(path).as_posix()))
         if not files:
             raise DataError(f"corpus: the folder {path} holds no files (expected text, .jsonl, .parquet or .npy)")
         return tuple(sorted(files, key=lambda f: f.name))
     if not os.path.lexists(path):
         raise DataError(f"corpus: no such file or folder {corpus!r} (expected 'stdlib', a folder, a glob or a file)")
-    return (_File(path, path.name, _size(path)),)
+    return (_file(path, path.name),)
 
 
-def _size(path: Path) -> int:
+def _file(path: str | Path, name: str) -> _File:
     try:
-        st = path.stat()
+        st = os.stat(path)
     except OSError as err:
         raise DataError(f"{path}: cannot read ({err.strerror or err})") from None
-    if not os.path.isfile(path):
+    if not stat.S_ISREG(st.st_mode):
         raise DataError(f"{path}: not a regular file")
-    return st.st_size
+    return _File(os.path.abspath(path), name, st.st_size, st.st_mtime_ns)
 
 
 def _hash_order(files: tuple[_File, ...]) -> tuple[_File, ...]:
@@ -210,8 +211,7 @@ def _file_digest(path: str, size: int, mtime_ns: int) -> str:
 
 
 def _digest(f: _File) -> str:
-    st = f.path.stat()
-    return _file_digest(str(f.path.resolve()), st.st_size, st.st_mtime_ns)
+    return _file_digest(f.path, f.size, f.mtime_ns)
 
 
 def corpus_fingerprint(cfg: DataConfig) -> str:
@@ -238,30 +238,35 @@ def _fingerprint(cfg: DataConfig, src: _Source) -> str:
 # Reading documents: (name, text) pairs in corpus order
 
 
-def _documents(cfg: DataConfig, src: _Source) -> list[tuple[str, str]]:
+def _documents(cfg: DataConfig, src: _Source) -> tuple[list[tuple[str, str]], bool]:
+    """The non-empty documents in corpus order, and whether max_bytes cut the corpus."""
     if src.format in ("stdlib", "text"):
         assert src.takes is not None
         docs = [(f.name, _read_text(f, take)) for f, take in zip(src.files, src.takes) if take > 0]
+        truncated = sum(src.takes) < sum(f.size for f in src.files)
     else:
         budget = cfg.max_bytes if cfg.max_bytes is not None else float("inf")
         reader = _jsonl_records if src.format == "jsonl" else _parquet_records
-        docs = []
+        docs, truncated = [], False
         records = (record for f in src.files for record in reader(f, cfg.text_field))
         for name, text in records:
             if budget <= 0:
+                truncated = True
                 break
             data = text.encode()
             if len(data) > budget:
                 text = data[: int(budget)].decode("utf-8", errors="ignore")  # drop a cut multi-byte character
+                truncated = True
             budget -= len(data)
             docs.append((name, text))
         records.close()
-    return [(name, text) for name, text in docs if text.strip()]
+    return [(name, text) for name, text in docs if text.strip()], truncated
 
 
 def _read_text(f: _File, take: int) -> str:
     try:
-        data = f.path.read_bytes()
+        with open(f.path, "rb") as fh:
+            data = fh.read()
     except OSError as err:
         raise DataError(f"{f.path}: cannot read ({err.strerror or err})") from None
     nul = data.find(b"\0")
@@ -313,7 +318,7 @@ def _parquet_records(f: _File, text_field: str) -> Iterator[tuple[str, str]]:
         raise DataError(f"{f.path}: no column {text_field!r} (text_field); columns: {', '.join(schema.names)}")
     col_type = schema.field(text_field).type
     if not (pa.types.is_string(col_type) or pa.types.is_large_string(col_type)
-            or pa.types.is_string_view(col_type)):
+            or getattr(pa.types, "is_string_view", lambda _: False)(col_type)):  # pyarrow >= 16
         raise DataError(f"{f.path}: column {text_field!r} (text_field) has type {col_type}, expected strings")
     row = 0
     for batch in pf.iter_batches(columns=[text_field], batch_size=4096):
@@ -439,7 +444,7 @@ def _too_few(cfg: DataConfig, n_docs: int, what: str) -> DataError:
 
 
 def _build_text(cfg: DataConfig, src: _Source, vocab_size: int, out: Path) -> dict:
-    docs = _documents(cfg, src)
+    docs, truncated = _documents(cfg, src)
     if len(docs) < MIN_DOCUMENTS:
         hint = " (a single text file is one document: pass a folder or a glob)" if src.format == "text" else ""
         raise DataError(str(_too_few(cfg, len(docs), "non-empty documents")) + hint)
@@ -465,7 +470,7 @@ def _build_text(cfg: DataConfig, src: _Source, vocab_size: int, out: Path) -> di
              "bytes_train": sum(len(t.encode()) for t in train_texts),
              "bytes_val": sum(len(t.encode()) for t in val_texts),
              "tokens_train": int(len(train)), "tokens_val": int(len(val)),
-             "tokenizer_seconds": tokenizer_seconds, "encode_seconds": encode_seconds}
+             "tokenizer_seconds": tokenizer_seconds, "encode_seconds": encode_seconds, "truncated": truncated}
     return {"vocab_size": actual_vocab, "eot_id": eot_id, "token_texts": list(token_texts_of(tokenizer)),
             "stats": stats}
 
@@ -478,8 +483,9 @@ def _build_tokens(cfg: DataConfig, src: _Source, vocab_size: int, out: Path) -> 
         raise DataError(f"{f.path}: not a readable .npy array ({err})") from None
     if ids.ndim != 1 or ids.dtype.kind not in "iu":
         raise DataError(f"{f.path}: expected a 1-D integer array of token ids, got {ids.ndim}-D {ids.dtype}")
-    if cfg.max_bytes is not None:
-        ids = ids[: cfg.max_bytes // ids.dtype.itemsize]
+    n_keep = len(ids) if cfg.max_bytes is None else min(len(ids), cfg.max_bytes // ids.dtype.itemsize)
+    truncated = n_keep < len(ids)
+    ids = ids[:n_keep]
     if len(ids) and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
         bad = int(ids.max()) if int(ids.max()) >= vocab_size else int(ids.min())
         raise DataError(f"{f.path}: token id {bad} is outside the vocabulary [0, {vocab_size}) of the model "
@@ -497,5 +503,5 @@ def _build_tokens(cfg: DataConfig, src: _Source, vocab_size: int, out: Path) -> 
     np.save(out / "val.npy", val)
     stats = {"documents_train": int((~is_val).sum()), "documents_val": int(is_val.sum()),
              "bytes_train": None, "bytes_val": None, "tokens_train": int(len(train)), "tokens_val": int(len(val)),
-             "tokenizer_seconds": None, "encode_seconds": None}
+             "tokenizer_seconds": None, "encode_seconds": None, "truncated": truncated}
     return {"vocab_size": vocab_size, "eot_id": None, "token_texts": None, "stats": stats}

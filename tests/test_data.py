@@ -63,6 +63,7 @@ def test_text_dir_loads_joined_with_eot(text_dir, tmp_path):
     assert int((data.val == data.eot_id).sum()) == data.stats["documents_val"]
     assert data.train[-1] == data.eot_id and data.val[-1] == data.eot_id
     assert int(data.train.max()) < data.vocab_size
+    assert not data.stats["truncated"]
 
 
 def test_glob_selects_only_matching_files(text_dir, tmp_path):
@@ -79,6 +80,19 @@ def test_jsonl_loads_with_text_field(tmp_path):
     data = prepare_data(DataConfig(corpus=str(path), text_field="body"), VOCAB, tmp_path / "cache")
     assert data.stats["documents_train"] + data.stats["documents_val"] == 12
     assert _markers(_decoded(data, data.train) + _decoded(data, data.val)) == {f"marker{i:03d}x" for i in range(12)}
+
+
+def test_jsonl_max_bytes_takes_a_prefix(tmp_path):
+    path = tmp_path / "docs.jsonl"
+    texts = [_doc_text(i) for i in range(12)]
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    max_bytes = len("".join(texts[:4]).encode()) + 10  # four records and 10 bytes of the fifth
+    data = prepare_data(DataConfig(corpus=str(path), max_bytes=max_bytes), VOCAB, tmp_path / "cache")
+    assert data.stats["truncated"]
+    assert data.stats["bytes_train"] + data.stats["bytes_val"] == max_bytes
+    assert _markers(_decoded(data, data.train) + _decoded(data, data.val)) == {f"marker{i:03d}x" for i in range(5)}
+    whole = prepare_data(DataConfig(corpus=str(path), max_bytes=None), VOCAB, tmp_path / "cache")
+    assert not whole.stats["truncated"] and whole.fingerprint != data.fingerprint
 
 
 def test_parquet_loads_with_text_column(tmp_path):
@@ -114,6 +128,7 @@ def test_stdlib_default_respects_max_bytes(tmp_path):
     data = prepare_data(cfg, 400, tmp_path / "cache")
     n_bytes = data.stats["bytes_train"] + data.stats["bytes_val"]
     assert max_bytes - 4 <= n_bytes <= max_bytes  # the last file is cut at max_bytes (a cut character is dropped)
+    assert data.stats["truncated"]
     assert "def " in _decoded(data, data.train)
     assert corpus_fingerprint(cfg) == data.fingerprint
     assert corpus_fingerprint(DataConfig(max_bytes=max_bytes + 1)) != data.fingerprint
