@@ -8,7 +8,8 @@ A corpus (`DataConfig.corpus`) is one of:
     the bytes, dominated by fixtures (escaped binary data, deliberately malformed code) rather than prose-like code.
   - a directory (recursive, hidden entries skipped) or a glob of UTF-8 text files: one document per file;
   - JSONL with a string field `text_field` (one document per line), or Parquet with a string column `text_field`
-    (one document per row); a directory or glob of such files is read in sorted order;
+    (one document per row); a directory or glob of such files is read in sorted order (format "auto" picks
+    jsonl / parquet / tokens when every file has that suffix, text otherwise);
   - a pre-tokenised `.npy` 1-D integer array; it is cut into chunks of `TOKEN_CHUNK` tokens, the "documents"
     of the split.
 
@@ -41,6 +42,7 @@ import stat
 import sysconfig
 import tempfile
 import time
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -56,9 +58,10 @@ N_BYTE_SYMBOLS = 256
 TOKEN_CHUNK = 2048  # tokens per pseudo-document of a .npy token file
 MIN_DOCUMENTS = 2  # one for each split
 UINT16_VOCAB = 1 << 16
+NPY_MAGIC = b"\x93NUMPY"
 STDLIB_SKIP_DIRS = frozenset({"site-packages", "dist-packages", "__pycache__", "test", "tests", "idle_test"})
 GLOB_CHARS = frozenset("*?[")
-SUFFIX_FORMATS = {".jsonl": "jsonl", ".parquet": "parquet", ".npy": "tokens"}
+SUFFIX_FORMATS = types.MappingProxyType({".jsonl": "jsonl", ".parquet": "parquet", ".npy": "tokens"})
 
 
 class DataError(ValueError):
@@ -106,7 +109,8 @@ def stdlib_root() -> Path:
 def _resolve(cfg: DataConfig) -> _Source:
     if cfg.corpus == "stdlib" or cfg.format == "stdlib":
         if cfg.corpus != "stdlib":
-            raise DataError(f"format: 'stdlib' reads the standard library; corpus must be 'stdlib', got {cfg.corpus!r}")
+            raise DataError(f"format: 'stdlib' reads the standard library, so corpus must be 'stdlib', "
+                            f"got {cfg.corpus!r}")
         if cfg.format not in ("auto", "stdlib"):
             raise DataError(f"format: {cfg.format!r} does not apply to corpus 'stdlib' (expected auto or stdlib)")
         ordered = _hash_order(_stdlib_files())
@@ -478,6 +482,11 @@ def _build_text(cfg: DataConfig, src: _Source, vocab_size: int, out: Path) -> di
 def _build_tokens(cfg: DataConfig, src: _Source, vocab_size: int, out: Path) -> dict:
     (f,) = src.files
     try:
+        with open(f.path, "rb") as fh:
+            magic = fh.read(len(NPY_MAGIC))
+        if magic != NPY_MAGIC:  # np.load would fall back to pickle and blame that instead
+            raise DataError(f"{f.path}: not a .npy file (no NUMPY header); expected a 1-D integer array saved "
+                            f"with numpy.save")
         ids = np.load(f.path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as err:
         raise DataError(f"{f.path}: not a readable .npy array ({err})") from None

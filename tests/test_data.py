@@ -298,6 +298,15 @@ def test_parquet_without_column(tmp_path):
     assert "expected strings" in _error(DataConfig(corpus=str(path)), tmp_path)
 
 
+def test_corrupt_parquet_and_npy(tmp_path):
+    (tmp_path / "bad.parquet").write_bytes(b"not parquet" * 10)
+    message = _error(DataConfig(corpus=str(tmp_path / "bad.parquet")), tmp_path)
+    assert "bad.parquet" in message and "Parquet" in message
+    (tmp_path / "bad.npy").write_bytes(b"not an array" * 10)
+    message = _error(DataConfig(corpus=str(tmp_path / "bad.npy")), tmp_path)
+    assert "bad.npy" in message and "not a .npy file" in message
+
+
 def test_too_small_corpora(tmp_path):
     single = tmp_path / "one.txt"
     single.write_text(_doc_text(0))
