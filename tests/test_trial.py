@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -39,6 +40,15 @@ TRAIN = TrainConfig(steps=20, batch_size=BATCH, lr=3e-3, warmup_steps=4, eval_in
 
 def trial(**train: object) -> TrialConfig:
     return TrialConfig(model=MODEL, data=DATA, train=dataclasses.replace(TRAIN, **train))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    # Tiny models: intra-op threads only add synchronisation, and on a shared 2-core machine they cost 10x.
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)
 
 
 @pytest.fixture(scope="module")
