@@ -48,7 +48,7 @@ _ENGRAM_STREAM = 0
 _OVERENCODING_STREAM = 1
 
 _REPLACEMENT_CHAR = "\ufffd"
-_WHITESPACE_RUN = re.compile(r"\s+")
+_WHITESPACE_RUN = re.compile(r"[ \t\r\n]+")  # as the reference normaliser; NFKC maps other spaces to " "
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -59,11 +59,13 @@ def normalize_token_text(text: str) -> str:
     """The paper's normaliser: NFKC, NFD, strip accents, lowercase, collapse whitespace runs, strip.
 
     A whitespace-only token stays " " (so space, newline and tab runs merge into one id rather than vanish).
+    Whitespace means space, tab, CR and LF, as in the demo code's normaliser; NFKC has already turned the other
+    Unicode spaces (no-break, ideographic, thin, ...) into " ". Control characters such as form feed stay apart.
     """
     text = unicodedata.normalize("NFD", unicodedata.normalize("NFKC", text))
     text = "".join(c for c in text if unicodedata.category(c) != "Mn")
     text = _WHITESPACE_RUN.sub(" ", text.lower())
-    return " " if text == " " else text.strip()
+    return " " if text == " " else text.strip(" ")
 
 
 def build_compression(token_texts: Sequence[str]) -> np.ndarray:

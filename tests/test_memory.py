@@ -58,9 +58,12 @@ def test_compression_merges_case_and_leading_space_variants():
 
 
 def test_compression_whitespace_accents_nfkc_and_replacement_chars():
-    texts = [" ", "\n\n", "\t ", "   ", "é", "E", "\ufb01", "fi", "\ufffd", "\ufffd", " \ufffd", "", "\u0301", "ä"]
+    texts = [" ", "\n\n", "\t ", "   ", "é", "E", "\ufb01", "fi", "\ufffd", "\ufffd", " \ufffd", "", "\u0301", "ä",
+             "\xa0", "\u3000\r\n", "\x0c", " x\n", "X"]
     mapping = build_compression(texts)
-    assert len({mapping[i] for i in range(4)}) == 1  # whitespace-only tokens merge into " "
+    assert len({mapping[i] for i in (0, 1, 2, 3, 14, 15)}) == 1  # whitespace-only tokens merge into " "
+    assert mapping[16] not in mapping[:16]  # a form feed is a control character, not collapsed whitespace
+    assert mapping[17] == mapping[18]
     assert mapping[4] == mapping[5]  # accent stripped, lowercased
     assert mapping[6] == mapping[7]  # NFKC folds the ligature
     # Partial-byte tokens decode to replacement chars: never merged with each other or anything else.
