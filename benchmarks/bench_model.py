@@ -1,0 +1,98 @@
+"""Model FLOPs utilisation of one training step (forward + backward + AdamW) on CPU, single thread.
+
+MFU = flops_per_token(cfg) * tokens per second / FLOP/s of a large fp32 matmul measured in the same process and
+thread, so the ratio does not depend on the machine's absolute speed (the target is >= 0.5 at the default trial
+size: ModelConfig defaults, batch 16, seq_len 128). Times are this thread's CPU time (time.thread_time), so that
+other processes competing for the cores inflate neither the step nor the matmul; with one torch thread all the
+work runs on this thread. The wall-clock figure is printed too. Also times the step with the Engram and OverEncoding memory
+and, for reference, a per-expert-module MoE, so the effect of grouping is visible.
+
+    python -m benchmarks.bench_model [--steps 10] [--batch 16] [--threads 1]     (from the repository root)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+
+import torch
+
+from engram.accounting import flops_per_token, param_counts
+from engram.config import MemoryConfig, ModelConfig
+from engram.model import EngramMoE
+
+MATMUL_N = 2048
+
+
+def matmul_flops_per_second(n: int = MATMUL_N, repeats: int = 5) -> float:
+    """Best of `repeats` (thread CPU time) for an n x n x n fp32 matmul."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.thread_time()
+        a @ b
+        best = min(best, time.thread_time() - t0)
+    return 2 * n ** 3 / best
+
+
+def step_seconds(cfg: ModelConfig, batch: int, n_steps: int) -> tuple[float, float]:
+    """Median (thread CPU seconds, wall seconds) of a training step, after two warm-up steps."""
+    torch.manual_seed(0)
+    model = EngramMoE(cfg)
+    tables = {id(p) for p in model.table_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if id(p) not in tables], lr=1e-3, foreach=True)
+    sparse = torch.optim.SparseAdam(model.table_parameters(), lr=1e-3) if tables else None
+    idx_BT = torch.randint(cfg.vocab_size, (batch, cfg.seq_len))
+    tgt_BT = torch.randint(cfg.vocab_size, (batch, cfg.seq_len))
+    cpu_times, wall_times = [], []
+    for i in range(n_steps + 2):
+        t0, w0 = time.thread_time(), time.perf_counter()
+        _, loss = model(idx_BT, tgt_BT)
+        loss.backward()
+        opt.step()
+        if sparse is not None:
+            sparse.step()
+        opt.zero_grad(set_to_none=True)
+        if sparse is not None:
+            sparse.zero_grad(set_to_none=True)
+        model.update_router_biases()
+        if i >= 2:
+            cpu_times.append(time.thread_time() - t0)
+            wall_times.append(time.perf_counter() - w0)
+    return sorted(cpu_times)[len(cpu_times) // 2], sorted(wall_times)[len(wall_times) // 2]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    peak = matmul_flops_per_second()
+    print(f"fp32 matmul {MATMUL_N}^3, {args.threads} thread(s): {peak / 1e9:.1f} GFLOP/s")
+    base = ModelConfig()
+    cases = {
+        "default (memory none)": base,
+        "engram, 1e5 slots": dataclasses.replace(base, memory=MemoryConfig(kind="engram", slots=100_000)),
+        "overencoding, 1e5 slots": dataclasses.replace(base, memory=MemoryConfig(kind="overencoding",
+                                                                                 slots=100_000)),
+        "64 routed experts": dataclasses.replace(base, n_routed=64),
+    }
+    print(f"batch {args.batch} x seq {base.seq_len}, median of {args.steps} steps")
+    for name, cfg in cases.items():
+        tokens = args.batch * cfg.seq_len
+        sec, wall = step_seconds(cfg, args.batch, args.steps)
+        achieved = flops_per_token(cfg) * tokens / sec
+        print(f"{name:26s} P_act {param_counts(cfg).p_act / 1e6:6.3f}M  {sec * 1e3:6.1f} ms/step CPU "
+              f"({wall * 1e3:6.1f} wall)  {tokens / sec / 1e3:5.1f}k tok/s  {achieved / 1e9:6.1f} GFLOP/s  "
+              f"MFU {achieved / peak:.2f}")
+    peak_after = matmul_flops_per_second()
+    print(f"fp32 matmul again: {peak_after / 1e9:.1f} GFLOP/s ({peak_after / peak - 1:+.1%} from the first)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,193 @@
+"""The Engram+MoE backbone: a decoder-only transformer whose FFNs are DeepSeekMoE layers (the first
+`n_dense_layers` dense), with conditional memory attached as configured by `ModelConfig.memory`:
+
+- "engram": an `engram.memory.Engram` module at each of `memory.layers`, its output added to the residual stream
+  before that block's attention (Engram paper, arXiv 2601.07372 §2);
+- "overencoding": `engram.memory.OverEncoding` mixes hashed n-gram embeddings into the input embedding
+  (Huang et al. 2025, arXiv 2501.16975);
+- "none": a plain MoE transformer.
+
+Layout after nanoGPT: norm -> rotary -> attention -> block -> model. Pre-norm RMSNorm, rotary positions
+(RoFormer, arXiv 2104.09864, half-split pairing as in GPT-NeoX / Llama), causal attention through
+`scaled_dot_product_attention`, no biases. The head is tied to the embedding by default: at the sizes a sweep
+trains on a laptop the vocabulary matrix is a large share of all weights, tying halves it and is the usual choice
+at small scale (GPT-2, nanoGPT); P_tot excludes embedding and head either way, and the head's FLOPs are counted
+whether tied or not. Parameter counts and FLOPs live next door in `engram.accounting`.
+
+Shape legend: B batch, T time, D d_model, H attention heads, Dh head size, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from engram.config import ModelConfig
+from engram.moe import INIT_STD, MoE, SwiGLU, residual_std
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits (N, V) against targets (N,), one exp pass over the logits in all.
+
+    Why not F.cross_entropy: on CPU its log_softmax + nll pair makes a second exp pass and a dense (N, V) zero
+    gradient in backward, ~20% of a default training step. Here the softmax p is saved and turned into the
+    gradient (p - onehot) / N in place. lse = max - log p[argmax]: p[argmax] >= 1/V never underflows.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_NV: Tensor, targets_N: Tensor) -> Tensor:
+        max_N, argmax_N = logits_NV.max(dim=1)
+        p_NV = torch.softmax(logits_NV, dim=1)
+        lse_N = max_N - p_NV.gather(1, argmax_N.unsqueeze(1)).squeeze(1).log()
+        loss = (lse_N - logits_NV.gather(1, targets_N.unsqueeze(1)).squeeze(1)).mean()
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(p_NV, targets_N)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        assert not getattr(ctx, "consumed", False), "the saved softmax is reused in place: backward only once"
+        ctx.consumed = True
+        p_NV, targets_N = ctx.saved_tensors
+        rows_N = torch.arange(p_NV.shape[0], device=p_NV.device)
+        p_NV[rows_N, targets_N] -= 1.0
+        return p_NV.mul_(grad / p_NV.shape[0]), None
+
+
+def cross_entropy(logits_NV: Tensor, targets_N: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (same value and gradient as F.cross_entropy, cheaper on CPU)."""
+    if targets_N.numel() and (int(targets_N.min()) < 0 or int(targets_N.max()) >= logits_NV.shape[1]):
+        raise ValueError(f"targets: expected ids in [0, {logits_NV.shape[1]}), got "
+                         f"[{int(targets_N.min())}, {int(targets_N.max())}]")
+    return _SoftmaxCrossEntropy.apply(logits_NV, targets_N.long())
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, d: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(d))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+
+
+def rotary_tables(seq_len: int, d_head: int, theta: float) -> tuple[Tensor, Tensor]:
+    """cos, sin of shape (T, Dh/2) for positions 0..seq_len-1."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
+    angle_TF = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angle_TF.cos().float(), angle_TF.sin().float()
+
+
+def apply_rotary(x_BHTDh: Tensor, cos_TF: Tensor, sin_TF: Tensor) -> Tensor:
+    x1, x2 = x_BHTDh.chunk(2, dim=-1)
+    return torch.cat((x1 * cos_TF - x2 * sin_TF, x1 * sin_TF + x2 * cos_TF), dim=-1)
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, out_std: float):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.qkv = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
+        self.proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
+        nn.init.normal_(self.qkv.weight, std=INIT_STD)
+        nn.init.normal_(self.proj.weight, std=out_std)
+
+    def forward(self, x_BTD: Tensor, cos_TF: Tensor, sin_TF: Tensor) -> Tensor:
+        B, T, D = x_BTD.shape
+        qkv = self.qkv(x_BTD).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        q_BHTDh, k_BHTDh, v_BHTDh = qkv.unbind(0)
+        q_BHTDh = apply_rotary(q_BHTDh, cos_TF[:T], sin_TF[:T])
+        k_BHTDh = apply_rotary(k_BHTDh, cos_TF[:T], sin_TF[:T])
+        y_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BHTDh, v_BHTDh, is_causal=True)
+        return self.proj(y_BHTDh.transpose(1, 2).reshape(B, T, D))
+
+
+class Block(nn.Module):
+    """[Engram ->] attention -> FFN (dense SwiGLU or MoE), pre-norm residual."""
+
+    def __init__(self, cfg: ModelConfig, layer_id: int, engram: nn.Module | None):
+        super().__init__()
+        out_std = residual_std(cfg.n_layers)
+        self.engram = engram
+        self.norm_attn = RMSNorm(cfg.d_model)
+        self.attn = Attention(cfg, out_std)
+        self.norm_ffn = RMSNorm(cfg.d_model)
+        if layer_id < cfg.n_dense_layers:
+            self.ffn = SwiGLU(cfg.d_model, cfg.d_ff_dense, out_std=out_std)
+        else:
+            self.ffn = MoE(cfg.d_model, cfg.d_expert, cfg.n_routed, cfg.top_k, cfg.n_shared_experts,
+                           cfg.balance_rate, out_std=out_std)
+
+    def forward(self, x_BTD: Tensor, ids_BT: Tensor, cos_TF: Tensor, sin_TF: Tensor) -> Tensor:
+        if self.engram is not None:
+            x_BTD = x_BTD + self.engram(x_BTD, ids_BT)
+        x_BTD = x_BTD + self.attn(self.norm_attn(x_BTD), cos_TF, sin_TF)
+        return x_BTD + self.ffn(self.norm_ffn(x_BTD))
+
+
+class EngramMoE(nn.Module):
+    """Decoder-only Engram+MoE language model.
+
+    `compression` is the (V,) int64 tokenizer compression used only for n-gram hashing (None: identity).
+    """
+
+    def __init__(self, cfg: ModelConfig, compression: Tensor | None = None):
+        super().__init__()
+        self.cfg = cfg
+        mem = cfg.memory
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        nn.init.normal_(self.wte.weight, std=INIT_STD)
+        self.overencoding = None
+        engrams: dict[int, nn.Module] = {}
+        if mem.kind == "overencoding":
+            from engram.memory import OverEncoding
+            self.overencoding = OverEncoding(mem, cfg.d_model, compression)
+        elif mem.kind == "engram":
+            from engram.memory import Engram
+            engrams = {i: Engram(mem, cfg.d_model, i, compression) for i in mem.layers}
+        self.blocks = nn.ModuleList(Block(cfg, i, engrams.get(i)) for i in range(cfg.n_layers))
+        self.norm_out = RMSNorm(cfg.d_model)
+        if cfg.tie_embeddings:
+            self.head = None
+        else:
+            self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+            nn.init.normal_(self.head.weight, std=INIT_STD)
+        cos_TF, sin_TF = rotary_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos_TF, persistent=False)
+        self.register_buffer("rope_sin", sin_TF, persistent=False)
+
+    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """Logits (B, T, V) and, given targets, the mean next-token cross-entropy."""
+        T = idx_BT.shape[1]
+        if T > self.cfg.seq_len:
+            raise ValueError(f"idx_BT: sequence length {T} exceeds seq_len={self.cfg.seq_len}")
+        x_BTD = self.wte(idx_BT)
+        if self.overencoding is not None:
+            x_BTD = self.overencoding(idx_BT, x_BTD)
+        for block in self.blocks:
+            x_BTD = block(x_BTD, idx_BT, self.rope_cos, self.rope_sin)
+        x_BTD = self.norm_out(x_BTD)
+        logits_BTV = F.linear(x_BTD, self.wte.weight if self.head is None else self.head.weight)
+        if targets_BT is None:
+            return logits_BTV, None
+        loss = cross_entropy(logits_BTV.view(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1))
+        return logits_BTV, loss
+
+    def memory_modules(self) -> list[nn.Module]:
+        mods = [b.engram for b in self.blocks if b.engram is not None]
+        return mods + ([self.overencoding] if self.overencoding is not None else [])
+
+    def table_parameters(self) -> list[nn.Parameter]:
+        """The memory tables (sparse gradients): optimise with Adam at engram_lr_mult x lr, no weight decay."""
+        return [p for m in self.memory_modules() for p in m.table_parameters()]
+
+    def moe_layers(self) -> list[MoE]:
+        return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    @torch.no_grad()
+    def update_router_biases(self) -> None:
+        """Call after optimizer.step(): nudge every MoE layer's selection bias toward balance, reset counts."""
+        for moe in self.moe_layers():
+            moe.update_bias()

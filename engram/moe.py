@@ -1,0 +1,157 @@
+"""DeepSeekMoE feed-forward layer: shared experts + fine-grained routed experts with top-k routing and
+auxiliary-loss-free load balancing.
+
+References: DeepSeekMoE (arXiv 2401.06066) for shared + fine-grained experts; DeepSeek-V3 (arXiv 2412.19437,
+§2.1.2) for sigmoid affinities and the bias that steers selection only; torchtitan's MoE for the balancing
+bookkeeping (bias is a buffer, counts gathered in training, update outside autograd after the optimiser step).
+
+Every expert (and the shared block, and a dense FFN) is a SwiGLU MLP without biases: 3 * d_model * d_hidden
+parameters. SwiGLU is what DeepSeek's models use; `engram.accounting` counts exactly this.
+
+Shape legend: T tokens (batch and time flattened), D d_model, H hidden width, E routed experts, K top_k,
+S = T * K token-expert assignments.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
+
+
+class SwiGLU(nn.Module):
+    """SwiGLU MLP, gate and up projections fused into one matmul: w_out(silu(x W_gate) * (x W_up))."""
+
+    def __init__(self, d_model: int, d_hidden: int, *, out_std: float = INIT_STD):
+        super().__init__()
+        self.d_hidden = d_hidden
+        self.w_in = nn.Linear(d_model, 2 * d_hidden, bias=False)
+        self.w_out = nn.Linear(d_hidden, d_model, bias=False)
+        nn.init.normal_(self.w_in.weight, std=INIT_STD)
+        nn.init.normal_(self.w_out.weight, std=out_std)
+
+    def forward(self, x_TD: Tensor) -> Tensor:
+        gate_TH, up_TH = self.w_in(x_TD).split(self.d_hidden, dim=-1)
+        return self.w_out(F.silu(gate_TH) * up_TH)
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """All routed experts of a layer on tokens already sorted by expert, in one autograd node.
+
+    Why a hand-written backward: slicing a stacked (E, ...) weight per expert under autograd makes every slice's
+    backward materialise a full (E, ...) zero gradient (O(E^2) memory traffic), and E small modules cost ~6
+    autograd nodes each. Here the gradients of the stacked weights are filled expert by expert in place.
+    Recomputes the hidden activations in backward instead of saving them (cheap next to the matmuls).
+    """
+
+    @staticmethod
+    def forward(ctx, x_SD: Tensor, w_in_E2HD: Tensor, w_out_EDH: Tensor, counts: tuple[int, ...]) -> Tensor:
+        d_hidden = w_out_EDH.shape[2]
+        y_SD = torch.empty_like(x_SD)
+        start = 0
+        for e, n in enumerate(counts):
+            if n == 0:
+                continue
+            x_nD = x_SD[start:start + n]
+            gate_nH, up_nH = (x_nD @ w_in_E2HD[e].t()).split(d_hidden, dim=1)
+            torch.mm(F.silu(gate_nH) * up_nH, w_out_EDH[e].t(), out=y_SD[start:start + n])
+            start += n
+        ctx.counts = counts
+        ctx.save_for_backward(x_SD, w_in_E2HD, w_out_EDH)
+        return y_SD
+
+    @staticmethod
+    def backward(ctx, dy_SD: Tensor):
+        x_SD, w_in_E2HD, w_out_EDH = ctx.saved_tensors
+        d_hidden = w_out_EDH.shape[2]
+        dx_SD = torch.empty_like(x_SD)
+        dw_in = torch.zeros_like(w_in_E2HD)
+        dw_out = torch.zeros_like(w_out_EDH)
+        dy_SD = dy_SD.contiguous()
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                continue
+            sl = slice(start, start + n)
+            x_nD, dy_nD = x_SD[sl], dy_SD[sl]
+            gate_nH, up_nH = (x_nD @ w_in_E2HD[e].t()).split(d_hidden, dim=1)
+            sig_nH = torch.sigmoid(gate_nH)
+            silu_nH = gate_nH * sig_nH
+            torch.mm(dy_nD.t(), silu_nH * up_nH, out=dw_out[e])
+            da_nH = dy_nD @ w_out_EDH[e]
+            dgate_nH = da_nH * up_nH * sig_nH * (1 + gate_nH * (1 - sig_nH))  # d silu(g) / dg
+            dh_n2H = torch.cat((dgate_nH, da_nH * silu_nH), dim=1)
+            torch.mm(dh_n2H.t(), x_nD, out=dw_in[e])
+            torch.mm(dh_n2H, w_in_E2HD[e], out=dx_SD[sl])
+            start += n
+        assert start == x_SD.shape[0], "expert counts must cover every assignment"
+        return dx_SD, dw_in, dw_out, None
+
+
+class MoE(nn.Module):
+    """Shared experts (one SwiGLU of n_shared * d_expert hidden) + n_routed SwiGLU experts, top_k per token.
+
+    Routing (DeepSeek-V3): affinities s = sigmoid(x W_r); experts are SELECTED by s + bias, the mixing weights are
+    the affinities of the selected experts normalised to sum 1 - the bias never enters them. `bias` is a buffer
+    nudged by `update_bias` toward equal load from the counts gathered while `self.training`.
+    """
+
+    def __init__(self, d_model: int, d_expert: int, n_routed: int, top_k: int, n_shared: int,
+                 balance_rate: float, *, out_std: float = INIT_STD):
+        super().__init__()
+        if not 1 <= top_k <= n_routed:
+            raise ValueError(f"top_k: expected 1..n_routed={n_routed}, got {top_k}")
+        self.n_routed, self.top_k, self.balance_rate = n_routed, top_k, balance_rate
+        self.shared = SwiGLU(d_model, n_shared * d_expert, out_std=out_std) if n_shared > 0 else None
+        self.router = nn.Linear(d_model, n_routed, bias=False)
+        nn.init.normal_(self.router.weight, std=INIT_STD)
+        # Stacked expert weights, nn.Linear layout (out, in): w_in = [gate; up] (E, 2H, D), w_out (E, D, H).
+        self.w_in = nn.Parameter(torch.randn(n_routed, 2 * d_expert, d_model) * INIT_STD)
+        self.w_out = nn.Parameter(torch.randn(n_routed, d_model, d_expert) * out_std)
+        self.register_buffer("bias", torch.zeros(n_routed))
+        # Token counts since the last bias update; transient, so not part of a checkpoint.
+        self.register_buffer("counts", torch.zeros(n_routed, dtype=torch.long), persistent=False)
+
+    def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
+        """Selected experts (T, K) and their mixing weights (T, K)."""
+        scores_TE = torch.sigmoid(self.router(x_TD))
+        _, expert_TK = torch.topk(scores_TE.detach() + self.bias, self.top_k, dim=-1)
+        weight_TK = scores_TE.gather(1, expert_TK)
+        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+        return expert_TK, weight_TK
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        shape = x_BTD.shape
+        x_TD = x_BTD.reshape(-1, shape[-1])
+        expert_TK, weight_TK = self.route(x_TD)
+        flat_expert_S = expert_TK.flatten()
+        counts_E = torch.bincount(flat_expert_S, minlength=self.n_routed)
+        if self.training:
+            self.counts += counts_E
+        # Sort the token-expert assignments by expert once, run each expert on its contiguous block.
+        order_S = flat_expert_S.argsort(stable=True)
+        token_S = order_S // self.top_k
+        y_SD = _GroupedSwiGLU.apply(x_TD[token_S], self.w_in, self.w_out, tuple(counts_E.tolist()))
+        y_SD = y_SD * weight_TK.flatten()[order_S].unsqueeze(1)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_S, y_SD)
+        if self.shared is not None:
+            y_TD = y_TD + self.shared(x_TD)
+        return y_TD.view(shape)
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Move each expert's bias by balance_rate toward equal load (+ if under-loaded, - if over-loaded)."""
+        if int(self.counts.sum()) == 0:
+            return
+        load_E = self.counts.float()
+        self.bias += self.balance_rate * torch.sign(load_E.mean() - load_E)
+        self.counts.zero_()
+
+
+def residual_std(n_layers: int) -> float:
+    """nanoGPT/GPT-2: projections into the residual stream get std 0.02 / sqrt(2 * n_layers)."""
+    return INIT_STD / math.sqrt(2 * n_layers)
