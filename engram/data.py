@@ -228,11 +228,18 @@ def corpus_fingerprint(cfg: DataConfig) -> str:
 
 
 def _fingerprint(cfg: DataConfig, src: _Source) -> str:
+    # max_bytes enters only where it may cut the data, so a cap above the corpus size (the stdlib under the
+    # default 16 MB) keeps the fingerprint, and the trial ids, of the uncapped corpus.
+    max_bytes = cfg.max_bytes
     if src.takes is None:
         files = [[f.name, f.size, _digest(f)] for f in src.files]
+        # JSONL text and .npy data are never larger than their files; Parquet is compressed, so no such bound
+        if src.format != "parquet" and max_bytes is not None and max_bytes >= sum(f.size for f in src.files):
+            max_bytes = None
     else:
         files = [[f.name, take, _digest(f)] for f, take in zip(src.files, src.takes) if take > 0]
-    record = {"version": CORPUS_VERSION, "format": src.format, "max_bytes": cfg.max_bytes,
+        max_bytes = None  # the bytes taken from each file are the selection
+    record = {"version": CORPUS_VERSION, "format": src.format, "max_bytes": max_bytes,
               "text_field": cfg.text_field if src.format in ("jsonl", "parquet") else None, "files": files}
     text = json.dumps(record, sort_keys=True, separators=(",", ":"))
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

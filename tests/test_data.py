@@ -93,6 +93,7 @@ def test_jsonl_max_bytes_takes_a_prefix(tmp_path):
     assert _markers(_decoded(data, data.train) + _decoded(data, data.val)) == {f"marker{i:03d}x" for i in range(5)}
     whole = prepare_data(DataConfig(corpus=str(path), max_bytes=None), VOCAB, tmp_path / "cache")
     assert not whole.stats["truncated"] and whole.fingerprint != data.fingerprint
+    assert corpus_fingerprint(DataConfig(corpus=str(path), max_bytes=path.stat().st_size)) == whole.fingerprint
 
 
 def test_parquet_loads_with_text_column(tmp_path):
@@ -133,6 +134,8 @@ def test_stdlib_default_respects_max_bytes(tmp_path):
     assert "def " in _decoded(data, data.train)
     assert corpus_fingerprint(cfg) == data.fingerprint
     assert corpus_fingerprint(DataConfig(max_bytes=max_bytes + 1)) != data.fingerprint
+    # a cap above the size of the stdlib selects all of it: the same data, the same fingerprint
+    assert corpus_fingerprint(DataConfig(max_bytes=10**10)) == corpus_fingerprint(DataConfig(max_bytes=None))
     assert stdlib_root().is_dir()
 
 
@@ -197,6 +200,8 @@ def test_fingerprint_changes_with_content_and_fields(text_dir, tmp_path):
     before = corpus_fingerprint(cfg)
     assert corpus_fingerprint(cfg) == before
     assert corpus_fingerprint(DataConfig(corpus=str(text_dir), max_bytes=1000)) != before
+    assert corpus_fingerprint(DataConfig(corpus=str(text_dir), max_bytes=None)) == before  # 16 MB cuts nothing
+    assert corpus_fingerprint(DataConfig(corpus=str(text_dir), format="text")) == before  # "auto" resolves to text
     target = text_dir / "doc000.txt"
     target.write_text(target.read_text().replace("marker000x", "marker999x"))  # same size, new content
     os.utime(target, ns=(target.stat().st_atime_ns, target.stat().st_mtime_ns + 1_000_000))
