@@ -361,8 +361,10 @@ class OverEncoding(nn.Module):
     K head rows are averaged (several hash views of one n-gram, reducing the effect of collisions); the input
     embedding is then the mean of the token (1-gram) embedding and the N-1 order embeddings:
         x_t = (tok_emb_t + sum_n mean_k T_{n,k}[mix_n(t) mod p_{n,k}]) / N,
-    i.e. OE's average over 1..N-gram embeddings. Simplification: OE slices the embedding width over its heads;
-    here every head row has the full width d_model, as our slot accounting assumes.
+    i.e. OE's average of the 1-gram .. N-gram embeddings. Our choices where the baseline's details differ from or
+    go beyond that formula: the n-gram ids are the compressed ids hashed as for Engram (not OE's exact modular
+    n-gram ids), and the K heads of an order are full-width rows averaged together (as we read the paper, OE's
+    multi-head variant splits the width instead), so that `slots` counts rows of width d_model.
     """
 
     def __init__(self, cfg: MemoryConfig, d_model: int, compression: torch.Tensor | np.ndarray | None = None):

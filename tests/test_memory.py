@@ -124,6 +124,13 @@ def test_multipliers_are_odd_bounded_and_differ_by_layer_and_stream():
     assert not np.array_equal(m1, hash_multipliers(MemoryConfig(kind="engram", slots=20_000, hash_seed=1), 0, 1)[:4])
 
 
+def test_multipliers_and_primes_are_pinned():
+    # Golden values: a change here silently changes every Engram model (and makes old results incomparable).
+    cfg = _engram_cfg()
+    assert hash_multipliers(cfg, 0, 1).tolist() == [493943304931, 429954828295, 634383888325]
+    assert memory_primes(cfg) == [2459, 2467, 2473, 2477, 2503, 2521, 2531, 2539]  # nearest to 20000 / 8
+
+
 def test_hash_equals_the_formula_in_exact_integer_arithmetic():
     cfg = _engram_cfg(max_ngram=4, n_heads=3)
     hasher = _hasher(cfg)
