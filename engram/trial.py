@@ -102,10 +102,12 @@ class TrialResult:
 
 
 def format_progress(p: Progress) -> str:
-    """One line for a CLI: `step 120/400 (30%) | 245.8k tok | train 4.123 | val 4.456 | lr 2.71e-03 | 12s`."""
-    val = "   -  " if p.val_loss is None else f"{p.val_loss:.3f}"
+    """One line for a CLI: `step 120/400 (30%) | 245.8k tok | train 4.123 | val 4.456 | lr 2.70e-03 | 12s, eta 29s`."""
+    val = "  -  " if p.val_loss is None else f"{p.val_loss:.3f}"
+    eta = p.elapsed / p.step * (p.total_steps - p.step) if p.step else float("nan")
     return (f"step {p.step}/{p.total_steps} ({100 * p.step / max(p.total_steps, 1):.0f}%) | "
-            f"{_si(p.tokens)} tok | train {p.train_loss:.3f} | val {val} | lr {p.lr:.2e} | {p.elapsed:.0f}s")
+            f"{_si(p.tokens)} tok | train {p.train_loss:.3f} | val {val} | lr {p.lr:.2e} | "
+            f"{_duration(p.elapsed)}, eta {_duration(eta)}")
 
 
 def horizon_steps(train: TrainConfig, flops_per_token: float, seq_len: int) -> int:
@@ -227,20 +229,20 @@ def sample_batch(train_tokens: np.ndarray, batch_size: int, seq_len: int, gen: t
 
 def train_step(model: EngramMoE, batch_BT: torch.Tensor, dense_opt: torch.optim.Optimizer,
                sparse_opt: torch.optim.Optimizer | None, params: list[nn.Parameter], *, lr: float,
-               train: TrainConfig) -> float:
-    """One optimiser step on `batch_BT` (B, T + 1) at base learning rate `lr`; returns the training loss.
+               train: TrainConfig) -> tuple[float, float]:
+    """One optimiser step on `batch_BT` (B, T + 1) at base learning rate `lr`: (training loss, gradient norm).
 
-    A non-finite loss or gradient norm returns NaN WITHOUT updating the weights (the trial ends as diverged).
+    A non-finite loss or gradient norm is returned WITHOUT updating the weights (the trial ends as diverged).
     """
     with _autocast(batch_BT.device):
         _, loss = model(batch_BT[:, :-1], batch_BT[:, 1:])
     loss_value = float(loss.detach())
     if not math.isfinite(loss_value):
-        return loss_value
+        return loss_value, float("nan")
     loss.backward()
-    grad_norm = clip_grad_norm(params, train.grad_clip)
-    if not math.isfinite(float(grad_norm)):
-        return float("nan")
+    grad_norm = float(clip_grad_norm(params, train.grad_clip))
+    if not math.isfinite(grad_norm):
+        return loss_value, grad_norm
     for group in dense_opt.param_groups:
         group["lr"] = lr
     dense_opt.step()
@@ -250,8 +252,8 @@ def train_step(model: EngramMoE, batch_BT: torch.Tensor, dense_opt: torch.optim.
             group["lr"] = lr * train.engram_lr_mult
         sparse_opt.step()
         sparse_opt.zero_grad(set_to_none=True)
-    model.update_router_biases()  # after the step: counts of this step's training tokens steer the next
-    return loss_value
+    model.update_router_biases()  # after the step: this step's training-token counts steer the next selection
+    return loss_value, grad_norm
 
 
 @torch.no_grad()
@@ -355,11 +357,13 @@ class _Trial:
             lr = tcfg.lr * lr_factor(tcfg, step, self.total_steps)
             t_step = time.perf_counter()
             batch_BT = sample_batch(self.train_tokens, tcfg.batch_size, seq_len, self.gen)
-            loss = train_step(self.model, batch_BT.to(self.device), self.dense_opt, self.sparse_opt, self.params,
-                              lr=lr, train=tcfg)
+            loss, grad_norm = train_step(self.model, batch_BT.to(self.device), self.dense_opt, self.sparse_opt,
+                                         self.params, lr=lr, train=tcfg)
             self.elapsed = elapsed_before + time.perf_counter() - t_start
             if not math.isfinite(loss):
                 return self._finish("diverged", f"non-finite loss at step {step}")
+            if not math.isfinite(grad_norm):
+                return self._finish("diverged", f"non-finite gradient norm at step {step}")
             self.step = step
             self.loss_sum += loss
             self.loss_n += 1
@@ -470,6 +474,16 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return "cpu"
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    if seconds < 60:
+        return f"{seconds:.0f}s"
+    if seconds < 3600:
+        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
+    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
 
 
 def _si(n: float) -> str:

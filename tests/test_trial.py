@@ -107,7 +107,8 @@ def test_resume_after_interrupted_progress_equals_uninterrupted_run(cache_dir: P
         run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path, on_progress=stop_at_12)
     assert (tmp_path / STATE_FILE).exists()
     after: list[int] = []
-    resumed = run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path, on_progress=lambda p: after.append(p.step))
+    resumed = run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path,
+                        on_progress=lambda p: after.append(p.step))
     assert after == [12, 16, 20]  # resumed from step 10: steps 11.. were trained again
     assert losses(resumed) == losses(straight)
     assert resumed.final_val_loss == straight.final_val_loss and resumed.steps == straight.steps
@@ -127,7 +128,8 @@ def test_resume_after_interrupted_checkpoint_callback_equals_uninterrupted_run(c
     with pytest.raises(Interrupt):
         run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path, on_checkpoint=stop_at_second)
     after: list[int] = []
-    resumed = run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path, on_progress=lambda p: after.append(p.step))
+    resumed = run_trial(config, cache_dir=cache_dir, checkpoint_dir=tmp_path,
+                        on_progress=lambda p: after.append(p.step))
     assert after == [9, 12]
     assert losses(resumed) == losses(straight)
 
@@ -266,3 +268,4 @@ def test_format_progress_is_one_line_with_the_figures() -> None:
     assert "\n" not in line
     assert "120/400" in line and "30%" in line and "4.123" in line and "245.8k" in line
     assert "4.456" in format_progress(Progress(1, 2, 3, 4.0, 4.456, 1e-3, 0.0))
+    assert "eta 29s" in line and "eta 1m40s" in format_progress(Progress(100, 200, 1, 4.0, None, 1e-3, 100.0))
