@@ -400,21 +400,26 @@ def prepare_data(cfg: DataConfig, vocab_size: int, cache_dir: Path | None = None
     `seq_len`, when given, requires each split to hold at least one training sequence (seq_len + 1 tokens).
     """
     start = time.perf_counter()
-    if not isinstance(vocab_size, int) or vocab_size <= 0:
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, (int, np.integer)) or vocab_size <= 0:
         raise DataError(f"vocab_size: expected a positive integer, got {vocab_size!r}")
     src = _resolve(cfg)
     if src.format != "tokens" and vocab_size < N_BYTE_SYMBOLS + 1:
         raise DataError(f"vocab_size: expected at least {N_BYTE_SYMBOLS + 1} for a byte-level BPE tokenizer "
                         f"(256 bytes + end-of-text), got {vocab_size}")
     fingerprint = _fingerprint(cfg, src)
+    vocab_size = int(vocab_size)
     key_text = json.dumps([CACHE_VERSION, fingerprint, cfg.val_fraction, cfg.split_seed, vocab_size])
     key = hashlib.blake2b(key_text.encode(), digest_size=12).hexdigest()
-    entry = (cache_dir if cache_dir is not None else default_cache_dir()) / "data" / key
+    entry = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "data" / key
 
     cache_hit = (entry / "meta.json").is_file()
     if not cache_hit:
-        entry.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
+        try:
+            entry.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{key}-", dir=entry.parent))
+        except OSError as err:
+            raise DataError(f"{entry.parent}: cannot create the data cache ({err.strerror or err}); "
+                            f"expected a writable folder") from None
         try:
             if src.format == "tokens":
                 meta = _build_tokens(cfg, src, vocab_size, tmp)
