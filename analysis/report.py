@@ -1,0 +1,534 @@
+"""The report of one sweep: read its results store, fit every group, draw the plots, and write report.md, a
+self-contained report.html (plots embedded) and fits.json (every fitted parameter with its interval).
+
+Groups (see ../shared/DESIGN.md "Analysis"): U-curves per (experiment, budget) for the allocation and search
+experiments, their trend over budgets per experiment, power laws over slots per (experiment, memory kind, budget)
+for the memory experiments, and the Chinchilla form when the sweep varies both active parameters and tokens.
+Trials that failed, diverged or have a non-finite loss are excluded from every fit and listed with the reason.
+Entry point: `write_report(store_dir, out_dir=None) -> Path` (`engram-sweep report results/<sweep>`).
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import html
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import yaml
+from matplotlib.figure import Figure
+
+from analysis.fits import (LEVEL, N_RESAMPLES, BudgetTrend, ChinchillaFit, FitError, PowerLawFit, UCurveFit,
+                           fit_budget_trend, fit_chinchilla, fit_power_law, fit_u_curve)
+from analysis.plots import plot_budget_trend, plot_power_laws, plot_training_curves, plot_u_curve
+
+U_KINDS = ("allocation", "search")
+MEMORY_KIND = "memory"
+LOSS_COL = "final_val_loss"
+EXTRAPOLATION_FACTOR = 10.0     # power laws are extrapolated to 10x the largest slot count sampled
+CHINCHILLA_MIN_RATIO = 2.0      # fit the N-D form only when P_act and tokens each vary by at least this factor
+PANEL_SIZE = (6.4, 4.6)
+MAX_COLUMNS = 2
+FIG_DPI = 110
+
+
+@dataclass(frozen=True)
+class SweepAnalysis:
+    """Everything the report states, computed from the runs table; no files touched."""
+
+    runs: pd.DataFrame = field(repr=False)
+    usable: pd.DataFrame = field(repr=False)
+    excluded: pd.DataFrame = field(repr=False)          # trial_id, experiment, status, reason
+    budgets: pd.DataFrame = field(repr=False)           # achieved compute per (experiment, budget)
+    u_curves: dict = field(repr=False)                  # (experiment, budget) -> {"quadratic": fit, "spline": fit}
+    trends: dict = field(repr=False)                    # experiment -> BudgetTrend
+    power_laws: dict = field(repr=False)                # (experiment, memory, budget) -> PowerLawFit
+    chinchilla: ChinchillaFit | None = None
+    not_fitted: tuple = ()                              # (what, reason)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading and selecting
+
+
+def read_store(store_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """runs, curves (empty when absent) and the parsed spec.yaml (empty when absent) of a results folder."""
+    store_dir = Path(store_dir)
+    if not (store_dir / "runs").is_dir():
+        raise ValueError(f"store_dir: {store_dir} has no runs/ folder (not a results folder)")
+    runs = _read_folder(store_dir / "runs")
+    if runs.empty:
+        raise ValueError(f"store_dir: {store_dir / 'runs'} holds no finished trials")
+    curves = _read_folder(store_dir / "curves") if (store_dir / "curves").is_dir() else pd.DataFrame()
+    spec_path = store_dir / "spec.yaml"
+    spec = yaml.safe_load(spec_path.read_text()) if spec_path.is_file() else {}
+    return runs, curves, spec if isinstance(spec, dict) else {}
+
+
+def _read_folder(folder: Path) -> pd.DataFrame:
+    files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
+    if not files:
+        return pd.DataFrame()
+    try:
+        return pd.read_parquet(files)
+    except (pa.ArrowException, ValueError):   # files written with drifting types (e.g. an all-null column)
+        return pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+
+
+def split_usable(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(usable, excluded): usable rows have status ok and a finite loss; excluded rows carry a `reason`."""
+    missing = [c for c in ("trial_id", "experiment", "status", LOSS_COL) if c not in runs.columns]
+    if missing:
+        raise ValueError(f"runs: missing columns {missing}")
+    loss = pd.to_numeric(runs[LOSS_COL], errors="coerce").to_numpy(dtype=float)
+    finite = np.isfinite(loss)
+    ok = (runs["status"] == "ok").to_numpy()
+    errors = runs["error"] if "error" in runs.columns else pd.Series([None] * len(runs), index=runs.index)
+    reasons = []
+    for status, err, fin in zip(runs["status"], errors, finite):
+        if status != "ok":
+            reasons.append(f"{status}: {err}" if isinstance(err, str) and err else str(status))
+        elif not fin:
+            reasons.append(f"status ok but {LOSS_COL} is not finite")
+        else:
+            reasons.append("")
+    usable = runs[ok & finite].copy()
+    excluded = runs[~(ok & finite)].assign(reason=[r for r, u in zip(reasons, ok & finite) if not u])
+    return usable, excluded
+
+
+def _x_rho(group: pd.DataFrame) -> np.ndarray:
+    """The achieved rho when recorded (what was trained), else the target grid value."""
+    target = group["rho"].to_numpy(dtype=float)
+    if "rho_achieved" not in group.columns:
+        return target
+    achieved = group["rho_achieved"].to_numpy(dtype=float)
+    return np.where(np.isfinite(achieved), achieved, target)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Fitting every group
+
+
+def analyse(runs: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL) -> SweepAnalysis:
+    usable, excluded = split_usable(runs)
+    not_fitted: list[tuple[str, str]] = []
+    kind = usable["kind"] if "kind" in usable.columns else pd.Series("allocation", index=usable.index)
+
+    u_curves: dict = {}
+    u_rows = usable[kind.isin(U_KINDS)]
+    for (experiment, budget), group in u_rows.groupby(["experiment", "budget"], sort=True, dropna=False):
+        what = f"U-curve {experiment} @ {budget:.3g} FLOPs"
+        rho = _x_rho(group)
+        keep = np.isfinite(rho)
+        fits = {}
+        for method in ("quadratic", "spline"):
+            try:
+                fits[method] = fit_u_curve(rho[keep], group[LOSS_COL].to_numpy(float)[keep],
+                                           group["seed"].to_numpy()[keep], method=method,
+                                           n_resamples=n_resamples, level=level)
+            except (ValueError, FitError) as err:
+                not_fitted.append((f"{what} ({method})", str(err)))
+        if fits:
+            u_curves[(experiment, float(budget))] = fits
+
+    trends: dict = {}
+    for experiment in sorted({e for e, _ in u_curves}):
+        keys = sorted(k for k in u_curves if k[0] == experiment and "quadratic" in u_curves[k])
+        if len(keys) < 2:
+            continue
+        try:
+            trends[experiment] = fit_budget_trend([b for _, b in keys], [u_curves[k]["quadratic"] for k in keys],
+                                                  level=level)
+        except (ValueError, FitError) as err:
+            not_fitted.append((f"trend over budgets of {experiment}", str(err)))
+
+    power_laws: dict = {}
+    mem_rows = usable[kind == MEMORY_KIND]
+    for (experiment, memory, budget), group in mem_rows.groupby(["experiment", "memory", "budget"], sort=True):
+        what = f"power law {experiment} / {memory} @ {budget:.3g} FLOPs"
+        group = group[group["slots"] > 0]
+        try:
+            power_laws[(experiment, memory, float(budget))] = fit_power_law(
+                group["slots"].to_numpy(float), group[LOSS_COL].to_numpy(float), group["seed"].to_numpy(),
+                n_resamples=n_resamples, level=level)
+        except (ValueError, FitError) as err:
+            not_fitted.append((what, str(err)))
+
+    chinchilla = None
+    if {"P_act", "tokens"} <= set(usable.columns) and len(usable) >= 6:
+        n, d = usable["P_act"].to_numpy(float), usable["tokens"].to_numpy(float)
+        if n.min() > 0 and d.min() > 0 and n.max() / n.min() >= CHINCHILLA_MIN_RATIO \
+                and d.max() / d.min() >= CHINCHILLA_MIN_RATIO:
+            try:
+                chinchilla = fit_chinchilla(n, d, usable[LOSS_COL].to_numpy(float), usable["seed"].to_numpy(),
+                                            n_resamples=n_resamples, level=level)
+            except (ValueError, FitError) as err:
+                not_fitted.append(("Chinchilla form over P_act and tokens", str(err)))
+
+    return SweepAnalysis(runs=runs, usable=usable, excluded=excluded, budgets=_budget_table(runs, usable),
+                         u_curves=u_curves, trends=trends, power_laws=power_laws, chinchilla=chinchilla,
+                         not_fitted=tuple(not_fitted))
+
+
+def _budget_table(runs: pd.DataFrame, usable: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    if "budget" not in runs.columns:
+        return pd.DataFrame()
+    for (experiment, budget), group in runs.groupby(["experiment", "budget"], sort=True, dropna=False):
+        ok = usable[(usable["experiment"] == experiment) & (usable["budget"] == budget)]
+        compute = pd.to_numeric(ok.get("compute", pd.Series(dtype=float)), errors="coerce").dropna()
+        rows.append({
+            "experiment": experiment, "budget (FLOPs)": _g(budget), "trials": len(group), "usable": len(ok),
+            "achieved compute min": _g(compute.min()) if len(compute) else "-",
+            "median": _g(compute.median()) if len(compute) else "-",
+            "max": _g(compute.max()) if len(compute) else "-",
+            "median / budget": f"{compute.median() / budget:.3f}" if len(compute) and budget else "-",
+            "tokens (median)": _g(ok["tokens"].median()) if "tokens" in ok and len(ok) else "-",
+        })
+    return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Figures
+
+
+def draw_figures(result: SweepAnalysis, curves: pd.DataFrame, plot_dir: Path) -> dict[str, Path]:
+    """Write every figure as PNG and SVG under plot_dir; returns name -> PNG path."""
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    out: dict[str, Path] = {}
+    for experiment in sorted({e for e, _ in result.u_curves}):
+        keys = sorted(k for k in result.u_curves if k[0] == experiment)
+        fig = _figure(len(keys))
+        for ax, key in zip(fig.axes, keys):
+            fits = result.u_curves[key]
+            fit = fits.get("quadratic") or fits["spline"]
+            plot_u_curve(ax, fit, title=f"{experiment}: loss vs rho at C = {key[1]:.3g} FLOPs "
+                                        f"({_seed_note(fit)})")
+        fig.suptitle(f"{experiment}: validation loss vs allocation ratio rho, per compute budget")
+        out[f"u_curves_{experiment}"] = _save(fig, plot_dir, f"u_curves_{experiment}")
+    for experiment, trend in result.trends.items():
+        fig = _figure(2)
+        plot_budget_trend(fig.axes[0], fig.axes[1], trend, title=f"{experiment}: ")
+        fig.suptitle(f"{experiment}: the optimum across compute budgets")
+        out[f"trend_{experiment}"] = _save(fig, plot_dir, f"trend_{experiment}")
+    mem_groups = sorted({(e, b) for e, _, b in result.power_laws})
+    for experiment in sorted({e for e, _ in mem_groups}):
+        budgets = [b for e, b in mem_groups if e == experiment]
+        fig = _figure(len(budgets))
+        for ax, budget in zip(fig.axes, budgets):
+            fits = {m: f for (e, m, b), f in result.power_laws.items() if e == experiment and b == budget}
+            plot_power_laws(ax, fits, title=f"{experiment}: loss vs memory slots at C = {budget:.3g} FLOPs")
+        fig.suptitle(f"{experiment}: validation loss vs memory slots (power law solid, log-linear dashed)")
+        out[f"memory_{experiment}"] = _save(fig, plot_dir, f"memory_{experiment}")
+    if not curves.empty and {"trial_id", "tokens", "val_loss"} <= set(curves.columns):
+        usable = result.usable
+        for experiment, rows in usable.groupby("experiment", sort=True):
+            is_memory = "kind" in rows.columns and (rows["kind"] == MEMORY_KIND).all()
+            budgets = sorted(rows["budget"].dropna().unique()) if "budget" in rows.columns else [None]
+            budgets = budgets or [None]
+            fig = _figure(len(budgets))
+            for ax, budget in zip(fig.axes, budgets):
+                sel = rows if budget is None else rows[rows["budget"] == budget]
+                color = dict(zip(sel["trial_id"], sel["slots"].astype(float) if is_memory else _x_rho(sel)))
+                plot_training_curves(ax, curves[curves["trial_id"].isin(color)], color,
+                                     label="memory slots" if is_memory else "rho", log_color=is_memory,
+                                     title=f"{experiment}: validation loss during training"
+                                           + ("" if budget is None else f" at C = {budget:.3g} FLOPs"))
+            fig.suptitle(f"{experiment}: training curves (usable trials)")
+            out[f"curves_{experiment}"] = _save(fig, plot_dir, f"curves_{experiment}")
+    return out
+
+
+def _figure(n_panels: int) -> Figure:
+    n_cols = min(n_panels, MAX_COLUMNS)
+    n_rows = math.ceil(n_panels / n_cols)
+    fig = Figure(figsize=(PANEL_SIZE[0] * n_cols, PANEL_SIZE[1] * n_rows + 0.5), layout="constrained")
+    fig.subplots(n_rows, n_cols, squeeze=False)
+    for ax in fig.axes[n_panels:]:
+        ax.remove()
+    return fig
+
+
+def _save(fig: Figure, plot_dir: Path, name: str) -> Path:
+    png = plot_dir / f"{name}.png"
+    fig.savefig(png, dpi=FIG_DPI)
+    fig.savefig(plot_dir / f"{name}.svg")
+    return png
+
+
+def _seed_note(fit: UCurveFit | PowerLawFit) -> str:
+    return "single seed: bootstrap over points only" if fit.single_seed else f"{fit.n_seeds} seeds"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def write_report(store_dir: Path, out_dir: Path | None = None, *, n_resamples: int = N_RESAMPLES) -> Path:
+    """Fit, plot and write report.md, report.html and fits.json for results/<sweep>/; returns report.md's path.
+
+    out_dir defaults to store_dir / "report"; plots go to out_dir / "plots" as PNG and SVG.
+    """
+    store_dir = Path(store_dir)
+    out_dir = Path(out_dir) if out_dir is not None else store_dir / "report"
+    runs, curves, spec = read_store(store_dir)
+    result = analyse(runs, n_resamples=n_resamples)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = draw_figures(result, curves, out_dir / "plots")
+    blocks = _blocks(store_dir, spec, result, figures, out_dir)
+    md_path = out_dir / "report.md"
+    _atomic_text(md_path, _markdown(blocks))
+    _atomic_text(out_dir / "report.html", _html(blocks, title=f"Sweep report: {_sweep_name(runs, spec)}"))
+    _atomic_text(out_dir / "fits.json", json.dumps(_json_safe(fits_document(store_dir, spec, result)), indent=1,
+                                                    allow_nan=False))
+    return md_path
+
+
+def fits_document(store_dir: Path, spec: dict, result: SweepAnalysis) -> dict:
+    """fits.json: every fitted parameter with its interval, the verdicts, exclusions and unfitted groups."""
+    power_laws = []
+    for (experiment, memory, budget), fit in result.power_laws.items():
+        x_far = EXTRAPOLATION_FACTOR * float(fit.x.max())
+        power_laws.append({"experiment": experiment, "memory": memory, "budget": budget, **fit.to_dict(),
+                           "extrapolation": {"slots": x_far, "power_law": fit.extrapolate(x_far).to_dict(),
+                                             "loglinear": fit.loglinear.extrapolate(x_far).to_dict()}})
+    return {
+        "sweep": _sweep_name(result.runs, spec), "store": str(store_dir),
+        "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "n_trials": len(result.runs), "n_usable": len(result.usable),
+        "excluded": [{"trial_id": r.trial_id, "experiment": r.experiment, "status": r.status, "reason": r.reason}
+                     for r in result.excluded.itertuples()],
+        "u_curves": [{"experiment": e, "budget": b, "default": "quadratic",
+                      **{m: f.to_dict() for m, f in fits.items()}} for (e, b), fits in result.u_curves.items()],
+        "budget_trends": [{"experiment": e, **t.to_dict()} for e, t in result.trends.items()],
+        "power_laws": power_laws,
+        "chinchilla": None if result.chinchilla is None else result.chinchilla.to_dict(),
+        "not_fitted": [{"what": w, "reason": r} for w, r in result.not_fitted],
+    }
+
+
+def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[str, Path], out_dir: Path) -> list:
+    runs, usable = result.runs, result.usable
+    level = f"{round(100 * LEVEL)}%"
+    b: list = [("h1", f"Sweep report: {_sweep_name(runs, spec)}")]
+    data = spec.get("data") or {}
+    b.append(("p", f"Results store `{store_dir}`; generated "
+                   f"{dt.datetime.now(dt.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}. "
+                   f"{len(runs)} trials recorded, {len(usable)} usable, {len(result.excluded)} excluded. "
+                   f"Loss: `{LOSS_COL}` (nats/token on the held-out split). Intervals: {level} bootstrap "
+                   "percentile intervals (seeds resampled, then points; points only for a single seed)."))
+    if data:
+        b.append(("p", "Data: " + ", ".join(f"{k} = `{v}`" for k, v in data.items())))
+    if "experiments" in spec:
+        b.append(("table", pd.DataFrame([{"experiment": e.get("name"), "kind": e.get("kind"),
+                                          "definition": ", ".join(f"{k}={v}" for k, v in e.items()
+                                                                  if k not in ("name", "kind"))}
+                                         for e in spec["experiments"]])))
+    b.append(("h2", "Achieved compute budgets"))
+    b.append(("p", "Each trial's horizon comes from its budget; compute = FLOPs per token x tokens trained."))
+    b.append(("table", result.budgets))
+
+    if result.u_curves:
+        b.append(("h2", "Allocation: loss vs rho (U-curves)"))
+        b.append(("p", "Default curve: a parabola in rho (fewest parameters with an interior minimum; with a "
+                       "handful of rho values and an optimum worth ~0.01 nats a more flexible curve mostly follows "
+                       "seed noise). Check: a cubic P-spline whose penalty shrinks it toward the parabola. "
+                       "Verdict 'interior' when the fitted minimum lies strictly inside the sampled rho range; "
+                       "otherwise 'boundary' and no rho* is claimed. Gain = loss(rho=1) - loss at the minimum "
+                       "(positive: moving sparse parameters into Engram memory helps)."))
+        rows = []
+        for (experiment, budget), fits in result.u_curves.items():
+            for method, fit in fits.items():
+                rows.append({
+                    "experiment": experiment, "budget": _g(budget), "curve": method + (" (default)" if
+                                                                                       method == "quadratic" else ""),
+                    "points": fit.n_points, "seeds": fit.n_seeds, "verdict": fit.verdict,
+                    "rho*": str(fit.rho_star) if fit.rho_star else f"none (edge {fit.argmin.value:.3g})",
+                    "loss at optimum": str(fit.loss_at_optimum),
+                    "gain vs rho=1": str(fit.gain) if fit.gain else "rho=1 not sampled",
+                    "P(interior)": f"{fit.p_interior:.2f}", "R²": f"{fit.r2:.3f}",
+                    "bootstrap": fit.bootstrap.scheme + ("" if fit.n_seeds > 1 else " (single seed)"),
+                })
+        b.append(("table", pd.DataFrame(rows)))
+        for (experiment, budget), fits in result.u_curves.items():
+            fit = fits.get("quadratic")
+            if fit is not None:
+                b.append(("p", f"**{experiment} @ {_g(budget)} FLOPs**: {_verdict_text(fit)}"))
+        for name, path in figures.items():
+            if name.startswith("u_curves_"):
+                b.append(("img", path, f"U-curves of {name[len('u_curves_'):]}"))
+
+    if result.trends:
+        b.append(("h2", "Across budgets"))
+        b.append(("p", "Per budget the U-curve's optimum, then optimum = coefficient x C^exponent by least squares "
+                       "in log-log (Chinchilla Approach 2's second stage); intervals redo the regression on the "
+                       "per-budget bootstrap draws."))
+        for experiment, trend in result.trends.items():
+            lines = [f"**{experiment}**:"]
+            if trend.rho_star_scaling is not None:
+                s = trend.rho_star_scaling
+                lines.append(f"rho* = {s.coefficient.value:.3g} x C^{s.exponent.value:.4f} "
+                             f"(exponent {level} interval [{s.exponent.lo:.4f}, {s.exponent.hi:.4f}]).")
+            if trend.loss_scaling is not None:
+                s = trend.loss_scaling
+                lines.append(f"best loss = {s.coefficient.value:.4g} x C^{s.exponent.value:.4f} "
+                             f"(exponent interval [{s.exponent.lo:.4f}, {s.exponent.hi:.4f}]).")
+            lines.extend(trend.notes)
+            b.append(("p", " ".join(lines)))
+            if f"trend_{experiment}" in figures:
+                b.append(("img", figures[f"trend_{experiment}"], f"optimum vs compute, {experiment}"))
+
+    if result.power_laws:
+        b.append(("h2", "Memory: loss vs slots (power laws)"))
+        b.append(("p", "L = E + A x^-alpha fitted with a Huber loss (delta 1e-3) on log L by multi-start L-BFGS "
+                       "(Chinchilla Approach 3 as replicated by Epoch AI); the paper's log-linear L = a - b ln x "
+                       f"alongside; extrapolation to {EXTRAPOLATION_FACTOR:g}x the largest slot count sampled."))
+        rows = []
+        for (experiment, memory, budget), fit in result.power_laws.items():
+            x_far = EXTRAPOLATION_FACTOR * float(fit.x.max())
+            rows.append({"experiment": experiment, "memory": memory, "budget": _g(budget),
+                         "points": fit.n_points, "seeds": fit.n_seeds, "E": str(fit.E), "A": str(fit.A),
+                         "alpha": str(fit.alpha), "R²": f"{fit.r2:.4f}",
+                         "max |residual|": f"{np.max(np.abs(fit.residuals)):.4f}",
+                         "log-linear b": str(fit.loglinear.b), "log-linear R²": f"{fit.loglinear.r2:.4f}",
+                         f"L at {_g(x_far)} slots": str(fit.extrapolate(x_far)),
+                         "bootstrap": fit.bootstrap.scheme + ("" if fit.n_seeds > 1 else " (single seed)")})
+        b.append(("table", pd.DataFrame(rows)))
+        for name, path in figures.items():
+            if name.startswith("memory_"):
+                b.append(("img", path, f"loss vs slots, {name[len('memory_'):]}"))
+
+    if result.chinchilla is not None:
+        c = result.chinchilla
+        b.append(("h2", "Chinchilla form over active parameters and tokens"))
+        b.append(("p", f"L = E + A N^-alpha + B D^-beta with E = {c.E}, A = {c.A}, alpha = {c.alpha}, B = {c.B}, "
+                       f"beta = {c.beta}; R² {c.r2:.4f}. Compute-optimal exponents: N* ~ C^{c.n_exponent}, "
+                       f"D* ~ C^{c.d_exponent}."))
+
+    curve_figs = {n: p for n, p in figures.items() if n.startswith("curves_")}
+    if curve_figs:
+        b.append(("h2", "Training curves"))
+        for name, path in curve_figs.items():
+            b.append(("img", path, f"training curves, {name[len('curves_'):]}"))
+
+    b.append(("h2", "Excluded trials"))
+    if result.excluded.empty:
+        b.append(("p", "None: every recorded trial finished with a finite loss."))
+    else:
+        cols = [c for c in ("trial_id", "experiment", "rho", "slots", "seed", "budget", "status", "attempts")
+                if c in result.excluded.columns]
+        b.append(("table", result.excluded[cols + ["reason"]].reset_index(drop=True)))
+    b.append(("h2", "Groups not fitted"))
+    if result.not_fitted:
+        b.append(("table", pd.DataFrame(result.not_fitted, columns=["group", "reason"])))
+    else:
+        b.append(("p", "None."))
+    return [(kind, *rest) if kind != "img" else ("img", rest[0].relative_to(out_dir), rest[1], rest[0])
+            for kind, *rest in b]
+
+
+def _verdict_text(fit: UCurveFit) -> str:
+    if fit.rho_star is None:
+        return (f"optimum on the grid boundary (rho = {fit.argmin.value:.3g}); no interior optimum, so no rho* is "
+                f"claimed ({fit.p_interior:.0%} of resamples had an interior minimum).")
+    text = f"interior optimum rho* = {fit.rho_star}"
+    if fit.gain is not None:
+        significant = fit.gain.lo > 0
+        text += (f"; gain over pure MoE (rho = 1) {fit.gain} nats, "
+                 + ("its interval excludes zero." if significant else "its interval includes zero: not resolved."))
+    return text + f" ({fit.p_interior:.0%} of resamples had an interior minimum.)"
+
+
+def _markdown(blocks: list) -> str:
+    out = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            out.append(("# " if kind == "h1" else "## ") + rest[0])
+        elif kind == "p":
+            out.append(rest[0])
+        elif kind == "table":
+            out.append(_md_table(rest[0]))
+        elif kind == "img":
+            out.append(f"![{rest[1]}]({rest[0].as_posix()})  (SVG: `{rest[0].with_suffix('.svg').as_posix()}`)")
+    return "\n\n".join(out) + "\n"
+
+
+def _md_table(frame: pd.DataFrame) -> str:
+    if frame.empty:
+        return "(none)"
+    cells = [[str(c) for c in frame.columns]] + [[_cell(v) for v in row] for row in frame.itertuples(index=False)]
+    lines = ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    lines.insert(1, "|" + "---|" * len(frame.columns))
+    return "\n".join(lines)
+
+
+def _html(blocks: list, *, title: str) -> str:
+    body = []
+    for kind, *rest in blocks:
+        if kind in ("h1", "h2"):
+            body.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
+        elif kind == "p":
+            text = html.escape(rest[0])
+            for marker, tag in (("**", "b"), ("`", "code")):   # the two inline marks the paragraphs use
+                parts = text.split(marker)
+                text = "".join(p if i % 2 == 0 else f"<{tag}>{p}</{tag}>" for i, p in enumerate(parts))
+            body.append(f"<p>{text}</p>")
+        elif kind == "table":
+            body.append(rest[0].map(_cell).to_html(index=False, escape=True, border=0) if not rest[0].empty
+                        else "<p>(none)</p>")
+        elif kind == "img":
+            data = base64.b64encode(rest[2].read_bytes()).decode("ascii")
+            body.append(f'<figure><img alt="{html.escape(rest[1])}" src="data:image/png;base64,{data}">'
+                        f"<figcaption>{html.escape(rest[1])}</figcaption></figure>")
+    style = ("body{font-family:sans-serif;max-width:1200px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;font-size:0.85em}td,th{border:1px solid #ccc;padding:3px 6px}"
+             "img{max-width:100%}code{background:#f3f3f3}")
+    return (f"<!DOCTYPE html>\n<html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(body) + "\n</body></html>\n")
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.parent / f".{path.name}.tmp"
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+def _sweep_name(runs: pd.DataFrame, spec: dict) -> str:
+    if spec.get("name"):
+        return str(spec["name"])
+    names = runs["sweep"].dropna().unique() if "sweep" in runs.columns else []
+    return ", ".join(map(str, names)) or "unnamed"
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "-" if math.isnan(value) else _g(value)
+    return "-" if value is None else str(value)
+
+
+def _g(value) -> str:
+    try:
+        return f"{float(value):.4g}"
+    except (TypeError, ValueError):
+        return str(value)
+
+
+def _json_safe(obj):
+    if isinstance(obj, dict):
+        return {str(k): _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return float(obj) if math.isfinite(obj) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    return obj
