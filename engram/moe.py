@@ -144,11 +144,16 @@ class MoE(nn.Module):
 
     @torch.no_grad()
     def update_bias(self) -> None:
-        """Move each expert's bias by balance_rate toward equal load (+ if under-loaded, - if over-loaded)."""
+        """Move each expert's bias by balance_rate toward equal load (+ if under-loaded, - if over-loaded).
+
+        The step is centred (as in torchtitan): only differences between biases matter for selection, and
+        without centring the biases drift together whenever more experts sit below the mean load than above.
+        """
         if int(self.counts.sum()) == 0:
             return
         load_E = self.counts.float()
-        self.bias += self.balance_rate * torch.sign(load_E.mean() - load_E)
+        delta_E = torch.sign(load_E.mean() - load_E)
+        self.bias += self.balance_rate * (delta_E - delta_E.mean())
         self.counts.zero_()
 
 

@@ -1,0 +1,184 @@
+"""The backbone: loss, causality (with and without memory), where Engram enters the residual stream, tied and
+untied heads, memory tables, router-bias updates, and that a few optimiser steps fit a tiny batch."""
+
+import dataclasses
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engram.config import MemoryConfig, ModelConfig
+from engram.model import EngramMoE, cross_entropy
+from engram.moe import MoE, SwiGLU
+
+SMALL = ModelConfig(vocab_size=97, seq_len=16, d_model=32, n_layers=3, n_heads=2, n_dense_layers=1,
+                    d_ff_dense=48, n_shared_experts=1, d_expert=16, n_routed=6, top_k=2)
+ENGRAM = dataclasses.replace(SMALL, memory=MemoryConfig(kind="engram", slots=2000, layers=(0, 2), d_head=8))
+OVERENC = dataclasses.replace(SMALL, memory=MemoryConfig(kind="overencoding", slots=2000))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These models are tiny: a second intra-op thread only adds synchronisation, and on a shared 2-core machine
+    # oversubscription made the training steps here ~30x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def batch(cfg, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randint(cfg.vocab_size, (B, cfg.seq_len), generator=g),
+            torch.randint(cfg.vocab_size, (B, cfg.seq_len), generator=g))
+
+
+def test_cross_entropy_matches_torch_value_and_gradient():
+    torch.manual_seed(0)
+    logits = (torch.randn(50, 13, dtype=torch.float64) * 4).requires_grad_()
+    targets = torch.randint(13, (50,))
+    ours, ref = cross_entropy(logits, targets), F.cross_entropy(logits, targets)
+    torch.testing.assert_close(ours, ref)
+    torch.testing.assert_close(torch.autograd.grad(3 * ours, logits)[0], torch.autograd.grad(3 * ref, logits)[0])
+    with pytest.raises(ValueError, match="targets"):
+        cross_entropy(logits, torch.full((50,), 13))
+
+
+def test_forward_shapes_and_loss_is_mean_cross_entropy_of_logits():
+    torch.manual_seed(0)
+    model = EngramMoE(SMALL)
+    idx, tgt = batch(SMALL)
+    logits, loss = model(idx, tgt)
+    assert logits.shape == (2, SMALL.seq_len, SMALL.vocab_size)
+    torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, SMALL.vocab_size), tgt.view(-1)))
+    assert model(idx)[1] is None
+    assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5  # near-uniform at init
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, SMALL.seq_len + 1, dtype=torch.long))
+
+
+def test_dense_and_moe_layers_where_configured():
+    model = EngramMoE(SMALL)
+    kinds = [type(b.ffn) for b in model.blocks]
+    assert kinds == [SwiGLU, MoE, MoE]
+    assert model.blocks[0].ffn.w_in.out_features == 2 * SMALL.d_ff_dense
+
+
+@pytest.mark.parametrize("cfg", [SMALL, ENGRAM, OVERENC], ids=["none", "engram", "overencoding"])
+def test_causal_future_tokens_do_not_change_past_logits(cfg):
+    torch.manual_seed(1)
+    model = EngramMoE(cfg).eval()
+    idx, _ = batch(cfg, B=1)
+    changed = idx.clone()
+    t = 9
+    changed[0, t:] = (changed[0, t:] + 1) % cfg.vocab_size
+    with torch.no_grad():
+        a, _ = model(idx)
+        b, _ = model(changed)
+    torch.testing.assert_close(a[:, :t], b[:, :t])
+    assert not torch.allclose(a[:, t], b[:, t])
+
+
+def test_engram_output_enters_the_residual_stream_before_attention():
+    torch.manual_seed(2)
+    model = EngramMoE(ENGRAM).eval()
+    assert [b.engram is not None for b in model.blocks] == [True, False, True]
+    seen = {}
+    block = model.blocks[2]
+    hooks = [
+        block.register_forward_pre_hook(lambda m, args: seen.__setitem__("block_in", args[0])),
+        block.engram.register_forward_hook(lambda m, args, out: seen.__setitem__("engram_out", out)),
+        block.norm_attn.register_forward_pre_hook(lambda m, args: seen.__setitem__("attn_in", args[0])),
+    ]
+    idx, _ = batch(ENGRAM, B=1)
+    with torch.no_grad():
+        model(idx)
+    for h in hooks:
+        h.remove()
+    assert seen["engram_out"].abs().max() > 0
+    torch.testing.assert_close(seen["attn_in"], seen["block_in"] + seen["engram_out"])
+
+
+def test_memory_tables_are_sparse_and_listed():
+    torch.manual_seed(3)
+    for cfg, n_tables in ((ENGRAM, 2), (OVERENC, 1), (SMALL, 0)):
+        model = EngramMoE(cfg)
+        tables = model.table_parameters()
+        assert len(tables) == n_tables
+        idx, tgt = batch(cfg)
+        model(idx, tgt)[1].backward()
+        assert all(p.grad is not None and p.grad.is_sparse for p in tables)
+        ids = {id(p) for p in tables}
+        assert all(not p.grad.is_sparse for p in model.parameters() if id(p) not in ids and p.grad is not None)
+
+
+def test_tied_and_untied_head():
+    tied, untied = EngramMoE(SMALL), EngramMoE(dataclasses.replace(SMALL, tie_embeddings=False))
+    n_tied = sum(p.numel() for p in tied.parameters())
+    n_untied = sum(p.numel() for p in untied.parameters())
+    assert n_untied - n_tied == SMALL.vocab_size * SMALL.d_model
+    torch.manual_seed(4)
+    idx, tgt = batch(SMALL)
+    tied(idx, tgt)[1].backward()
+    # The tied embedding gets gradient from the head for every vocabulary row, not only the rows looked up.
+    unused = torch.ones(SMALL.vocab_size, dtype=torch.bool)
+    unused[idx.flatten()] = False
+    assert tied.wte.weight.grad[unused].abs().sum() > 0
+
+
+def test_residual_projections_are_scaled_down_by_depth():
+    torch.manual_seed(5)
+    cfg = dataclasses.replace(SMALL, d_model=128, n_heads=4, n_layers=8, d_expert=64)
+    model = EngramMoE(cfg)
+    expected = 0.02 / (2 * cfg.n_layers) ** 0.5
+    assert abs(model.blocks[3].attn.proj.weight.std().item() - expected) < 0.2 * expected
+    assert abs(model.blocks[3].ffn.w_out.std().item() - expected) < 0.2 * expected
+    assert abs(model.blocks[3].attn.qkv.weight.std().item() - 0.02) < 0.1 * 0.02
+
+
+def test_router_biases_update_from_training_forwards_only():
+    torch.manual_seed(6)
+    model = EngramMoE(SMALL)
+    idx, _ = batch(SMALL, B=4)
+    model.eval()
+    with torch.no_grad():
+        model(idx)
+    model.update_router_biases()
+    assert all(torch.equal(m.bias, torch.zeros_like(m.bias)) for m in model.moe_layers())
+    model.train()
+    model(idx)
+    model.update_router_biases()
+    assert all(m.bias.abs().sum() > 0 for m in model.moe_layers())
+    assert all(m.counts.sum() == 0 for m in model.moe_layers())
+
+
+@pytest.mark.parametrize("cfg", [SMALL, ENGRAM], ids=["none", "engram"])
+def test_a_few_steps_fit_a_fixed_batch(cfg):
+    torch.manual_seed(7)
+    model = EngramMoE(cfg)
+    ids = {id(p) for p in model.table_parameters()}
+    opt = torch.optim.AdamW([p for p in model.parameters() if id(p) not in ids], lr=3e-3)
+    sparse = torch.optim.SparseAdam(model.table_parameters(), lr=1e-2) if ids else None
+    idx, tgt = batch(cfg, B=4)
+    losses = []
+    for _ in range(30):
+        _, loss = model(idx, tgt)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        if sparse:
+            sparse.step()
+            sparse.zero_grad()
+        model.update_router_biases()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_same_seed_same_model():
+    torch.manual_seed(8)
+    a = EngramMoE(ENGRAM)
+    torch.manual_seed(8)
+    b = EngramMoE(ENGRAM)
+    idx, _ = batch(ENGRAM)
+    with torch.no_grad():
+        torch.testing.assert_close(a(idx)[0], b(idx)[0], rtol=0, atol=0)

@@ -1,0 +1,131 @@
+"""DeepSeekMoE layer: grouped experts against a per-token reference, the dense-MLP special case, routing weights
+and auxiliary-loss-free balancing."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engram.moe import MoE, SwiGLU, _GroupedSwiGLU
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # These models are tiny: a second intra-op thread only adds synchronisation, and on a shared 2-core machine
+    # oversubscription made the training steps here ~30x slower.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def swiglu_ref(x_D, w_in_2HD, w_out_DH):
+    gate_H, up_H = (w_in_2HD @ x_D).chunk(2)
+    return w_out_DH @ (F.silu(gate_H) * up_H)
+
+
+def moe_ref(moe: MoE, x_TD):
+    """Token by token: sum over the selected experts of weight * expert(x), plus the shared MLP."""
+    expert_TK, weight_TK = moe.route(x_TD)
+    rows = []
+    for t in range(x_TD.shape[0]):
+        y_D = sum(weight_TK[t, k] * swiglu_ref(x_TD[t], moe.w_in[e], moe.w_out[e])
+                  for k, e in enumerate(expert_TK[t].tolist()))
+        rows.append(y_D)
+    y_TD = torch.stack(rows)
+    return y_TD + moe.shared(x_TD) if moe.shared is not None else y_TD
+
+
+def test_grouped_moe_matches_per_token_reference_values_and_gradients():
+    torch.manual_seed(0)
+    moe = MoE(d_model=16, d_expert=8, n_routed=6, top_k=2, n_shared=1, balance_rate=1e-3).double()
+    x_BTD = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    y = moe(x_BTD)
+    grads = torch.autograd.grad(y.square().sum(), [x_BTD, *moe.parameters()])
+    y_ref = moe_ref(moe, x_BTD.view(-1, 16)).view_as(y)
+    grads_ref = torch.autograd.grad(y_ref.square().sum(), [x_BTD, *moe.parameters()])
+    torch.testing.assert_close(y, y_ref)
+    for g, g_ref in zip(grads, grads_ref):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_grouped_swiglu_gradcheck_with_empty_experts():
+    torch.manual_seed(1)
+    x_SD = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    w_in = torch.randn(4, 6, 4, dtype=torch.float64, requires_grad=True)
+    w_out = torch.randn(4, 4, 3, dtype=torch.float64, requires_grad=True)
+    counts = (2, 0, 3, 0)  # experts 1 and 3 receive no token: their gradients must be zero, not garbage
+    assert torch.autograd.gradcheck(lambda x, a, b: _GroupedSwiGLU.apply(x, a, b, counts), (x_SD, w_in, w_out))
+    _GroupedSwiGLU.apply(x_SD, w_in, w_out, counts).sum().backward()
+    assert w_in.grad[1].abs().sum() == 0 and w_out.grad[3].abs().sum() == 0
+    assert w_in.grad[0].abs().sum() > 0
+
+
+def test_one_expert_top1_without_shared_equals_dense_mlp():
+    torch.manual_seed(2)
+    moe = MoE(d_model=12, d_expert=20, n_routed=1, top_k=1, n_shared=0, balance_rate=1e-3)
+    dense = SwiGLU(12, 20)
+    with torch.no_grad():
+        dense.w_in.weight.copy_(moe.w_in[0])
+        dense.w_out.weight.copy_(moe.w_out[0])
+    x_BTD = torch.randn(3, 5, 12)
+    y_moe, y_dense = moe(x_BTD), dense(x_BTD)
+    torch.testing.assert_close(y_moe, y_dense)
+    y_moe.sum().backward()
+    y_dense.sum().backward()
+    torch.testing.assert_close(moe.w_in.grad[0], dense.w_in.weight.grad)
+    torch.testing.assert_close(moe.w_out.grad[0], dense.w_out.weight.grad)
+    assert moe.router.weight.grad.abs().max() < 1e-6  # the weight is s / s = 1: no signal reaches the router
+
+
+def test_mixing_weights_are_normalised_affinities_never_the_bias():
+    torch.manual_seed(3)
+    moe = MoE(d_model=8, d_expert=4, n_routed=5, top_k=2, n_shared=0, balance_rate=1e-3)
+    x_TD = torch.randn(40, 8)
+    scores_TE = torch.sigmoid(moe.router(x_TD)).detach()
+    moe.bias.copy_(torch.tensor([5.0, 0.0, -5.0, 0.0, 0.0]))  # forces expert 0 in, expert 2 out
+    expert_TK, weight_TK = moe.route(x_TD)
+    assert (expert_TK == 0).any(dim=1).all() and not (expert_TK == 2).any()
+    expected_TK = scores_TE.gather(1, expert_TK)
+    torch.testing.assert_close(weight_TK.detach(), expected_TK / expected_TK.sum(1, keepdim=True))
+    # Same selection with a bias shifted by a constant: identical weights (the bias only ranks).
+    moe.bias.add_(3.0)
+    expert2_TK, weight2_TK = moe.route(x_TD)
+    assert torch.equal(expert_TK, expert2_TK)
+    torch.testing.assert_close(weight_TK, weight2_TK)
+
+
+def test_balancing_bias_moves_toward_balance_from_training_counts_only():
+    torch.manual_seed(4)
+    moe = MoE(d_model=8, d_expert=4, n_routed=4, top_k=1, n_shared=0, balance_rate=0.02)
+    with torch.no_grad():
+        moe.router.weight[0] += 1.0  # expert 0 dominates inputs with positive mean
+    x_TD = torch.randn(256, 8) + 1.0
+
+    def load():
+        expert_TK, _ = moe.route(x_TD)
+        return torch.bincount(expert_TK.flatten(), minlength=4)
+
+    moe.eval()
+    moe(x_TD)
+    assert moe.counts.sum() == 0  # no counts outside training
+    moe.update_bias()
+    assert torch.equal(moe.bias, torch.zeros(4))
+    imbalance_before = load().max().item()
+    assert imbalance_before > 0.6 * 256
+
+    moe.train()
+    max_loads = []
+    for _ in range(100):
+        moe(x_TD)
+        assert moe.counts.sum() == 256
+        max_loads.append(moe.counts.max().item())
+        moe.update_bias()
+        assert moe.counts.sum() == 0
+    assert moe.bias[0] < 0 and (moe.bias[1:] > moe.bias[0]).all()
+    assert abs(moe.bias.sum().item()) < 1e-4  # centred updates: no common drift
+    assert sum(max_loads[-20:]) / 20 < 0.75 * imbalance_before
+    assert not moe.bias.requires_grad and "bias" in moe.state_dict()
+    # The bias changed selection; the weights are still the selected experts' normalised affinities.
+    expert_TK, weight_TK = moe.route(x_TD)
+    scores_TK = torch.sigmoid(moe.router(x_TD)).gather(1, expert_TK)
+    torch.testing.assert_close(weight_TK, scores_TK / scores_TK.sum(1, keepdim=True))
