@@ -95,7 +95,6 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from sweeps.launcher import launch
     from sweeps.plan import calibrate_throughput, plan_sweep
     from sweeps.spec import dump_spec, load_spec
     from sweeps.store import ResultStore
@@ -103,13 +102,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     spec = load_spec(args.spec)
     store = ResultStore(spec.store_dir)
     trials = plan_sweep(spec, throughput=calibrate_throughput(spec, store.runs()))
-    # This driver is the store's only writer: leftovers of a killed predecessor can go.
+    # Nothing is written before this point, so a bad spec leaves no trace. This driver is the store's only
+    # writer: leftovers of a killed predecessor can go.
     store.remove_temp_files()
     store.write_spec(dump_spec(spec))
     address = args.address or os.environ.get("RAY_ADDRESS") or None
+    from sweeps.launcher import launch  # imports Ray: only once the spec is known to be good
     summary = launch(spec, trials, store, address=address, log_path=store.root / "ray.log")
-    print(summary)
-    return 0
+    print(summary_text(summary, store))
+    # Failed trials are recorded and the rest completed, but the sweep is not whole: say so in the exit status.
+    return 0 if summary.n_failed == 0 and summary.n_unrecorded == 0 else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -172,6 +174,23 @@ def result_text(result) -> str:
              f"({result.flops_per_token:.4g} per token)",
              f"P_tot {c.p_tot} | P_act {c.p_act} | P_sparse {c.p_sparse} | P_engram {c.p_engram} | rho {c.rho:.3f}",
              f"wall {result.wall_seconds:.1f}s | {result.tokens_per_second:.0f} tok/s | device {result.device}"]
+    return "\n".join(lines)
+
+
+def summary_text(summary, store) -> str:
+    """The end of `engram-sweep run` (a sweeps.launcher.LaunchSummary)."""
+    from sweeps.plan import format_seconds
+
+    ratio = summary.overhead_ratio
+    lines = [f"{summary.n_requested} trial(s) run, {summary.n_skipped} already complete: {summary.n_ok} ok, "
+             f"{summary.n_diverged} diverged, {summary.n_failed} failed"
+             + (f", {summary.n_unrecorded} unrecorded" if summary.n_unrecorded else ""),
+             f"wall {format_seconds(summary.wall_seconds)} ({summary.n_slots} trial(s) at once"
+             + (f", scheduling overhead {ratio:.2f}x the ideal" if ratio is not None else "") + ")",
+             f"results in {store.root}; Ray's log in {summary.log_path}"]
+    if summary.n_failed:
+        lines.append(f"failed trials are rows with their error: `engram-sweep status {store.root}`; "
+                     f"a re-run retries them")
     return "\n".join(lines)
 
 

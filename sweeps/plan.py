@@ -102,7 +102,12 @@ def plan_sweep(spec: SweepSpec, *, throughput: Throughput | None = None) -> list
                     for seed in exp.seeds:
                         trials.append(_planned(spec, exp.name, exp.kind, model, None, exp.budget, seed,
                                                fingerprint, throughput))
-    return trials
+    # Equal configs are one trial (content-addressed): e.g. rho = 0.99 and 1.0 can both round to the pure MoE,
+    # or two experiments can share a point. It runs once and is recorded under its first occurrence.
+    unique: dict[str, PlannedTrial] = {}
+    for t in trials:
+        unique.setdefault(t.trial_id, t)
+    return list(unique.values())
 
 
 def plan_search_trial(spec: SweepSpec, experiment: str, rho: float, seed: int, *,

@@ -28,9 +28,9 @@ EXPERIMENT_KINDS = ("allocation", "memory", "search")
 SWEEP_MEMORY_KINDS = ("engram", "overencoding")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Keys a spec may not set in `train` / `model.memory`: each experiment sets them per trial.
-_TRAIN_PER_TRIAL = {"steps": "the experiment's budget sets the horizon (train.flops)",
-                    "tokens": "the experiment's budget sets the horizon (train.flops)",
-                    "flops": "the experiment's budget sets the horizon (train.flops)",
+_TRAIN_PER_TRIAL = {"steps": "each experiment's budget sets the horizon as train.flops",
+                    "tokens": "each experiment's budget sets the horizon as train.flops",
+                    "flops": "each experiment's budget sets the horizon as train.flops",
                     "seed": "each experiment's seeds set it"}
 _MEMORY_PER_TRIAL = {"kind": "each experiment sets the memory kind",
                      "slots": "each experiment sets the slot count (allocation: the solver; memory: `slots`)"}
@@ -338,7 +338,7 @@ def _parse_experiment(raw: Any, path: str) -> Experiment:
                 if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
     missing = [k for k in required if k not in raw]
     if missing:
-        raise ConfigError(f"{path}.{missing[0]}: required for a {kind} experiment")
+        raise ConfigError(f"{path}.{missing[0]}: required (kind {kind})")
     name = raw["name"]
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"{path}.name: expected letters, digits, '_', '.', '-' (not starting with '.' or '-'), "

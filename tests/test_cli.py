@@ -1,0 +1,235 @@
+"""The engram-sweep CLI: malformed specs (the table in docs/sweep-spec.md), plan, status, train, report errors."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+import yaml
+
+from sweeps.cli import main
+from sweeps.plan import plan_sweep
+from sweeps.spec import load_spec
+from sweeps.store import ResultStore, curve_frame, result_row
+
+from test_store import TINY_MODEL, fake_result  # tests/ is on sys.path (pytest's default rootdir-less import)
+
+ROOT = Path(__file__).resolve().parents[1]
+# One optimiser step of the tiny models costs ~2.6e7 FLOPs (batch 4 x 32 tokens): 1.5e8 is ~6 steps.
+BASE_SPEC: dict[str, Any] = {
+    "name": "tiny",
+    "data": {"corpus": "corpus", "val_fraction": 0.2},
+    "model": TINY_MODEL,
+    "train": {"batch_size": 4, "warmup_steps": 2, "eval_interval": 3, "eval_tokens": 512},
+    "resources": {"cpus_per_trial": 1, "max_retries": 1},
+    "experiments": [
+        {"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [0.0, 0.5, 1.0], "budgets": [1.5e8],
+         "seeds": [0, 1]},
+        {"name": "mem", "kind": "memory", "memory": ["engram", "overencoding"], "slots": [200, 2000],
+         "budget": 1.5e8, "seeds": [0]},
+        {"name": "search", "kind": "search", "p_tot_ratio": 3, "budget": 1.5e8, "n_trials": 3, "seed": 0},
+    ],
+}
+
+
+def make_corpus(folder: Path) -> Path:
+    """A few small text documents: enough for a byte-level BPE tokenizer and a train/val split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    words = "the memory table reads hashed n-grams while experts compute; sparse lookup scales".split()
+    for i in range(10):
+        text = "\n".join(" ".join(words[(i + j + k) % len(words)] for k in range(12)) for j in range(60))
+        (folder / f"doc{i}.txt").write_text(text)
+    return folder
+
+
+def write_spec(folder: Path, spec: dict[str, Any] | str, name: str = "sweep.yaml") -> Path:
+    path = folder / name
+    path.write_text(spec if isinstance(spec, str) else yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+@pytest.fixture
+def spec_dir(tmp_path: Path) -> Path:
+    make_corpus(tmp_path / "corpus")
+    return tmp_path
+
+
+def _set(path: str, value: Any) -> Callable[[dict], None]:
+    """A mutation setting spec[path] (dotted keys, [i] indices); value `DELETE` removes the key."""
+    def mutate(spec: dict) -> None:
+        keys = [int(k) if k.isdigit() else k for k in path.replace("[", ".").replace("]", "").split(".")]
+        node = spec
+        for k in keys[:-1]:
+            node = node[k]
+        if value is DELETE:
+            del node[keys[-1]]
+        else:
+            node[keys[-1]] = value
+    return mutate
+
+
+DELETE = object()
+
+# (case id, mutation of BASE_SPEC or the whole file text, the start of the message after "engram-sweep: error: ")
+MALFORMED: list[tuple[str, Callable[[dict], None] | str, str]] = [
+    ("unknown-top-key", _set("experimentz", []), "experimentz: unknown key"),
+    ("unknown-model-key", _set("model.dmodel", 64), "model.dmodel: unknown key"),
+    ("wrong-type", _set("model.d_model", "wide"), "model.d_model: expected an integer"),
+    ("bad-head-split", _set("model.n_heads", 3), "model.n_heads: expected a divisor of d_model"),
+    ("rho-out-of-range", _set("experiments.0.rho", [0.0, 1.5]), "experiments[0].rho[1]: expected a number in [0, 1]"),
+    ("rho-not-a-list", _set("experiments.0.rho", 0.5), "experiments[0].rho: expected a list"),
+    ("rho-empty", _set("experiments.0.rho", []), "experiments[0].rho: expected a non-empty list"),
+    ("rho-duplicate", _set("experiments.0.rho", [0.5, 1.0, 0.5]), "experiments[0].rho[2]: duplicate value 0.5"),
+    ("seed-not-int", _set("experiments.0.seeds", [0, 1.5]), "experiments[0].seeds[1]: expected an integer"),
+    ("duplicate-experiment", _set("experiments.1.name", "alloc"),
+     "experiments[1].name: duplicate experiment name 'alloc'"),
+    ("unknown-experiment-kind", _set("experiments.0.kind", "grid"),
+     "experiments[0].kind: expected one of allocation, memory, search"),
+    ("missing-budgets", _set("experiments.0.budgets", DELETE), "experiments[0].budgets: required"),
+    ("budget-below-one-step", _set("experiments.0.budgets", [1.5e8, 1.0e6]),
+     "experiments[0].budgets[1]: expected at least"),
+    ("p-tot-below-p-act", (lambda s: (s["experiments"][0].pop("p_tot_ratio"), s["experiments"][0].update(p_tot=1e4))),
+     "experiments[0].p_tot: P_tot target"),
+    ("both-p-tot-and-ratio", _set("experiments.0.p_tot", 6e4),
+     "experiments[0].p_tot_ratio/p_tot: expected exactly one of them"),
+    ("slots-not-positive", _set("experiments.1.slots", [0, 2000]), "experiments[1].slots[0]: expected a positive"),
+    ("slots-below-table-floor", _set("experiments.1.slots", [10]), "experiments[1].slots[0]: expected at least"),
+    ("unknown-memory-kind", _set("experiments.1.memory", ["engram", "ram"]),
+     "experiments[1].memory[1]: expected one of engram, overencoding"),
+    ("search-no-trials", _set("experiments.2.n_trials", 0), "experiments[2].n_trials: expected an integer in 1.."),
+    ("missing-corpus", _set("data.corpus", "no/such/folder"), "data.corpus: no such file or folder"),
+    ("glob-matches-nothing", _set("data.corpus", "corpus/*.md"), "data.corpus: no file matches"),
+    ("cpus-out-of-range", _set("resources.cpus_per_trial", 0), "resources.cpus_per_trial: expected a positive"),
+    ("gpus-out-of-range", _set("resources.gpus_per_trial", 1.5), "resources.gpus_per_trial: expected 0, a fraction"),
+    ("retries-out-of-range", _set("resources.max_retries", -1), "resources.max_retries: expected an integer in 0..100"),
+    ("bad-name", _set("name", "my sweep!"), "name: expected letters, digits"),
+    ("horizon-in-train", _set("train.steps", 100), "train.steps: not allowed in a sweep spec"),
+    ("memory-kind-in-model", _set("model.memory.kind", "engram"), "model.memory.kind: not allowed in a sweep spec"),
+    ("bad-train-value", _set("train.lr", -0.1), "train.lr: expected a positive number"),
+    ("fault-times-zero", _set("testing", {"fail_attempts": {"match": "alloc", "times": 0}}),
+     "testing.fail_attempts.times: expected a positive integer"),
+    ("no-experiments", _set("experiments", DELETE), "experiments: required"),
+    ("not-a-mapping", "- name: tiny\n- experiments: []\n", "spec: expected a mapping"),
+    ("yaml-syntax", "name: tiny\nmodel: {d_model: 64\nexperiments: []\n", "sweep.yaml:3: YAML syntax error"),
+]
+
+
+@pytest.mark.parametrize("case, change, message", MALFORMED, ids=[c[0] for c in MALFORMED])
+def test_malformed_spec_is_one_clear_line_and_writes_nothing(spec_dir: Path, capsys: pytest.CaptureFixture,
+                                                            case: str, change: Any, message: str) -> None:
+    if isinstance(change, str):
+        path = write_spec(spec_dir, change)
+    else:
+        spec = copy.deepcopy(BASE_SPEC)
+        change(spec)
+        path = write_spec(spec_dir, spec)
+    code = main(["run", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    prefix = "engram-sweep: error: "
+    assert lines[0].startswith(prefix), err
+    text = lines[0][len(prefix):]
+    assert text.startswith(message) or text.endswith(message) or message in text, err
+    assert "Traceback" not in err
+    assert not (spec_dir / "results").exists()
+
+
+def test_at_least_twenty_malformed_cases_are_documented() -> None:
+    doc = (ROOT / "docs" / "sweep-spec.md").read_text()
+    assert len(MALFORMED) >= 20
+    missing = [case for case, _, _ in MALFORMED if f"`{case}`" not in doc]
+    assert not missing, f"cases missing from docs/sweep-spec.md: {missing}"
+
+
+def test_malformed_spec_in_a_real_process_has_no_traceback(spec_dir: Path) -> None:
+    spec = copy.deepcopy(BASE_SPEC)
+    spec["experiments"][0]["rho"] = [0.2, -0.1]
+    path = write_spec(spec_dir, spec)
+    out = subprocess.run([sys.executable, "-m", "sweeps.cli", "plan", str(path)], capture_output=True, text=True,
+                         cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("engram-sweep: error: experiments[0].rho[1]: expected a number in [0, 1], "
+                                  "got -0.1")
+    assert out.stdout == ""
+
+
+def test_plan_prints_every_trial_and_marks_stored_ones(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_spec(spec_dir, BASE_SPEC)
+    trials = plan_sweep(load_spec(path))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith(("alloc ", "mem "))]
+    assert len(rows) == len(trials) == 3 * 2 + 2 * 2
+    assert all(row.rstrip().endswith("no") for row in rows)
+    assert "ETA:" in out and "search: search, 3 Optuna trials" in out
+    assert "deviation from targets" in out
+    assert not (spec_dir / "results").exists()  # plan writes nothing
+
+    # Once a trial is stored, plan says so.
+    store = ResultStore(load_spec(path).store_dir)
+    result = fake_result(trials[0])
+    store.write_trial(result_row(trials[0], result, error=None, attempts=1, started_at="a", finished_at="b"),
+                      curve_frame(result))
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert sum(line.rstrip().endswith("yes") for line in out.splitlines()) == 1
+    assert f"{len(trials)} grid trials: 1 stored, {len(trials) - 1} to run" in out
+
+
+def test_status_counts_from_the_store_and_what_remains(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_spec(spec_dir, BASE_SPEC)
+    spec = load_spec(path)
+    trials = plan_sweep(spec)
+    store = ResultStore(spec.store_dir)
+    for t, status in zip(trials[:3], ["ok", "diverged", "ok"]):
+        result = fake_result(t, status=status, loss=3.0 + t.seed)
+        store.write_trial(result_row(t, result, error=None, attempts=1, started_at="a", finished_at="b"),
+                          curve_frame(result))
+    store.write_trial(result_row(trials[3], None, error="boom", attempts=2, started_at="a", finished_at="b"), None)
+
+    assert main(["status", str(spec.store_dir)]) == 0
+    out = capsys.readouterr().out
+    alloc = next(line for line in out.splitlines() if line.startswith("alloc"))
+    assert alloc.split()[1:4] == ["2", "1", "1"]  # ok, diverged, failed
+    assert "3.0000" in alloc  # best val loss among ok trials (seed 0)
+
+    assert main(["status", str(path)]) == 0
+    out = capsys.readouterr().out
+    alloc = next(line for line in out.splitlines() if line.startswith("alloc"))
+    assert alloc.split()[4:6] == ["6", "3"]  # planned, remaining (the failed one is not complete)
+    assert f"{len(trials) - 3 + 3} planned trial(s) remain" in out  # 7 grid + 3 search
+
+
+def test_status_and_report_of_a_missing_folder_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    assert main(["status", str(tmp_path / "nowhere")]) == 2
+    assert main(["report", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and all("nowhere: no such results folder" in line for line in err)
+
+
+def test_train_runs_one_trial_with_progress_lines(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    config = {"model": {**TINY_MODEL, "memory": {"kind": "engram", "slots": 500, "n_heads": 2, "d_head": 4}},
+              "data": {"corpus": "corpus", "val_fraction": 0.2},
+              "train": {"steps": 4, "batch_size": 4, "warmup_steps": 1, "eval_interval": 2, "eval_tokens": 256}}
+    path = write_spec(spec_dir, config, "trial.yaml")
+    code = main(["train", "--config", str(path), "--cache-dir", str(spec_dir / "cache")])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "step 4/4 (100%)" in out and "status ok" in out
+    assert "P_engram" in out
+
+
+def test_train_config_mistake_is_one_line(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    path = write_spec(spec_dir, {"model": {"d_modle": 8}, "train": {"steps": 1}}, "trial.yaml")
+    assert main(["train", "--config", str(path)]) == 2
+    assert capsys.readouterr().err.strip() == ("engram-sweep: error: model.d_modle: unknown key (expected one of "
+                                               "balance_rate, d_expert, d_ff_dense, d_model, memory, n_dense_layers, "
+                                               "n_heads, n_layers, n_routed, n_shared_experts, rope_theta, seq_len, "
+                                               "tie_embeddings, top_k, vocab_size)")
