@@ -218,11 +218,14 @@ def p_tot_for_ratio(base: ModelConfig, ratio: float) -> float:
     expert, router = _moe_unit(base)
     smallest = param_counts(_pure_moe(base, base.top_k))
     # P_tot(n) = P_tot(k) + (n - k)(e + r), P_act(n) = P_act(k) + (n - k) r; solve P_tot(n) = ratio * P_act(n).
-    extra = (ratio * smallest.p_act - smallest.p_tot) / (expert + router - ratio * router)
-    if extra < -0.5 or expert + router - ratio * router <= 0:
-        raise AllocationError(f"ratio {ratio}: P_tot / P_act = {ratio} not reachable; the smallest MoE "
-                              f"(top_k={base.top_k} experts) already has P_tot / P_act = "
-                              f"{smallest.p_tot / smallest.p_act:.3f}")
+    # The smallest MoE has P_tot == P_act (ratio 1); each expert adds e + r to P_tot and r to P_act, so ratios at
+    # or beyond (e + r) / r are out of reach.
+    per_expert_gain = expert + router - ratio * router
+    if per_expert_gain <= 0:
+        raise AllocationError(f"ratio {ratio}: P_tot / P_act stays below (expert + router) / router = "
+                              f"{(expert + router) / router:.1f} however many experts (each adds {router} router "
+                              f"parameters to P_act)")
+    extra = (ratio * smallest.p_act - smallest.p_tot) / per_expert_gain
     n_routed = base.top_k + max(0, round(extra))
     return ratio * param_counts(_pure_moe(base, n_routed)).p_act
 
