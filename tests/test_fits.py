@@ -1,0 +1,229 @@
+"""analysis.fits: planted parameters are recovered with stated tolerances, intervals cover the truth at about
+their nominal rate, Approach 2 reproduces the published Llama 3 fit, and edge cases behave as documented."""
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.fits import (FitError, bootstrap_counts, fit_budget_trend, fit_chinchilla, fit_chinchilla_table,
+                           fit_isoflop, fit_isoflop_table, fit_optimum_scaling, fit_power_law, fit_u_curve)
+
+DATA = Path(__file__).parent / "data"
+RHO_GRID = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
+SLOTS = np.array([1e4, 3e4, 1e5, 3e5, 1e6, 3e6])
+
+
+def u_data(rng, *, rho_star=0.7, curvature=0.08, noise=0.004, n_seeds=3):
+    rho = np.repeat(RHO_GRID, n_seeds)
+    seed = np.tile(np.arange(n_seeds), len(RHO_GRID))
+    loss = 3.0 + curvature * (rho - rho_star) ** 2 + rng.normal(0, noise, len(rho))
+    return rho, loss, seed
+
+
+def power_data(rng, *, E=2.0, A=4.0, alpha=0.3, noise=0.003, n_seeds=2):
+    x = np.repeat(SLOTS, n_seeds)
+    seed = np.tile(np.arange(n_seeds), len(SLOTS))
+    return x, (E + A * x ** -alpha) * np.exp(rng.normal(0, noise, len(x))), seed
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# U-curves
+
+
+def test_u_curve_recovers_planted_optimum_and_gain():
+    rho, loss, seed = u_data(np.random.default_rng(0), noise=0.002)
+    fit = fit_u_curve(rho, loss, seed, n_resamples=500)
+    assert fit.verdict == "interior"
+    assert abs(fit.rho_star.value - 0.7) < 0.05
+    assert fit.rho_star.lo < fit.rho_star.value < fit.rho_star.hi
+    true_gain = 0.08 * 0.3 ** 2        # loss(1) - loss(rho*)
+    assert abs(fit.gain.value - true_gain) < 0.003
+    assert fit.gain.lo > 0
+    assert abs(fit.loss_at_optimum.value - 3.0) < 0.003
+    assert fit.bootstrap.scheme == "seeds+points" and fit.n_seeds == 3
+    assert fit.curve_lo.shape == fit.grid.shape and np.all(fit.curve_lo <= fit.curve_hi + 1e-12)
+
+
+def test_u_curve_spline_alternative_finds_the_same_interior_optimum():
+    rho, loss, seed = u_data(np.random.default_rng(1), noise=0.002)
+    fit = fit_u_curve(rho, loss, seed, method="spline", n_resamples=300)
+    assert fit.method == "spline" and fit.verdict == "interior"
+    assert abs(fit.rho_star.value - 0.7) < 0.1
+
+
+def test_u_curve_interval_covers_truth_at_about_nominal_rate():
+    """90% intervals over 120 independent draws: coverage 0.80-0.97 (binomial sd ~0.027 around 0.90)."""
+    hits = 0
+    n_draws = 120
+    for i in range(n_draws):
+        rho, loss, seed = u_data(np.random.default_rng(1000 + i))
+        fit = fit_u_curve(rho, loss, seed, n_resamples=300, level=0.9, rng_seed=i)
+        hits += fit.argmin.lo <= 0.7 <= fit.argmin.hi
+    assert 0.80 <= hits / n_draws <= 0.97
+
+
+def test_u_curve_boundary_optimum_claims_no_rho_star():
+    rho = np.repeat(RHO_GRID, 2)
+    loss = 3.0 - 0.05 * rho + np.random.default_rng(2).normal(0, 0.002, len(rho))   # best at pure MoE
+    fit = fit_u_curve(rho, loss, np.tile([0, 1], len(RHO_GRID)), n_resamples=200)
+    assert fit.verdict == "boundary"
+    assert fit.rho_star is None
+    assert fit.argmin.value == pytest.approx(1.0)
+    assert fit.gain.value == pytest.approx(0.0, abs=1e-12)
+    assert fit.p_interior < 0.2
+
+
+def test_u_curve_too_few_points_is_a_clear_error():
+    with pytest.raises(ValueError, match="at least 3 distinct rho"):
+        fit_u_curve([0.0, 0.0, 1.0, 1.0], [3.0, 3.01, 2.9, 2.95])
+    with pytest.raises(ValueError, match="at least 4 distinct rho"):
+        fit_u_curve([0.0, 0.5, 1.0], [3.0, 2.9, 2.95], method="spline")
+    with pytest.raises(ValueError, match="method"):
+        fit_u_curve(RHO_GRID, RHO_GRID, method="cubic")
+
+
+def test_nan_losses_are_rejected_naming_the_argument():
+    rho, loss, seed = u_data(np.random.default_rng(3))
+    loss[4] = np.nan
+    with pytest.raises(ValueError, match="loss: 1 non-finite"):
+        fit_u_curve(rho, loss, seed)
+    x, y, s = power_data(np.random.default_rng(3))
+    y[0] = np.inf
+    with pytest.raises(ValueError, match="loss: 1 non-finite"):
+        fit_power_law(x, y, s)
+
+
+def test_single_seed_group_is_fitted_with_points_only_bootstrap():
+    rho, loss, seed = u_data(np.random.default_rng(4), n_seeds=1, noise=0.002)
+    fit = fit_u_curve(rho, loss, seed, n_resamples=300)
+    assert fit.single_seed and fit.bootstrap.scheme == "points"
+    assert fit.argmin.lo <= fit.argmin.value <= fit.argmin.hi
+    x, y, s = power_data(np.random.default_rng(4), n_seeds=1)
+    pl = fit_power_law(x, y, s, n_resamples=200)
+    assert pl.single_seed and pl.bootstrap.scheme == "points"
+
+
+def test_bootstrap_counts_resample_seeds_then_points():
+    seed = np.repeat([0, 1, 2], 4)
+    counts = bootstrap_counts(seed, 400, np.random.default_rng(0))
+    assert counts.shape == (400, 12) and np.all(counts.sum(axis=1) == 12)
+    # some resamples leave a whole seed out: seeds are resampled, not only points
+    seed_weight = np.stack([counts[:, seed == s].sum(axis=1) for s in range(3)], axis=1)
+    assert np.any(seed_weight == 0)
+    single = bootstrap_counts(np.zeros(12), 400, np.random.default_rng(0))
+    assert np.all(single.sum(axis=1) == 12) and single.std() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Power laws
+
+
+def test_power_law_recovers_planted_parameters():
+    """9 slot counts over 4 decades, 3 seeds, 0.1% noise: E within 0.01, A within 10%, alpha within 0.015."""
+    x = np.repeat(np.geomspace(1e3, 1e7, 9), 3)
+    seed = np.tile([0, 1, 2], 9)
+    y = (2.0 + 4.0 * x ** -0.3) * np.exp(np.random.default_rng(5).normal(0, 0.001, len(x)))
+    fit = fit_power_law(x, y, seed, n_resamples=300)
+    assert fit.E.value == pytest.approx(2.0, abs=0.01)
+    assert fit.A.value == pytest.approx(4.0, rel=0.1)
+    assert fit.alpha.value == pytest.approx(0.3, abs=0.015)
+    assert fit.r2 > 0.999
+    assert fit.residuals.shape == x.shape and np.max(np.abs(fit.residuals)) < 0.02
+    assert fit.bootstrap.n_failed == 0
+    truth_far = 2.0 + 4.0 * 1e8 ** -0.3
+    far = fit.extrapolate(1e8)
+    assert far.lo < far.value < far.hi
+    assert abs(far.value - truth_far) < 0.01
+
+
+def test_power_law_intervals_cover_truth_at_about_nominal_rate():
+    """90% intervals over 30 draws: each parameter covered in at least 75% (binomial sd ~0.055)."""
+    hits = np.zeros(3)
+    n_draws = 30
+    for i in range(n_draws):
+        x, y, seed = power_data(np.random.default_rng(2000 + i))
+        fit = fit_power_law(x, y, seed, n_resamples=200, level=0.9, rng_seed=i)
+        hits += [fit.E.lo <= 2.0 <= fit.E.hi, fit.A.lo <= 4.0 <= fit.A.hi, fit.alpha.lo <= 0.3 <= fit.alpha.hi]
+    assert np.all(hits / n_draws >= 0.75), hits / n_draws
+
+
+def test_loglinear_form_is_exact_on_loglinear_data():
+    x = np.repeat(SLOTS, 2)
+    y = 4.0 - 0.05 * np.log(x)
+    fit = fit_power_law(x, y, np.tile([0, 1], len(SLOTS)), n_resamples=50)
+    assert fit.loglinear.a.value == pytest.approx(4.0, abs=1e-9)
+    assert fit.loglinear.b.value == pytest.approx(0.05, abs=1e-9)
+    assert fit.loglinear.r2 == pytest.approx(1.0)
+    assert fit.loglinear.extrapolate(1e8).value == pytest.approx(4.0 - 0.05 * np.log(1e8))
+
+
+def test_power_law_needs_three_distinct_x():
+    with pytest.raises(ValueError, match="3 distinct x"):
+        fit_power_law([1e4, 1e4, 1e5, 1e5], [3.0, 3.01, 2.9, 2.91])
+    with pytest.raises(ValueError, match="positive"):
+        fit_power_law([0, 1e4, 1e5, 1e6], [3.0, 2.95, 2.9, 2.85])
+
+
+def test_chinchilla_form_recovers_planted_parameters():
+    """Epoch AI's replication values (E 1.82, A 482, alpha 0.35, B 2085, beta 0.37) on a 6 x 6 grid of N, D."""
+    rng = np.random.default_rng(6)
+    n, d = (g.ravel() for g in np.meshgrid(np.logspace(7, 9.5, 6), np.logspace(9, 11.5, 6)))
+    loss = (1.82 + 482 * n ** -0.35 + 2085 * d ** -0.37) * np.exp(rng.normal(0, 0.002, len(n)))
+    table = pd.DataFrame({"N": n, "D": d, "L": loss})
+    fit = fit_chinchilla_table(table, n_col="N", d_col="D", loss_col="L", seed_col=None, n_resamples=40)
+    assert fit.E.value == pytest.approx(1.82, abs=0.06)
+    assert fit.alpha.value == pytest.approx(0.35, abs=0.04)
+    assert fit.beta.value == pytest.approx(0.37, abs=0.04)
+    assert fit.d_exponent.value == pytest.approx(0.35 / 0.72, abs=0.03)
+    assert fit.r2 > 0.99
+    with pytest.raises(ValueError, match="missing columns"):
+        fit_chinchilla_table(table, n_col="P_act")
+    with pytest.raises(ValueError, match="Chinchilla form needs"):
+        fit_chinchilla([1e7] * 6, np.logspace(9, 10, 6), np.full(6, 3.0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Across budgets
+
+
+def test_llama3_approach2_reproduces_the_published_fit():
+    table = pd.read_csv(DATA / "llama3_isoflops_points.csv")
+    fit = fit_isoflop_table(table, n_resamples=200)
+    assert all(v.interior for v in fit.vertices) and len(fit.vertices) == 10
+    assert abs(fit.scaling.exponent.value - 0.537) < 0.005
+    assert fit.scaling.coefficient.value == pytest.approx(0.30, abs=0.01)
+    assert fit.scaling.exponent.lo < 0.537 < fit.scaling.exponent.hi
+
+
+def test_isoflop_leaves_out_budgets_without_an_interior_vertex():
+    rng = np.random.default_rng(7)
+    rows = []
+    for c, opt in ((1e18, 1e9), (1e19, 3e9), (1e20, 1e10)):
+        for x in np.geomspace(opt / 10, opt * 10, 7):
+            rows.append((c, x, 2.0 + 0.1 * np.log10(x / opt) ** 2 + rng.normal(0, 1e-3)))
+    for x in np.geomspace(1e9, 1e11, 7):                         # monotone: vertex outside the sampled range
+        rows.append((1e21, x, 2.0 - 0.05 * np.log10(x)))
+    c, x, loss = map(np.array, zip(*rows))
+    fit = fit_isoflop(c, x, loss, n_resamples=100)
+    assert [v.interior for v in fit.vertices] == [True, True, True, False]
+    assert len(fit.scaling.budgets) == 3
+    assert fit.scaling.exponent.value == pytest.approx(0.5, abs=0.03)
+    with pytest.raises(FitError, match="interior vertex"):
+        fit_isoflop(c[c >= 1e20], x[c >= 1e20], loss[c >= 1e20], n_resamples=10)
+
+
+def test_budget_trend_finds_a_flat_rho_star():
+    fits, budgets = [], [1e14, 1e15, 1e16]
+    for i, budget in enumerate(budgets):
+        rho, loss, seed = u_data(np.random.default_rng(10 + i), rho_star=0.75, noise=0.002)
+        fits.append(fit_u_curve(rho, loss - 0.05 * np.log10(budget), seed, n_resamples=200))
+    trend = fit_budget_trend(budgets, fits)
+    assert trend.rho_star_scaling is not None
+    exponent = trend.rho_star_scaling.exponent
+    assert abs(exponent.value) < 0.03      # (its 95% interval covered 0 in 39 of 40 repeats, measured offline)
+    assert exponent.lo < exponent.value < exponent.hi
+    assert trend.loss_scaling.exponent.value < 0
+    with pytest.raises(ValueError, match="2 distinct budgets"):
+        fit_optimum_scaling([1e14, 1e14], [0.7, 0.8])
