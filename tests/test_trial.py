@@ -8,6 +8,7 @@ import math
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -25,6 +26,8 @@ from engram.trial import (
     horizon_steps,
     lr_factor,
     run_trial,
+    sample_batch,
+    validation_windows,
 )
 
 VOCAB = 512
@@ -89,6 +92,51 @@ def test_same_seed_gives_bitwise_same_losses_and_another_seed_differs(cache_dir:
     c = run_trial(trial(steps=8, seed=1), cache_dir=cache_dir)
     assert losses(a) == losses(b)
     assert losses(a) != losses(c)
+
+
+@pytest.mark.parametrize("kind", ["none", "overencoding"])
+def test_other_memory_kinds_train(cache_dir: Path, kind: str) -> None:
+    memory = MemoryConfig() if kind == "none" else dataclasses.replace(MEMORY, kind=kind)
+    config = TrialConfig(model=dataclasses.replace(MODEL, memory=memory), data=DATA, train=TRAIN)
+    result = run_trial(config, cache_dir=cache_dir)
+    assert result.status == "ok" and result.final_val_loss is not None
+    assert result.final_val_loss < math.log(VOCAB)
+    assert (result.counts.engram_tables > 0) == (kind == "overencoding")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_trial_runs_under_bf16_autocast(cache_dir: Path) -> None:
+    result = run_trial(trial(steps=20, device="auto"), cache_dir=cache_dir)
+    assert result.status == "ok" and result.device.startswith("cuda")
+    assert result.final_val_loss is not None and result.final_val_loss < math.log(VOCAB)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Data windows
+
+
+def test_validation_windows_tile_the_first_eval_tokens_without_overlap() -> None:
+    val = np.arange(1000, dtype=np.uint16)
+    windows_NT = validation_windows(val, seq_len=8, eval_tokens=100)
+    assert windows_NT.shape == (12, 9) and windows_NT.dtype == torch.int64
+    inputs = windows_NT[:, :-1].flatten()
+    assert torch.equal(inputs, torch.arange(96))  # each token is an input once, in order
+    assert torch.equal(windows_NT[:, 1:].flatten(), torch.arange(1, 97))  # and a target once
+    assert torch.equal(validation_windows(val, 8, 10_000), validation_windows(val, 8, 10_000))
+    assert validation_windows(val, 8, 10_000).shape[0] == 999 // 8
+    with pytest.raises(ValueError, match="val_fraction"):
+        validation_windows(val[:8], 8, 100)
+
+
+def test_train_batches_are_seeded_random_windows() -> None:
+    tokens = np.arange(10_000, dtype=np.uint16)
+    a = sample_batch(tokens, 4, 16, torch.Generator().manual_seed(0))
+    b = sample_batch(tokens, 4, 16, torch.Generator().manual_seed(0))
+    c = sample_batch(tokens, 4, 16, torch.Generator().manual_seed(1))
+    assert a.shape == (4, 17) and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(a - a[:, :1], torch.arange(17).expand(4, 17))  # contiguous windows
+    assert int(a.max()) < len(tokens)
 
 
 # ---------------------------------------------------------------------------------------------------------------
