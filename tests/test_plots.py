@@ -1,0 +1,78 @@
+"""analysis.plots: each drawing puts the fitted result on the given Axes, titled and labelled, and saves."""
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from analysis.fits import fit_budget_trend, fit_isoflop, fit_power_law, fit_u_curve
+from analysis.plots import plot_budget_trend, plot_isoflop, plot_power_laws, plot_training_curves, plot_u_curve
+
+RHO = np.repeat([0.0, 0.25, 0.5, 0.75, 1.0], 2)
+SEED = np.tile([0, 1], 5)
+
+
+def _axes():
+    return Figure().subplots()
+
+
+def _legend_texts(ax) -> list[str]:
+    return [t.get_text() for t in ax.get_legend().get_texts()]
+
+
+def test_u_curve_plot_shows_seeds_fit_band_and_rho_star(tmp_path):
+    loss = 3.0 + 0.1 * (RHO - 0.6) ** 2 + np.random.default_rng(0).normal(0, 0.002, len(RHO))
+    fit = fit_u_curve(RHO, loss, SEED, n_resamples=100)
+    ax = _axes()
+    plot_u_curve(ax, fit, title="budget 1e14")
+    texts = _legend_texts(ax)
+    assert any(t.startswith("rho* = ") for t in texts)
+    assert {"seed 0", "seed 1"} <= set(texts)
+    assert ax.get_title() == "budget 1e14" and "rho" in ax.get_xlabel() and "loss" in ax.get_ylabel()
+    assert ax.collections, "points and band drawn"
+    ax.figure.savefig(tmp_path / "u.png")
+    ax.figure.savefig(tmp_path / "u.svg")
+    assert (tmp_path / "u.png").stat().st_size > 1000 and "<svg" in (tmp_path / "u.svg").read_text()
+
+
+def test_u_curve_plot_marks_a_boundary_optimum_without_rho_star():
+    fit = fit_u_curve(RHO, 3.0 - 0.05 * RHO, SEED, n_resamples=50)
+    ax = _axes()
+    plot_u_curve(ax, fit)
+    texts = _legend_texts(ax)
+    assert not any(t.startswith("rho* = ") for t in texts)
+    assert any("no rho* claimed" in t for t in texts)
+
+
+def test_power_law_plot_puts_overencoding_beside_engram():
+    x = np.repeat([1e4, 1e5, 1e6, 1e7], 2)
+    fits = {kind: fit_power_law(x, e + 2.0 * x ** -0.3, np.tile([0, 1], 4), n_resamples=50)
+            for kind, e in (("engram", 2.0), ("overencoding", 2.05))}
+    ax = _axes()
+    plot_power_laws(ax, fits)
+    texts = _legend_texts(ax)
+    assert sum(t.startswith("engram") for t in texts) == 2          # power law and log-linear
+    assert sum(t.startswith("overencoding") for t in texts) == 2
+    assert ax.get_xscale() == "log" and ax.get_title()
+
+
+def test_training_curves_and_budget_trend_and_isoflop_plots_draw():
+    curves = pd.DataFrame({"trial_id": np.repeat(["a", "b"], 5), "tokens": np.tile(np.arange(5) * 100, 2),
+                           "val_loss": np.r_[np.linspace(5, 3, 5), np.linspace(5, 2.9, 5)]})
+    ax = _axes()
+    plot_training_curves(ax, curves, {"a": 0.0, "b": 1.0}, label="rho")
+    assert len(ax.get_lines()) == 2 and ax.get_xlabel() == "training tokens"
+
+    fits = [fit_u_curve(RHO, 3.0 - 0.1 * i + 0.1 * (RHO - 0.7) ** 2, SEED, n_resamples=50) for i in range(3)]
+    trend = fit_budget_trend([1e14, 1e15, 1e16], fits)
+    fig = Figure()
+    ax_rho, ax_loss = fig.subplots(1, 2)
+    plot_budget_trend(ax_rho, ax_loss, trend)
+    assert ax_rho.get_xscale() == "log" and "rho*" in ax_rho.get_ylabel()
+    assert any(t.startswith("rho* = ") for t in _legend_texts(ax_rho))
+
+    c = np.repeat([1e18, 1e19], 5)
+    x = np.tile(np.geomspace(1e8, 1e10, 5), 2) * np.repeat([1.0, 3.0], 5)
+    loss = 2 + 0.1 * (np.log10(x) - np.repeat([9.0, 9.5], 5)) ** 2
+    ax = _axes()
+    plot_isoflop(ax, fit_isoflop(c, x, loss, n_resamples=20), c, x, loss)
+    assert any("C^" in t for t in _legend_texts(ax))

@@ -1,0 +1,110 @@
+"""analysis.report: a results store in, report.md + self-contained report.html + fits.json + PNG/SVG plots out,
+stating verdicts, fitted laws with intervals and the excluded trials with their reasons."""
+
+import json
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from analysis.report import analyse, split_usable, write_report
+from analysis.synthetic import PLANTED, write_synthetic_store
+from sweeps.store import ResultStore
+
+
+@pytest.fixture(scope="module")
+def synthetic_report(tmp_path_factory):
+    root = write_synthetic_store(tmp_path_factory.mktemp("results") / "synthetic")
+    return root, write_report(root, n_resamples=200)
+
+
+def test_report_files_exist_and_html_is_self_contained(synthetic_report):
+    root, md_path = synthetic_report
+    out = root / "report"
+    assert md_path == out / "report.md"
+    html = (out / "report.html").read_text()
+    assert html.count("data:image/png;base64,") >= 5
+    assert 'src="plots/' not in html                    # nothing to fetch beside the file
+    pngs = sorted(p.stem for p in (out / "plots").glob("*.png"))
+    assert pngs == sorted(p.stem for p in (out / "plots").glob("*.svg"))
+    assert {"u_curves_alloc", "trend_alloc", "memory_memory", "curves_alloc"} <= set(pngs)
+
+
+def test_fits_json_holds_every_fit_with_intervals(synthetic_report):
+    root, _ = synthetic_report
+    doc = json.loads((root / "report" / "fits.json").read_text())   # strict JSON: no NaN
+    alloc = [u for u in doc["u_curves"] if u["experiment"] == "alloc"]
+    assert len(alloc) == 4 and all(u["default"] == "quadratic" for u in alloc)
+    covered = [u["quadratic"]["argmin"]["lo"] <= PLANTED["rho_star"] <= u["quadratic"]["argmin"]["hi"]
+               for u in alloc]
+    assert sum(covered) >= 3
+    assert all(u["quadratic"]["verdict"] == "interior" for u in alloc)
+    search = [u for u in doc["u_curves"] if u["experiment"] == "search"][0]
+    assert search["quadratic"]["n_seeds"] == 1 and search["quadratic"]["bootstrap"]["scheme"] == "points"
+    assert search["quadratic"]["gain_vs_rho_1"] is None      # rho = 1 not sampled by the search
+    kinds = {(p["experiment"], p["memory"]) for p in doc["power_laws"]}
+    assert kinds == {(e, m) for e in ("memory", "memory-large") for m in ("engram", "overencoding")}
+    engram = [p for p in doc["power_laws"] if p["experiment"] == "memory" and p["memory"] == "engram"][0]
+    assert engram["alpha"]["lo"] <= PLANTED["memory"]["engram"][2] <= engram["alpha"]["hi"]
+    assert engram["loglinear"]["b"]["value"] > 0
+    assert engram["extrapolation"]["power_law"]["lo"] <= engram["extrapolation"]["power_law"]["value"]
+    assert doc["budget_trends"][0]["experiment"] == "alloc"
+    assert doc["not_fitted"] == []
+
+
+def test_excluded_trials_are_listed_with_reasons(synthetic_report):
+    root, md_path = synthetic_report
+    runs = pd.read_parquet(root / "runs")
+    bad = runs[(runs["status"] != "ok") | ~np.isfinite(runs["final_val_loss"].astype(float))]
+    doc = json.loads((root / "report" / "fits.json").read_text())
+    assert {e["trial_id"] for e in doc["excluded"]} == set(bad["trial_id"])
+    reasons = {e["reason"] for e in doc["excluded"]}
+    assert "diverged: non-finite loss at step 37" in reasons
+    assert "status ok but final_val_loss is not finite" in reasons
+    md = md_path.read_text()
+    assert "## Excluded trials" in md and all(t in md for t in bad["trial_id"])
+    assert doc["n_usable"] + len(doc["excluded"]) == len(runs) == 200
+
+
+def _row(trial_id, experiment, rho, seed, loss, *, kind="allocation", status="ok", error=None, slots=0,
+         memory="engram", budget=1e14):
+    return {"trial_id": trial_id, "sweep": "tiny", "experiment": experiment, "kind": kind, "memory": memory,
+            "rho": rho, "rho_achieved": rho, "slots": slots, "n_routed": 4, "top_k": 2, "seed": seed,
+            "budget": budget, "P_tot": 4000, "P_act": 1000, "P_sparse": 3000, "P_engram": slots, "flops_per_token": 6e3,
+            "tokens": int(budget / 6e3), "compute": budget, "steps": 10, "final_val_loss": loss,
+            "best_val_loss": loss, "train_loss": loss, "status": status, "error": error, "attempts": 1,
+            "wall_seconds": 1.0, "tokens_per_second": 1.0, "device": "cpu", "host": "h", "versions": "{}",
+            "git_commit": None, "started_at": "2026-11-29T00:00:00Z", "finished_at": "2026-11-29T00:00:01Z"}
+
+
+def test_report_over_the_real_store_states_boundary_and_unfitted_groups(tmp_path):
+    store = ResultStore(tmp_path / "tiny")
+    curve = pd.DataFrame({"step": [0, 10], "tokens": [0, 1000], "train_loss": [5.0, 3.0],
+                          "val_loss": [math.nan, 3.0], "lr": [1e-3, 1e-4], "elapsed": [0.0, 1.0]})
+    for i, rho in enumerate([0.0, 0.25, 0.5, 0.75, 1.0]):        # best at rho = 1: no interior optimum
+        store.write_trial(_row(f"edge{i}", "edge", rho, 0, 3.0 - 0.04 * rho), curve)
+    for i, rho in enumerate([0.0, 1.0]):                           # two rho values: too few for a U-curve
+        store.write_trial(_row(f"few{i}", "few", rho, 0, 3.0), curve)
+    store.write_trial(_row("boom", "edge", 0.5, 1, None, status="failed", error="RuntimeError: boom"), None)
+    md = write_report(tmp_path / "tiny", tmp_path / "out", n_resamples=100).read_text()
+    assert "optimum on the grid boundary" in md and "no rho* is claimed" in md
+    assert "few" in md and "at least 3 distinct rho values" in md
+    assert "failed: RuntimeError: boom" in md
+    assert "single seed" in md
+    doc = json.loads((tmp_path / "out" / "fits.json").read_text())
+    edge = [u for u in doc["u_curves"] if u["experiment"] == "edge"][0]["quadratic"]
+    assert edge["verdict"] == "boundary" and edge["rho_star"] is None
+    assert edge["argmin"]["value"] == pytest.approx(1.0)
+
+
+def test_split_usable_and_missing_store(tmp_path):
+    runs = pd.DataFrame([_row("a", "x", 0.5, 0, 3.0), _row("b", "x", 0.5, 1, float("nan")),
+                         _row("c", "x", 0.5, 2, 3.0, status="diverged", error="non-finite loss at step 3")])
+    usable, excluded = split_usable(runs)
+    assert list(usable["trial_id"]) == ["a"]
+    assert dict(zip(excluded["trial_id"], excluded["reason"])) == {
+        "b": "status ok but final_val_loss is not finite", "c": "diverged: non-finite loss at step 3"}
+    assert analyse(runs, n_resamples=10).not_fitted        # one usable point: the U-curve is reported unfitted
+    with pytest.raises(ValueError, match="no runs/ folder"):
+        write_report(tmp_path / "nothing")
