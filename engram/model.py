@@ -60,7 +60,11 @@ def cross_entropy(logits_NV: Tensor, targets_N: Tensor) -> Tensor:
     if targets_N.numel() and (int(targets_N.min()) < 0 or int(targets_N.max()) >= logits_NV.shape[1]):
         raise ValueError(f"targets: expected ids in [0, {logits_NV.shape[1]}), got "
                          f"[{int(targets_N.min())}, {int(targets_N.max())}]")
-    return _SoftmaxCrossEntropy.apply(logits_NV, targets_N.long())
+    # At least fp32 whatever the logits' dtype (as autocast does for F.cross_entropy): the loss needs it.
+    if logits_NV.dtype in (torch.float16, torch.bfloat16):
+        logits_NV = logits_NV.float()
+    with torch.autocast(logits_NV.device.type, enabled=False):
+        return _SoftmaxCrossEntropy.apply(logits_NV, targets_N.long())
 
 
 class RMSNorm(nn.Module):

@@ -92,6 +92,21 @@ class _GroupedSwiGLU(torch.autograd.Function):
         return dx_SD, dw_in, dw_out, None
 
 
+def grouped_swiglu(x_SD: Tensor, w_in_E2HD: Tensor, w_out_EDH: Tensor, counts: tuple[int, ...]) -> Tensor:
+    """Expert e applied to its block of counts[e] consecutive rows of x_SD.
+
+    Under autocast the inputs are cast to the autocast dtype here (the casts are differentiable, so fp32 master
+    weights get fp32 gradients) and the hand-written kernels run with autocast off, all in one dtype.
+    """
+    device_type = x_SD.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x_SD, w_in_E2HD, w_out_EDH = x_SD.to(dtype), w_in_E2HD.to(dtype), w_out_EDH.to(dtype)
+        with torch.autocast(device_type, enabled=False):
+            return _GroupedSwiGLU.apply(x_SD, w_in_E2HD, w_out_EDH, counts)
+    return _GroupedSwiGLU.apply(x_SD, w_in_E2HD, w_out_EDH, counts)
+
+
 class MoE(nn.Module):
     """Shared experts (one SwiGLU of n_shared * d_expert hidden) + n_routed SwiGLU experts, top_k per token.
 
@@ -135,9 +150,9 @@ class MoE(nn.Module):
         # Sort the token-expert assignments by expert once, run each expert on its contiguous block.
         order_S = flat_expert_S.argsort(stable=True)
         token_S = order_S // self.top_k
-        y_SD = _GroupedSwiGLU.apply(x_TD[token_S], self.w_in, self.w_out, tuple(counts_E.tolist()))
+        y_SD = grouped_swiglu(x_TD[token_S], self.w_in, self.w_out, tuple(counts_E.tolist()))
         y_SD = y_SD * weight_TK.flatten()[order_S].unsqueeze(1)
-        y_TD = torch.zeros_like(x_TD).index_add_(0, token_S, y_SD)
+        y_TD = x_TD.new_zeros(x_TD.shape, dtype=y_SD.dtype).index_add_(0, token_S, y_SD)
         if self.shared is not None:
             y_TD = y_TD + self.shared(x_TD)
         return y_TD.view(shape)

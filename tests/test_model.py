@@ -182,3 +182,18 @@ def test_same_seed_same_model():
     idx, _ = batch(ENGRAM)
     with torch.no_grad():
         torch.testing.assert_close(a(idx)[0], b(idx)[0], rtol=0, atol=0)
+
+
+def test_bf16_autocast_runs_with_fp32_loss_and_gradients():
+    # Trials autocast to bf16 on CUDA; CPU autocast exercises the same casts in the hand-written MoE and loss.
+    torch.manual_seed(9)
+    model = EngramMoE(SMALL)
+    idx, tgt = batch(SMALL)
+    loss_fp32 = model(idx, tgt)[1]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, tgt)
+    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
+    assert abs(loss.item() - loss_fp32.item()) < 0.05
+    loss.backward()
+    moe = model.moe_layers()[0]
+    assert moe.w_in.grad.dtype == torch.float32 and moe.w_in.grad.abs().sum() > 0
