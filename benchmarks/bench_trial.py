@@ -8,10 +8,13 @@
     (target <= 1.15).
 (d) Hashing time as a share of a step (target < 5%).
 
-Steps of the configurations being compared are timed in interleaved rounds and the median per-step time is
-used, so drift in the load of a shared machine affects both sides of a ratio alike.
+Steps are the trial's own `train_step` (fused AdamW + SparseAdam, clipping, router-bias update) on real batches of
+the stdlib corpus. Times are this thread's CPU time (time.thread_time; with one torch thread all the work runs
+on it), so other processes competing for the cores inflate neither a step nor the matmul reference; the steps
+of the configurations compared run in interleaved rounds and the median per step is used, so drift in the load
+of a shared machine affects both sides of a ratio alike.
 
-    python benchmarks/bench_trial.py [--rounds 5] [--steps 4] [--max-bytes 4000000]
+    python -m benchmarks.bench_trial [--rounds 5] [--steps 4] [--max-bytes 4000000]     (from the repository root)
 """
 
 from __future__ import annotations
@@ -68,18 +71,22 @@ def make_bench(cfg: ModelConfig, train: TrainConfig, tokens: np.ndarray, compres
     return StepBench(model, run_step, train.batch_size * cfg.seq_len, flops_per_token(cfg))
 
 
-def time_interleaved(benches: dict[str, Callable[[], None]], n_rounds: int, n_steps: int) -> dict[str, float]:
-    """Median seconds per call of each function, calls timed in interleaved rounds (after one warm-up call)."""
+def time_interleaved(benches: dict[str, Callable[[], None]], n_rounds: int,
+                     n_steps: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Median (thread CPU seconds, wall seconds) per call of each function, in interleaved rounds after a warm-up."""
     for fn in benches.values():
         fn()
-    times: dict[str, list[float]] = {name: [] for name in benches}
+    cpu: dict[str, list[float]] = {name: [] for name in benches}
+    wall: dict[str, list[float]] = {name: [] for name in benches}
     for _ in range(n_rounds):
         for name, fn in benches.items():
             for _ in range(n_steps):
-                t0 = time.perf_counter()
+                t0, w0 = time.thread_time(), time.perf_counter()
                 fn()
-                times[name].append(time.perf_counter() - t0)
-    return {name: statistics.median(ts) for name, ts in times.items()}
+                cpu[name].append(time.thread_time() - t0)
+                wall[name].append(time.perf_counter() - w0)
+    return ({name: statistics.median(ts) for name, ts in cpu.items()},
+            {name: statistics.median(ts) for name, ts in wall.items()})
 
 
 def matmul_flops_per_second(n: int = MATMUL_N, repeats: int = 5) -> float:
@@ -88,9 +95,9 @@ def matmul_flops_per_second(n: int = MATMUL_N, repeats: int = 5) -> float:
     torch.mm(a, b, out=out)
     best = float("inf")
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        t0 = time.thread_time()
         torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, time.thread_time() - t0)
     return 2 * n ** 3 / best
 
 
@@ -125,20 +132,22 @@ def main() -> None:
 
     peak = matmul_flops_per_second()
     fns = {name: b.run_step for name, b in benches.items()} | {"hashing (one Engram layer)": hash_only}
-    step_s = time_interleaved(fns, args.rounds, args.steps)
+    step_s, wall_s = time_interleaved(fns, args.rounds, args.steps)
     peak_after = matmul_flops_per_second()
 
     print(f"torch {torch.__version__}, 1 thread; matmul {MATMUL_N}^3 fp32: {peak / 1e9:.1f} GFLOP/s before, "
           f"{peak_after / 1e9:.1f} after the steps (the higher is the reference)")
     peak = max(peak, peak_after)
+    print(f"median of {args.rounds} x {args.steps} steps per configuration (batch {train.batch_size} x seq "
+          f"{base.seq_len}); ms are thread CPU time, wall time alongside")
     print(f"{'configuration':28s} {'P_tot':>10s} {'P_act':>9s} {'slots':>9s} {'n_routed':>8s} {'ms/step':>8s} "
-          f"{'MFU':>6s}")
+          f"{'wall ms':>8s} {'MFU':>6s}")
     for name, cfg in configs.items():
         counts, bench = param_counts(cfg), benches[name]
         mfu = bench.flops_per_token * bench.tokens_per_step / step_s[name] / peak
         slots = cfg.memory.slots if cfg.memory.kind != "none" else 0
         print(f"{name:28s} {counts.p_tot:10d} {counts.p_act:9d} {slots:9d} {cfg.n_routed:8d} "
-              f"{1e3 * step_s[name]:8.1f} {mfu:6.3f}")
+              f"{1e3 * step_s[name]:8.1f} {1e3 * wall_s[name]:8.1f} {mfu:6.3f}")
     mfu_default = benches["default (no memory)"].flops_per_token * benches["default (no memory)"].tokens_per_step
     mfu_default /= step_s["default (no memory)"] * peak
     print()
