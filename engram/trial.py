@@ -60,6 +60,8 @@ class CurvePoint:
 
 @dataclass(frozen=True)
 class Progress:
+    """Reported at each evaluation (`on_progress`)."""
+
     step: int
     total_steps: int
     tokens: int
@@ -74,8 +76,8 @@ class TrialResult:
     status: str  # "ok" | "diverged"  ("failed" is what a launcher records when run_trial raises)
     final_val_loss: float | None
     best_val_loss: float | None
-    train_loss: float | None
-    steps: int
+    train_loss: float | None  # mean training loss over the last curve segment (the last ~1% of the steps)
+    steps: int  # optimiser steps applied (a diverged trial: those before the non-finite one)
     tokens: int
     flops_per_token: float
     compute: float  # flops_per_token * tokens trained
