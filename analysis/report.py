@@ -33,6 +33,7 @@ U_KINDS = ("allocation", "search")
 MEMORY_KIND = "memory"
 LOSS_COL = "final_val_loss"
 EXTRAPOLATION_FACTOR = 10.0     # power laws are extrapolated to 10x the largest slot count sampled
+MIN_COMPUTE_BUDGETS = 3         # loss-vs-compute power laws per rho need 3 distinct budgets (3 parameters)
 CHINCHILLA_MIN_RATIO = 2.0      # fit the N-D form only when P_act and tokens each vary by at least this factor
 PANEL_SIZE = (6.4, 4.6)
 MAX_COLUMNS = 2
@@ -50,6 +51,7 @@ class SweepAnalysis:
     u_curves: dict = field(repr=False)                  # (experiment, budget) -> {"quadratic": fit, "spline": fit}
     trends: dict = field(repr=False)                    # experiment -> BudgetTrend
     power_laws: dict = field(repr=False)                # (experiment, memory, budget) -> PowerLawFit
+    compute_laws: dict = field(repr=False)              # (experiment, target rho) -> PowerLawFit over compute
     chinchilla: ChinchillaFit | None = None
     not_fitted: tuple = ()                              # (what, reason)
 
@@ -162,6 +164,22 @@ def analyse(runs: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, level: float 
         except (ValueError, FitError) as err:
             not_fitted.append((what, str(err)))
 
+    compute_laws: dict = {}
+    alloc_rows = usable[kind == "allocation"]
+    for experiment, rows in alloc_rows.groupby("experiment", sort=True):
+        if rows["budget"].nunique() < MIN_COMPUTE_BUDGETS:
+            continue
+        for rho_target, group in rows.groupby("rho", sort=True):
+            compute = pd.to_numeric(group["compute"], errors="coerce").to_numpy(float) \
+                if "compute" in group.columns else np.full(len(group), np.nan)
+            compute = np.where(np.isfinite(compute), compute, group["budget"].to_numpy(float))
+            try:
+                compute_laws[(experiment, float(rho_target))] = fit_power_law(
+                    compute, group[LOSS_COL].to_numpy(float), group["seed"].to_numpy(),
+                    n_resamples=n_resamples, level=level)
+            except (ValueError, FitError) as err:
+                not_fitted.append((f"power law over compute {experiment} / rho = {rho_target:g}", str(err)))
+
     chinchilla = None
     if {"P_act", "tokens"} <= set(usable.columns) and len(usable) >= 6:
         n, d = usable["P_act"].to_numpy(float), usable["tokens"].to_numpy(float)
@@ -174,7 +192,8 @@ def analyse(runs: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, level: float 
                 not_fitted.append(("Chinchilla form over P_act and tokens", str(err)))
 
     return SweepAnalysis(runs=runs, usable=usable, excluded=excluded, budgets=_budget_table(runs, usable),
-                         u_curves=u_curves, trends=trends, power_laws=power_laws, chinchilla=chinchilla,
+                         u_curves=u_curves, trends=trends, power_laws=power_laws, compute_laws=compute_laws,
+                         chinchilla=chinchilla,
                          not_fitted=tuple(not_fitted))
 
 
@@ -228,6 +247,12 @@ def draw_figures(result: SweepAnalysis, curves: pd.DataFrame, plot_dir: Path) ->
             plot_power_laws(ax, fits, title=f"{experiment}: loss vs memory slots at C = {budget:.3g} FLOPs")
         fig.suptitle(f"{experiment}: validation loss vs memory slots (power law solid, log-linear dashed)")
         out[f"memory_{experiment}"] = _save(fig, plot_dir, f"memory_{experiment}")
+    for experiment in sorted({e for e, _ in result.compute_laws}):
+        fits = {f"rho = {r:g}": f for (e, r), f in sorted(result.compute_laws.items()) if e == experiment}
+        fig = _figure(1)
+        plot_power_laws(fig.axes[0], fits, title=f"{experiment}: loss vs compute, one power law per rho",
+                        xlabel="compute C (FLOPs, log scale)")
+        out[f"compute_{experiment}"] = _save(fig, plot_dir, f"compute_{experiment}")
     if not curves.empty and {"trial_id", "tokens", "val_loss"} <= set(curves.columns):
         usable = result.usable
         for experiment, rows in usable.groupby("experiment", sort=True):
@@ -312,6 +337,8 @@ def fits_document(store_dir: Path, spec: dict, result: SweepAnalysis) -> dict:
                       **{m: f.to_dict() for m, f in fits.items()}} for (e, b), fits in result.u_curves.items()],
         "budget_trends": [{"experiment": e, **t.to_dict()} for e, t in result.trends.items()],
         "power_laws": power_laws,
+        "compute_power_laws": [{"experiment": e, "rho": r, **f.to_dict()}
+                               for (e, r), f in sorted(result.compute_laws.items())],
         "chinchilla": None if result.chinchilla is None else result.chinchilla.to_dict(),
         "not_fitted": [{"what": w, "reason": r} for w, r in result.not_fitted],
     }
@@ -388,6 +415,17 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
             if f"trend_{experiment}" in figures:
                 b.append(("img", figures[f"trend_{experiment}"], f"optimum vs compute, {experiment}"))
 
+    if result.compute_laws:
+        b.append(("h3", "Loss vs compute at each rho"))
+        b.append(("p", "L = E + A C^-alpha over the achieved compute of every trial at one target rho "
+                       "(same Huber / L-BFGS recipe as the memory power laws)."))
+        b.append(("table", pd.DataFrame([
+            {"experiment": e, "rho": _g(r), "points": f.n_points, "seeds": f.n_seeds, "E": str(f.E), "A": str(f.A),
+             "alpha": str(f.alpha), "R²": f"{f.r2:.4f}"} for (e, r), f in sorted(result.compute_laws.items())])))
+        for name, path in figures.items():
+            if name.startswith("compute_"):
+                b.append(("img", path, f"loss vs compute per rho, {name[len('compute_'):]}"))
+
     if result.power_laws:
         b.append(("h2", "Memory: loss vs slots (power laws)"))
         b.append(("p", "L = E + A x^-alpha fitted with a Huber loss (delta 1e-3) on log L by multi-start L-BFGS "
@@ -452,8 +490,8 @@ def _verdict_text(fit: UCurveFit) -> str:
 def _markdown(blocks: list) -> str:
     out = []
     for kind, *rest in blocks:
-        if kind in ("h1", "h2"):
-            out.append(("# " if kind == "h1" else "## ") + rest[0])
+        if kind in ("h1", "h2", "h3"):
+            out.append("#" * int(kind[1]) + " " + rest[0])
         elif kind == "p":
             out.append(rest[0])
         elif kind == "table":
@@ -475,7 +513,7 @@ def _md_table(frame: pd.DataFrame) -> str:
 def _html(blocks: list, *, title: str) -> str:
     body = []
     for kind, *rest in blocks:
-        if kind in ("h1", "h2"):
+        if kind in ("h1", "h2", "h3"):
             body.append(f"<{kind}>{html.escape(rest[0])}</{kind}>")
         elif kind == "p":
             text = html.escape(rest[0])
