@@ -141,10 +141,12 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
         if grid:
             _run_tune(spec, payload, storage, recorder, name="grid",
                       param_space={"trial_id": tune.grid_search([t.trial_id for t in grid])})
-        for exp_name, (n_left, points, rewards) in searches.items():
+        for exp_name, (n_left, n_done, points, rewards) in searches.items():
             exp = spec.experiment(exp_name)
+            # The sampler's seed also counts the trials already stored: TPE draws its first points at random
+            # from its seed whatever the history, so a re-run seeded alike would repeat the stored rhos.
             searcher = OptunaSearch(
-                metric=METRIC, mode="min", seed=exp.seed, points_to_evaluate=points or None,
+                metric=METRIC, mode="min", seed=exp.seed + n_done, points_to_evaluate=points or None,
                 evaluated_rewards=rewards or None)
             recorder.search = exp_name
             _run_tune(spec, dataclasses.replace(payload, configs={}, search=exp_name), storage, recorder,
@@ -153,7 +155,7 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
         tune_seconds = time.perf_counter() - t_tune
         recorder.close()
 
-    n_requested = len(grid) + sum(n for n, _, _ in searches.values())
+    n_requested = len(grid) + sum(v[0] for v in searches.values())
     st = recorder.statuses
     return LaunchSummary(
         n_requested=n_requested, n_skipped=n_skipped, n_ok=st.count("ok"), n_diverged=st.count("diverged"),
@@ -179,23 +181,30 @@ def _ray_session(address: str | None, log_path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def _quiet(log_path: Path) -> Iterator[TextIO]:
-    """Send everything written to this process's stdout/stderr (Ray's logging, Tune's tables) to `log_path`;
-    yield a stream to the real stderr for the progress line.
+    """Send everything this process writes to stdout/stderr (Ray's logging, Tune's tables and warnings) to
+    `log_path`; yield a stream to the real stderr for the progress line.
 
-    File-descriptor level, because Ray's log handlers hold the stderr stream they found at import time.
+    Redirected at the file-descriptor level and at the Python level, and the stream handlers of existing loggers
+    (Ray's, created at import) are pointed at the log too: any of these alone lets some of the noise through.
     """
     sys.stdout.flush()
     sys.stderr.flush()
     saved_out, saved_err = os.dup(1), os.dup(2)
     terminal = os.fdopen(os.dup(saved_err), "w", buffering=1)
-    with open(log_path, "a") as log:
+    py_streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
+    with open(log_path, "a", buffering=1) as log:
         log.write(f"\n=== launch at {_now()} (pid {os.getpid()}) ===\n")
         log.flush()
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
+        handlers = [h for h in _all_stream_handlers() if h.stream in py_streams]
+        old_streams = [h.setStream(log) for h in handlers]
         try:
-            yield terminal
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                yield terminal
         finally:
+            for h, stream in zip(handlers, old_streams):
+                h.setStream(stream)
             sys.stdout.flush()
             sys.stderr.flush()
             os.dup2(saved_out, 1)
@@ -203,6 +212,13 @@ def _quiet(log_path: Path) -> Iterator[TextIO]:
             os.close(saved_out)
             os.close(saved_err)
             terminal.close()
+
+
+def _all_stream_handlers() -> list[logging.StreamHandler]:
+    loggers = [logging.getLogger()] + [lg for lg in logging.Logger.manager.loggerDict.values()
+                                       if isinstance(lg, logging.Logger)]
+    return [h for lg in loggers for h in lg.handlers
+            if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
 
 
 def _n_slots(spec: SweepSpec) -> int:
@@ -245,9 +261,10 @@ def _run_tune(spec: SweepSpec, payload: _Payload, storage: str, recorder: _Recor
         shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
 
 
-def _pending_searches(spec: SweepSpec, store: ResultStore) -> dict[str, tuple[int, list[dict], list[float]]]:
-    """Per search experiment: trials still to run, and the finished ones as Optuna warm-start points."""
-    out: dict[str, tuple[int, list[dict], list[float]]] = {}
+def _pending_searches(spec: SweepSpec, store: ResultStore) -> dict[str, tuple[int, int, list[dict], list[float]]]:
+    """Per search experiment: trials still to run, and the finished ones as Optuna warm-start points (ok
+    trials with their final validation loss; diverged ones count as run but teach the sampler nothing)."""
+    out: dict[str, tuple[int, int, list[dict], list[float]]] = {}
     runs = store.runs()
     for exp in spec.experiments:
         if exp.kind != "search":
@@ -258,7 +275,7 @@ def _pending_searches(spec: SweepSpec, store: ResultStore) -> dict[str, tuple[in
         rewards = [float(v) for v in ok["final_val_loss"]]
         n_left = max(0, exp.n_trials - len(mine))
         if n_left:
-            out[exp.name] = (n_left, points, rewards)
+            out[exp.name] = (n_left, len(mine), points, rewards)
     return out
 
 
@@ -421,7 +438,7 @@ class _Recorder(tune.Callback):
         self.spec, self.store, self.resume_root = spec, store, resume_root
         self.fingerprint, self.throughput = fingerprint, throughput
         self.planned = {t.trial_id: t for t in grid}
-        self.n_total = len(grid) + sum(n for n, _, _ in searches.values())
+        self.n_total = len(grid) + sum(v[0] for v in searches.values())
         self.search_est = self._search_estimate(searches)
         self.stream: TextIO | None = stream
         self.n_slots = 1
@@ -500,7 +517,9 @@ class _Recorder(tune.Callback):
     def _write(self, trial, planned: PlannedTrial, result: TrialResult | None, error: str | None,
                setup_seconds: float | None = None) -> None:
         tid = trial.trial_id
-        row = result_row(planned, result, error=error, attempts=trial.num_failures + 1,
+        # Tune counts failures: a trial that errored for good has failed in every attempt.
+        attempts = trial.num_failures + (1 if result is not None else 0)
+        row = result_row(planned, result, error=error, attempts=max(1, attempts),
                          started_at=self._started_at.get(tid, _now()), finished_at=_now())
         if self._host.get(tid):
             row["host"] = self._host[tid]  # the node the trial ran on, not the driver's
@@ -573,7 +592,7 @@ def _error_text(trial) -> str:
     err = None
     path = trial.pickled_error_file
     if path and os.path.exists(path):
-        import cloudpickle
+        from ray import cloudpickle
 
         with contextlib.suppress(Exception), open(path, "rb") as f:
             err = cloudpickle.load(f)

@@ -1,0 +1,141 @@
+"""sweeps.launcher on an embedded local Ray: every trial recorded once, retries, failures, divergence, search.
+
+Real trials (tiny models, a few dozen steps) through the real spec, plan, store and Ray Tune. Ray runs with a
+short private temp folder (Unix socket paths must be short), usage stats off and token auth off (tests only).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import yaml
+
+from sweeps.launcher import launch
+from sweeps.plan import plan_sweep
+from sweeps.spec import parse_spec
+from sweeps.store import ResultStore
+
+BASE = {
+    "data": {"corpus": "stdlib", "max_bytes": 300_000},
+    "model": {"vocab_size": 512, "seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
+              "d_ff_dense": 64, "d_expert": 16, "n_routed": 4, "top_k": 2,
+              "memory": {"layers": [1], "max_ngram": 3, "n_heads": 2, "d_head": 8}},
+    "train": {"batch_size": 8, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 10, "eval_tokens": 1024,
+              "checkpoint_interval": 10, "device": "cpu"},
+    "resources": {"cpus_per_trial": 1, "max_retries": 1},
+}
+BUDGET = 2.0e9  # ~30 optimiser steps of the tiny model
+
+
+@pytest.fixture(scope="module")
+def ray_env():
+    """Environment for the embedded Ray of these tests; restored afterwards."""
+    tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    env = {"RAY_TMPDIR": tmp, "TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        tempfile.tempdir = None  # re-read TMPDIR
+        yield tmp
+    tempfile.tempdir = None
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def make_spec(tmp: Path, name: str, experiments: list[dict], **sections):
+    raw = {"name": name, "results_dir": str(tmp), **BASE, **sections, "experiments": experiments}
+    return parse_spec(yaml.safe_load(yaml.safe_dump(raw)), base_dir=tmp)
+
+
+def run(spec, cache_dir: Path):
+    store = ResultStore(spec.store_dir)
+    progress = io.StringIO()
+    summary = launch(spec, plan_sweep(spec), store, address=None, log_path=spec.store_dir / "ray.log",
+                     cache_dir=cache_dir, stream=progress)
+    return summary, store, progress.getvalue()
+
+
+def stored_files(store: ResultStore) -> list[str]:
+    return sorted(p.name for d in (store.runs_dir, store.curves_dir) for p in d.iterdir())
+
+
+def test_sweep_runs_every_trial_once_with_retry_and_search(ray_env, cache_dir, tmp_path):
+    experiments = [
+        {"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [0.5, 1.0], "budgets": [BUDGET],
+         "seeds": [0]},
+        {"name": "mem", "kind": "memory", "memory": ["engram"], "slots": [4096], "budget": BUDGET, "seeds": [0]},
+        {"name": "search", "kind": "search", "p_tot_ratio": 3, "budget": BUDGET, "n_trials": 2, "seed": 0},
+    ]
+    # The memory trial raises at start in its first attempt: Tune retries it (max_retries 1).
+    spec = make_spec(tmp_path, "s1", experiments, testing={"fail_attempts": {"match": "mem", "times": 1}})
+    summary, store, progress = run(spec, cache_dir)
+
+    assert (summary.n_requested, summary.n_ok, summary.n_failed, summary.n_unrecorded) == (5, 5, 0, 0)
+    runs = store.runs()
+    assert len(runs) == 5 and runs["trial_id"].is_unique
+    assert set(runs["status"]) == {"ok"}
+    assert dict(zip(runs["experiment"], runs["attempts"]))["mem"] == 2
+    assert sorted(runs.loc[runs["experiment"] != "mem", "attempts"]) == [1, 1, 1, 1]
+    planned = {t.trial_id for t in plan_sweep(spec)}
+    assert planned <= set(runs["trial_id"])
+    search = runs[runs["experiment"] == "search"]
+    assert len(search) == 2 and search["rho"].between(0, 1).all() and search["rho"].nunique() == 2
+    assert (search["kind"] == "search").all()
+    # Every row has its curve; the row's host is the node the trial ran on.
+    curves = store.curves()
+    assert set(curves["trial_id"]) == set(runs["trial_id"])
+    assert runs["host"].str.contains("/node-").all()
+    assert runs["final_val_loss"].notna().all() and (runs["steps"] > 0).all()
+    assert "5/5 done" in progress.splitlines()[-1]
+    assert summary.trial_seconds > 0 and len(summary.setup_seconds) == 5
+    assert not store.temp_files()
+
+    # Re-running launches nothing and rewrites nothing.
+    before = {p: p.stat().st_mtime_ns for p in store.runs_dir.iterdir()}
+    summary2, store, _ = run(spec, cache_dir)
+    assert (summary2.n_requested, summary2.n_skipped) == (0, 3)
+    assert {p: p.stat().st_mtime_ns for p in store.runs_dir.iterdir()} == before
+
+    # Extending the grid (one more rho, one more search trial) runs only the new points.
+    experiments[0]["rho"] = [0.5, 0.8, 1.0]
+    experiments[2]["n_trials"] = 3
+    summary3, store, _ = run(make_spec(tmp_path, "s1", experiments), cache_dir)
+    assert (summary3.n_requested, summary3.n_skipped, summary3.n_ok) == (2, 3, 2)
+    runs = store.runs()
+    assert len(runs) == 7 and runs["trial_id"].is_unique
+    assert sorted(runs.loc[runs["experiment"] == "alloc", "rho"]) == [0.5, 0.8, 1.0]
+    assert len(stored_files(store)) == 14
+
+
+def test_failing_and_diverging_trials_are_recorded_not_retried_forever(ray_env, cache_dir, tmp_path):
+    experiments = [
+        {"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [1.0], "budgets": [BUDGET], "seeds": [0]},
+        {"name": "boom", "kind": "memory", "memory": ["engram"], "slots": [4096], "budget": BUDGET, "seeds": [0]},
+    ]
+    train = {**BASE["train"], "lr": 1.0e4}  # diverges within a few steps
+    spec = make_spec(tmp_path, "s2", experiments, train=train,
+                     testing={"fail_attempts": {"match": "boom", "times": 10}})
+    summary, store, progress = run(spec, cache_dir)
+
+    assert (summary.n_ok, summary.n_diverged, summary.n_failed) == (0, 1, 1)
+    runs = store.runs().set_index("experiment")
+    assert runs.loc["alloc", "status"] == "diverged" and runs.loc["alloc", "attempts"] == 1
+    assert "non-finite" in runs.loc["alloc", "error"]
+    boom = runs.loc["boom"]
+    assert boom["status"] == "failed" and boom["attempts"] == 2  # first try + max_retries
+    assert boom["error"].startswith("RuntimeError: injected fault") and "\n" not in boom["error"]
+    assert pd.isna(boom["final_val_loss"])
+    assert "1 failed" in progress and "1 diverged" in progress
+
+    # A re-run retries the failed trial only (the diverged one is complete).
+    summary2, store, _ = run(spec, cache_dir)
+    assert (summary2.n_requested, summary2.n_skipped, summary2.n_failed) == (1, 1, 1)
+    assert len(store.runs()) == 2
