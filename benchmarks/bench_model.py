@@ -4,8 +4,12 @@ MFU = flops_per_token(cfg) * tokens per second / FLOP/s of a large fp32 matmul m
 thread, so the ratio does not depend on the machine's absolute speed (the target is >= 0.5 at the default trial
 size: ModelConfig defaults, batch 16, seq_len 128). Times are this thread's CPU time (time.thread_time), so that
 other processes competing for the cores inflate neither the step nor the matmul; with one torch thread all the
-work runs on this thread. The wall-clock figure is printed too. Also times the step with the Engram and OverEncoding memory
-and, for reference, a per-expert-module MoE, so the effect of grouping is visible.
+work runs on this thread. The wall-clock figure is printed too.
+
+Cases: the default model, with Engram and with OverEncoding memory, with 83 routed experts, and the default and
+83-expert models with the MoE's grouped-expert kernel replaced by a plain autograd loop over expert slices (what
+the hand-written backward in engram.moe saves: nothing at 16 experts, ~30% of the step at 83). Also times the step with the Engram and OverEncoding memory
+and with a plain-autograd expert loop, so the effect of the grouped kernel is visible.
 
     python -m benchmarks.bench_model [--steps 10] [--batch 16] [--threads 1]     (from the repository root)
 """
@@ -17,10 +21,13 @@ import dataclasses
 import time
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from engram.accounting import flops_per_token, param_counts
 from engram.config import MemoryConfig, ModelConfig
 from engram.model import EngramMoE
+from engram.moe import MoE
 
 MATMUL_N = 2048
 
@@ -37,10 +44,33 @@ def matmul_flops_per_second(n: int = MATMUL_N, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
-def step_seconds(cfg: ModelConfig, batch: int, n_steps: int) -> tuple[float, float]:
+class AutogradLoopMoE(MoE):
+    """Reference: the same routing, experts run by autograd on slices of the stacked weights."""
+
+    def forward(self, x_BTD: Tensor) -> Tensor:
+        x_TD = x_BTD.reshape(-1, x_BTD.shape[-1])
+        expert_TK, weight_TK = self.route(x_TD)
+        flat_expert_S = expert_TK.flatten()
+        order_S = flat_expert_S.argsort(stable=True)
+        token_S = order_S // self.top_k
+        counts = torch.bincount(flat_expert_S, minlength=self.n_routed).tolist()
+        outs = []
+        for e, x_nD in enumerate(x_TD[token_S].split(counts)):
+            if counts[e]:
+                gate_nH, up_nH = F.linear(x_nD, self.w_in[e]).chunk(2, dim=1)
+                outs.append(F.linear(F.silu(gate_nH) * up_nH, self.w_out[e]))
+        y_SD = torch.cat(outs) * weight_TK.flatten()[order_S].unsqueeze(1)
+        y_TD = torch.zeros_like(x_TD).index_add_(0, token_S, y_SD)
+        return (y_TD + self.shared(x_TD)).view(x_BTD.shape)
+
+
+def step_seconds(cfg: ModelConfig, batch: int, n_steps: int, *, loop_moe: bool = False) -> tuple[float, float]:
     """Median (thread CPU seconds, wall seconds) of a training step, after two warm-up steps."""
     torch.manual_seed(0)
     model = EngramMoE(cfg)
+    if loop_moe:
+        for moe in model.moe_layers():
+            moe.__class__ = AutogradLoopMoE
     tables = {id(p) for p in model.table_parameters()}
     opt = torch.optim.AdamW([p for p in model.parameters() if id(p) not in tables], lr=1e-3, foreach=True)
     sparse = torch.optim.SparseAdam(model.table_parameters(), lr=1e-3) if tables else None
@@ -80,14 +110,17 @@ def main() -> None:
         "engram, 1e5 slots": dataclasses.replace(base, memory=MemoryConfig(kind="engram", slots=100_000)),
         "overencoding, 1e5 slots": dataclasses.replace(base, memory=MemoryConfig(kind="overencoding",
                                                                                  slots=100_000)),
-        "64 routed experts": dataclasses.replace(base, n_routed=64),
+        # The rho = 1 model at P_tot / P_act = 10 on this backbone (accounting.p_tot_for_ratio) has 83 experts.
+        "83 routed experts": dataclasses.replace(base, n_routed=83),
+        "default, autograd expert loop": base,
+        "83 routed, autograd loop": dataclasses.replace(base, n_routed=83),
     }
     print(f"batch {args.batch} x seq {base.seq_len}, median of {args.steps} steps")
     for name, cfg in cases.items():
         tokens = args.batch * cfg.seq_len
-        sec, wall = step_seconds(cfg, args.batch, args.steps)
+        sec, wall = step_seconds(cfg, args.batch, args.steps, loop_moe="loop" in name)
         achieved = flops_per_token(cfg) * tokens / sec
-        print(f"{name:26s} P_act {param_counts(cfg).p_act / 1e6:6.3f}M  {sec * 1e3:6.1f} ms/step CPU "
+        print(f"{name:29s} P_act {param_counts(cfg).p_act / 1e6:6.3f}M  {sec * 1e3:6.1f} ms/step CPU "
               f"({wall * 1e3:6.1f} wall)  {tokens / sec / 1e3:5.1f}k tok/s  {achieved / 1e9:6.1f} GFLOP/s  "
               f"MFU {achieved / peak:.2f}")
     peak_after = matmul_flops_per_second()
