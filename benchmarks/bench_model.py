@@ -8,8 +8,7 @@ work runs on this thread. The wall-clock figure is printed too.
 
 Cases: the default model, with Engram and with OverEncoding memory, with 83 routed experts, and the default and
 83-expert models with the MoE's grouped-expert kernel replaced by a plain autograd loop over expert slices (what
-the hand-written backward in engram.moe saves: nothing at 16 experts, ~30% of the step at 83). Also times the step with the Engram and OverEncoding memory
-and with a plain-autograd expert loop, so the effect of the grouped kernel is visible.
+the hand-written backward in engram.moe saves: little at 16 experts, ~30% of the step at 83, 5x at 256).
 
     python -m benchmarks.bench_model [--steps 10] [--batch 16] [--threads 1]     (from the repository root)
 """
