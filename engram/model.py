@@ -27,46 +27,6 @@ from engram.config import ModelConfig
 from engram.moe import INIT_STD, MoE, SwiGLU, residual_std
 
 
-class _SoftmaxCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of logits (N, V) against targets (N,), one exp pass over the logits in all.
-
-    Why not F.cross_entropy: on CPU its log_softmax + nll pair makes a second exp pass and a dense (N, V) zero
-    gradient in backward, ~20% of a default training step. Here the softmax p is saved and turned into the
-    gradient (p - onehot) / N in place. lse = max - log p[argmax]: p[argmax] >= 1/V never underflows.
-    """
-
-    @staticmethod
-    def forward(ctx, logits_NV: Tensor, targets_N: Tensor) -> Tensor:
-        max_N, argmax_N = logits_NV.max(dim=1)
-        p_NV = torch.softmax(logits_NV, dim=1)
-        lse_N = max_N - p_NV.gather(1, argmax_N.unsqueeze(1)).squeeze(1).log()
-        loss = (lse_N - logits_NV.gather(1, targets_N.unsqueeze(1)).squeeze(1)).mean()
-        if ctx.needs_input_grad[0]:
-            ctx.save_for_backward(p_NV, targets_N)
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad: Tensor):
-        assert not getattr(ctx, "consumed", False), "the saved softmax is reused in place: backward only once"
-        ctx.consumed = True
-        p_NV, targets_N = ctx.saved_tensors
-        rows_N = torch.arange(p_NV.shape[0], device=p_NV.device)
-        p_NV[rows_N, targets_N] -= 1.0
-        return p_NV.mul_(grad / p_NV.shape[0]), None
-
-
-def cross_entropy(logits_NV: Tensor, targets_N: Tensor) -> Tensor:
-    """Mean next-token cross-entropy (same value and gradient as F.cross_entropy, cheaper on CPU)."""
-    if targets_N.numel() and (int(targets_N.min()) < 0 or int(targets_N.max()) >= logits_NV.shape[1]):
-        raise ValueError(f"targets: expected ids in [0, {logits_NV.shape[1]}), got "
-                         f"[{int(targets_N.min())}, {int(targets_N.max())}]")
-    # At least fp32 whatever the logits' dtype (as autocast does for F.cross_entropy): the loss needs it.
-    if logits_NV.dtype in (torch.float16, torch.bfloat16):
-        logits_NV = logits_NV.float()
-    with torch.autocast(logits_NV.device.type, enabled=False):
-        return _SoftmaxCrossEntropy.apply(logits_NV, targets_N.long())
-
-
 class RMSNorm(nn.Module):
     def __init__(self, d: int, eps: float = 1e-6):
         super().__init__()
@@ -195,3 +155,47 @@ class EngramMoE(nn.Module):
         """Call after optimizer.step(): nudge every MoE layer's selection bias toward balance, reset counts."""
         for moe in self.moe_layers():
             moe.update_bias()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loss
+
+
+class _SoftmaxCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of logits (N, V) against targets (N,), one exp pass over the logits in all.
+
+    Why not F.cross_entropy: on CPU its log_softmax + nll pair makes a second exp pass and a dense (N, V) zero
+    gradient in backward, ~20% of a default training step. Here the softmax p is saved and turned into the
+    gradient (p - onehot) / N in place. lse = max - log p[argmax]: p[argmax] >= 1/V never underflows.
+    """
+
+    @staticmethod
+    def forward(ctx, logits_NV: Tensor, targets_N: Tensor) -> Tensor:
+        max_N, argmax_N = logits_NV.max(dim=1)
+        p_NV = torch.softmax(logits_NV, dim=1)
+        lse_N = max_N - p_NV.gather(1, argmax_N.unsqueeze(1)).squeeze(1).log()
+        loss = (lse_N - logits_NV.gather(1, targets_N.unsqueeze(1)).squeeze(1)).mean()
+        if ctx.needs_input_grad[0]:
+            ctx.save_for_backward(p_NV, targets_N)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        assert not getattr(ctx, "consumed", False), "the saved softmax is reused in place: backward only once"
+        ctx.consumed = True
+        p_NV, targets_N = ctx.saved_tensors
+        rows_N = torch.arange(p_NV.shape[0], device=p_NV.device)
+        p_NV[rows_N, targets_N] -= 1.0
+        return p_NV.mul_(grad / p_NV.shape[0]), None
+
+
+def cross_entropy(logits_NV: Tensor, targets_N: Tensor) -> Tensor:
+    """Mean next-token cross-entropy (same value and gradient as F.cross_entropy, cheaper on CPU)."""
+    if targets_N.numel() and (int(targets_N.min()) < 0 or int(targets_N.max()) >= logits_NV.shape[1]):
+        raise ValueError(f"targets: expected ids in [0, {logits_NV.shape[1]}), got "
+                         f"[{int(targets_N.min())}, {int(targets_N.max())}]")
+    # At least fp32 whatever the logits' dtype (as autocast does for F.cross_entropy): the loss needs it.
+    if logits_NV.dtype in (torch.float16, torch.bfloat16):
+        logits_NV = logits_NV.float()
+    with torch.autocast(logits_NV.device.type, enabled=False):
+        return _SoftmaxCrossEntropy.apply(logits_NV, targets_N.long())
