@@ -37,7 +37,7 @@ U_GRID_POINTS = 401         # resolution of the rho grid on which a U-curve's mi
 RHO_MOE = 1.0               # rho = 1 is pure MoE, the baseline of the gain
 RHO_TOL = 1e-6
 SPLINE_BASIS = 10           # P-spline basis size; the penalty, not the basis, sets the smoothness
-SPLINE_LAMBDAS = np.logspace(-8, 4, 49)
+SPLINE_LAMBDAS = tuple(np.logspace(-8, 4, 49))   # GCV candidates for the P-spline penalty
 
 
 class FitError(RuntimeError):
@@ -107,6 +107,7 @@ class UCurveFit:
     boot_argmin: np.ndarray = field(repr=False, compare=False)     # per kept resample
     boot_min_loss: np.ndarray = field(repr=False, compare=False)
     r2: float = float("nan")
+    coefficients: tuple[tuple[str, Estimate], ...] = ()   # quadratic: L = c0 + c1 rho + c2 rho^2; spline: none
 
     @property
     def n_points(self) -> int:
@@ -126,6 +127,7 @@ class UCurveFit:
                 "argmin": self.argmin.to_dict(), "loss_at_optimum": self.loss_at_optimum.to_dict(),
                 "gain_vs_rho_1": None if self.gain is None else self.gain.to_dict(),
                 "p_interior": self.p_interior, "r2": _finite_or_none(self.r2), "n_points": self.n_points,
+                "coefficients": {name: est.to_dict() for name, est in self.coefficients},
                 "n_seeds": self.n_seeds, "bootstrap": self.bootstrap.to_dict()}
 
 
@@ -425,7 +427,9 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "quadratic", n_resamples:
     method "spline": a cubic P-spline with a third-order difference penalty chosen by generalised
     cross-validation. Its penalty shrinks it toward the parabola (the penalty's null space is the quadratics),
     so it departs from the default only where the data insist, e.g. an asymmetric U; report it as a check.
-    Needs 3 distinct rho values (quadratic) or 4 (spline) and more points than distinct values is not required.
+    The spline's intervals are conditional on the penalty chosen on the full data (it is not re-chosen per
+    resample), so they are narrower than they should be; use them as a check, not as the answer.
+    Needs at least 3 distinct rho values (quadratic) or 4 (spline); seeds may repeat a rho value.
     """
     if method not in ("quadratic", "spline"):
         raise ValueError(f"method: expected 'quadratic' or 'spline', got {method!r}")
@@ -479,6 +483,8 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "quadratic", n_resamples:
         curve_lo=_percentiles(curves_BG[boot], level, axis=0)[0] if boot.any() else curves_BG[0],
         curve_hi=_percentiles(curves_BG[boot], level, axis=0)[1] if boot.any() else curves_BG[0],
         boot_argmin=argmin_B[boot], boot_min_loss=min_loss_B[boot], r2=_r2(loss, fitted),
+        coefficients=tuple((f"c{i}", _estimate(coef_Bk[0, i], coef_Bk[boot, i], level)) for i in range(3))
+        if method == "quadratic" else (),
     )
 
 
@@ -661,8 +667,7 @@ def _refine(theta_Bp, logx_nk, logy_n, w_Bn, n_iter: int = REFINE_ITERS) -> np.n
         try:
             step_Bp = np.linalg.solve(lhs, rhs_Bp[..., None])[..., 0]
         except np.linalg.LinAlgError:
-            step_Bp = np.linalg.lstsq(lhs[0], rhs_Bp[0], rcond=None)[0][None] if len(idx) == 1 else \
-                np.stack([np.linalg.lstsq(m, v, rcond=None)[0] for m, v in zip(lhs, rhs_Bp)])
+            step_Bp = np.stack([np.linalg.lstsq(m, v, rcond=None)[0] for m, v in zip(lhs, rhs_Bp)])
         new = np.clip(th + step_Bp, lo, hi)
         with np.errstate(over="ignore", invalid="ignore"):
             new_obj = _objective(new, logx_nk, logy_n, w)

@@ -13,6 +13,7 @@ Figures are built with `matplotlib.figure.Figure` (no pyplot state), so this is 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from types import MappingProxyType
 
 import numpy as np
 import pandas as pd
@@ -24,7 +25,7 @@ from matplotlib.colors import LogNorm, Normalize
 from analysis.fits import BudgetTrend, IsoFlopFit, PowerLawFit, UCurveFit
 
 SEED_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
-KIND_COLORS = {"engram": "tab:blue", "overencoding": "tab:orange"}
+KIND_COLORS = MappingProxyType({"engram": "tab:blue", "overencoding": "tab:orange"})
 BAND_ALPHA = 0.2
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 import pandas as pd
@@ -18,11 +19,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-PLANTED = {
+PLANTED = MappingProxyType({
     "rho_star": 0.75, "curvature": 0.08, "E": 2.0, "K": 3.0e3, "a": 0.25,
-    "memory": {"engram": (2.6, 4.0, 0.35), "overencoding": (2.62, 3.0, 0.3)},   # E_m, A_m, alpha_m
+    "memory": MappingProxyType({"engram": (2.6, 4.0, 0.35), "overencoding": (2.62, 3.0, 0.3)}),   # E_m, A_m, alpha_m
     "noise": 0.004, "seed_offset": 0.003,
-}
+})
 RHO_GRID = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
 ALLOC_BUDGETS = (1e14, 3e14, 1e15, 3e15)
 SLOT_GRID = (1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7)
