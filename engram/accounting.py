@@ -17,6 +17,7 @@ import dataclasses
 from dataclasses import dataclass
 
 from engram.config import MemoryConfig, ModelConfig
+from engram.memory import memory_param_counts, memory_primes, n_memory_tables
 
 # MemoryConfig's lower bound on table size.
 MIN_ROWS_PER_TABLE = 16
@@ -90,8 +91,6 @@ def param_counts(cfg: ModelConfig) -> ParamCounts:
     """Analytic parameter counts of `EngramMoE(cfg)` by group (no module is built)."""
     D, n_moe = cfg.d_model, cfg.n_moe_layers
     expert = swiglu_params(D, cfg.d_expert)
-    from engram.memory import memory_param_counts  # lazy: accounting needs only memory's formulas, not torch
-
     tables, mem_dense = memory_param_counts(cfg.memory, D)
     return ParamCounts(
         embedding=cfg.vocab_size * D,
@@ -115,7 +114,7 @@ def flops_per_token(cfg: ModelConfig) -> float:
     is counted whether tied or not (it is a matmul either way), the embedding lookup is not. Attention term: PaLM
     (Chowdhery et al. 2022, App. B) counts the score and value matmuls as 2 * 2 * seq_len * d_model per layer
     forward, x3 for training, over the full (not causally halved) window, so 12 * n_layers * d_model * seq_len.
-    Hashing, norms and elementwise work are not counted (standard MFU convention).
+    Beyond 6 per parameter, hashing, softmax and other elementwise work are not counted (standard convention).
     """
     counts = param_counts(cfg)
     return float(6 * (counts.p_act + cfg.d_model * cfg.vocab_size) + 12 * cfg.n_layers * cfg.d_model * cfg.seq_len)
@@ -180,11 +179,8 @@ def _pure_moe(base: ModelConfig, n_routed: int) -> ModelConfig:
 def _memory_shape(base: ModelConfig) -> MemoryConfig:
     """base.memory as the memory shape to fill (slots set to the smallest valid count); kind "none" is read as an
     Engram of that shape."""
-    from engram.memory import n_memory_tables
-
     kind = "engram" if base.memory.kind == "none" else base.memory.kind
-    probe = dataclasses.replace(base.memory, kind="none", slots=0)
-    n_tables = n_memory_tables(dataclasses.replace(probe, kind=kind, slots=1 << 30))
+    n_tables = n_memory_tables(dataclasses.replace(base.memory, kind=kind, slots=1 << 40))
     return dataclasses.replace(base.memory, kind=kind, slots=MIN_ROWS_PER_TABLE * n_tables)
 
 
@@ -246,8 +242,6 @@ def solve_allocation(base: ModelConfig, p_tot: float, rho: float) -> Allocation:
         raise ValueError(f"rho: expected a number in [0, 1], got {rho}")
     if not p_tot > 0:
         raise ValueError(f"p_tot: expected a positive number, got {p_tot}")
-    from engram.memory import memory_param_counts, memory_primes
-
     moe_cfg = moe_model_for_p_tot(base, p_tot)
     moe_counts = param_counts(moe_cfg)
     expert, _ = _moe_unit(base)
