@@ -427,8 +427,7 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "quadratic", n_resamples:
     method "spline": a cubic P-spline with a third-order difference penalty chosen by generalised
     cross-validation. Its penalty shrinks it toward the parabola (the penalty's null space is the quadratics),
     so it departs from the default only where the data insist, e.g. an asymmetric U; report it as a check.
-    The spline's intervals are conditional on the penalty chosen on the full data (it is not re-chosen per
-    resample), so they are narrower than they should be; use them as a check, not as the answer.
+    The spline's penalty is re-chosen by GCV in every resample, so its intervals include that choice.
     Needs at least 3 distinct rho values (quadratic) or 4 (spline); seeds may repeat a rho value.
     """
     if method not in ("quadratic", "spline"):
@@ -444,15 +443,15 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "quadratic", n_resamples:
 
     lo_x, hi_x = float(rho.min()), float(rho.max())
     grid = np.linspace(lo_x, hi_x, U_GRID_POINTS)
-    if method == "quadratic":
-        basis, grid_basis, penalty = _poly_basis(rho), _poly_basis(grid), np.zeros((3, 3))
-    else:
-        basis, grid_basis, penalty = _pspline(rho, loss, lo_x, hi_x, grid)
-
     rng = np.random.default_rng(rng_seed)
     w_Bn = np.vstack([np.ones(len(rho)), bootstrap_counts(seed, n_resamples, rng)]).astype(float)
     ok_B = _n_distinct_weighted(rho, w_Bn) >= n_needed
-    coef_Bk = _weighted_lstsq(basis, loss, w_Bn, penalty, ok_B)
+    if method == "quadratic":
+        basis, grid_basis = _poly_basis(rho), _poly_basis(grid)
+        coef_Bk = _weighted_lstsq(basis, loss, w_Bn, np.zeros((3, 3)), ok_B)
+    else:
+        basis, grid_basis, dtd = _pspline_basis(rho, lo_x, hi_x, grid)
+        coef_Bk = _pspline_fit(basis, loss, w_Bn, dtd, ok_B)
     curves_BG = coef_Bk @ grid_basis.T
     if not np.all(np.isfinite(curves_BG[0])):
         raise FitError("U-curve: non-finite fitted curve")
@@ -492,31 +491,42 @@ def _poly_basis(x: np.ndarray) -> np.ndarray:
     return np.stack([np.ones_like(x), x, x * x], axis=1)
 
 
-def _pspline(x, y, lo, hi, grid):
-    """Cubic B-spline basis on equally spaced knots plus a third-order difference penalty chosen by GCV."""
+def _pspline_basis(x, lo, hi, grid):
+    """Cubic B-spline basis on equally spaced knots (at x and on the grid) and the third-order difference penalty."""
     degree = 3
     inner = np.linspace(lo, hi, SPLINE_BASIS - degree + 1)
     knots = np.concatenate([[lo] * degree, inner, [hi] * degree])
     basis = BSpline.design_matrix(x, knots, degree).toarray()
     grid_basis = BSpline.design_matrix(np.clip(grid, lo, hi), knots, degree).toarray()
     diff = np.diff(np.eye(SPLINE_BASIS), n=3, axis=0)
-    dtd = diff.T @ diff
-    btb, bty, n = basis.T @ basis, basis.T @ y, len(y)
-    best = (np.inf, None)
+    return basis, grid_basis, diff.T @ diff
+
+
+def _pspline_fit(basis_nk, y_n, w_Bn, dtd_kk, ok_B) -> np.ndarray:
+    """Penalised weighted least squares with the penalty chosen by GCV separately for each row of weights, so
+    the bootstrap carries the uncertainty of the smoothing choice too. NaN where not ok or no penalty works."""
+    w_Bn = np.where(ok_B[:, None], w_Bn, 1.0)
+    n_k = basis_nk.shape[1]
+    gram_Bkk = np.einsum("bn,nk,nl->bkl", w_Bn, basis_nk, basis_nk, optimize=True)
+    aug_Bkm = np.concatenate([gram_Bkk, ((w_Bn * y_n) @ basis_nk)[..., None]], axis=2)
+    n_B = w_Bn.sum(axis=1)
+    best_gcv_B = np.full(len(w_Bn), np.inf)
+    coef_Bk = np.full((len(w_Bn), n_k), np.nan)
     for lam in SPLINE_LAMBDAS:
         try:
-            inv = np.linalg.inv(btb + lam * dtd)
+            sol_Bkm = np.linalg.solve(gram_Bkk + lam * dtd_kk, aug_Bkm)
         except np.linalg.LinAlgError:
             continue
-        edf = float(np.trace(basis @ inv @ basis.T))
-        rss = float(np.sum((y - basis @ (inv @ bty)) ** 2))
-        if edf < n - 1e-9:
-            gcv = n * rss / (n - edf) ** 2
-            if gcv < best[0]:
-                best = (gcv, lam)
-    if best[1] is None:
-        raise FitError("U-curve spline: no smoothing parameter gives a well-posed fit")
-    return basis, grid_basis, best[1] * dtd
+        edf_B = np.einsum("bkk->b", sol_Bkm[:, :, :n_k])
+        lam_coef_Bk = sol_Bkm[:, :, n_k]
+        rss_B = np.sum(w_Bn * (y_n[None] - lam_coef_Bk @ basis_nk.T) ** 2, axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            gcv_B = np.where(edf_B < n_B - 1e-9, n_B * rss_B / (n_B - edf_B) ** 2, np.inf)
+        better = gcv_B < best_gcv_B
+        best_gcv_B[better] = gcv_B[better]
+        coef_Bk[better] = lam_coef_Bk[better]
+    coef_Bk[~ok_B] = np.nan
+    return coef_Bk
 
 
 def _weighted_lstsq(basis_nk, y_n, w_Bn, penalty_kk, ok_B) -> np.ndarray:

@@ -369,8 +369,8 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
         b.append(("h2", "Allocation: loss vs rho (U-curves)"))
         b.append(("p", "Default curve: a parabola in rho (fewest parameters with an interior minimum; with a "
                        "handful of rho values and an optimum worth ~0.01 nats a more flexible curve mostly follows "
-                       "seed noise). Check: a cubic P-spline whose penalty (chosen by GCV) shrinks it toward the parabola; "
-                       "its intervals hold that penalty fixed, so they are too narrow. "
+                       "seed noise). Check: a cubic P-spline whose penalty (chosen by GCV, again in every resample) shrinks "
+                       "it toward the parabola. "
                        "Verdict 'interior' when the fitted minimum lies strictly inside the sampled rho range; "
                        "otherwise 'boundary' and no rho* is claimed. Gain = loss(rho=1) - loss at the minimum "
                        "(positive: moving sparse parameters into Engram memory helps)."))
