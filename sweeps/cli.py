@@ -83,14 +83,17 @@ def _parser() -> argparse.ArgumentParser:
 def cmd_plan(args: argparse.Namespace) -> int:
     from sweeps.plan import calibrate_throughput, plan_sweep, plan_table
     from sweeps.spec import load_spec
-    from sweeps.store import ResultStore
+    from sweeps.store import COMPLETE_STATUSES, ResultStore
 
     spec = load_spec(args.spec)
     store = ResultStore(spec.store_dir)
-    throughput = calibrate_throughput(spec, store.runs())
+    runs = store.runs()
+    throughput = calibrate_throughput(spec, runs)
     trials = plan_sweep(spec, throughput=throughput)
+    complete = runs[runs["status"].isin(COMPLETE_STATUSES)]
+    search_done = complete.groupby("experiment")["trial_id"].nunique().to_dict()
     print(f"sweep {spec.name}: {len(spec.experiments)} experiment(s), store {spec.store_dir}")
-    print(plan_table(spec, trials, store.completed_ids(), throughput))
+    print(plan_table(spec, trials, set(complete["trial_id"]), throughput, search_done))
     return 0
 
 

@@ -22,6 +22,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
+from typing import Mapping
 
 import pandas as pd
 
@@ -210,8 +211,10 @@ def format_seconds(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m"
 
 
-def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], throughput: Throughput) -> str:
-    """The text `engram-sweep plan` prints: one row per trial, then deviations from targets and the ETA."""
+def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], throughput: Throughput,
+               search_done: Mapping[str, int] | None = None) -> str:
+    """The text `engram-sweep plan` prints: one row per trial, then deviations from targets and the ETA.
+    `search_done`: complete trials already stored per search experiment (they are not run again)."""
     header = ["experiment", "memory", "rho", "rho_ach", "slots", "n_routed", "P_tot", "dP_tot", "P_act",
               "P_sparse", "seed", "tokens", "FLOPs", "ETA", "stored"]
     rows, max_dp, max_drho = [], 0.0, 0.0
@@ -238,10 +241,11 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
     for exp in spec.experiments:
         if isinstance(exp, SearchExperiment):
             probe = plan_search_trial(spec, exp.name, 0.5, exp.seed, throughput=throughput)
-            eta += exp.n_trials * probe.est_seconds
+            n_done = min(exp.n_trials, (search_done or {}).get(exp.name, 0))
+            eta += (exp.n_trials - n_done) * probe.est_seconds
             lines.append(f"{exp.name}: search, {exp.n_trials} Optuna trials over rho in [0, 1] at budget "
-                         f"{exp.budget:.2e} FLOPs, ~{format_seconds(probe.est_seconds)} each (rho=0.5 estimate); "
-                         f"stored search trials are counted by `engram-sweep status`")
+                         f"{exp.budget:.2e} FLOPs ({n_done} stored), ~{format_seconds(probe.est_seconds)} each "
+                         f"(rho=0.5 estimate)")
     slots = parallel_slots(spec)
     lines += [
         f"{len(trials)} grid trials: {len(trials) - len(pending)} stored, {len(pending)} to run",

@@ -168,7 +168,7 @@ def test_plan_prints_every_trial_and_marks_stored_ones(spec_dir: Path, capsys: p
     rows = [line for line in out.splitlines() if line.startswith(("alloc ", "mem "))]
     assert len(rows) == len(trials) == 3 * 2 + 2 * 2
     assert all(row.rstrip().endswith("no") for row in rows)
-    assert "ETA:" in out and "search: search, 3 Optuna trials" in out
+    assert "ETA:" in out and "search: search, 3 Optuna trials over rho in [0, 1] at budget 1.50e+08 FLOPs (0 stored)" in out
     assert "deviation from targets" in out
     assert not (spec_dir / "results").exists()  # plan writes nothing
 
@@ -233,3 +233,27 @@ def test_train_config_mistake_is_one_line(spec_dir: Path, capsys: pytest.Capture
                                                "balance_rate, d_expert, d_ff_dense, d_model, memory, n_dense_layers, "
                                                "n_heads, n_layers, n_routed, n_shared_experts, rope_theta, seq_len, "
                                                "tie_embeddings, top_k, vocab_size)")
+
+
+@pytest.mark.slow
+def test_run_records_every_trial_and_the_resolved_spec(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = copy.deepcopy(BASE_SPEC)
+    spec["experiments"] = [
+        {"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [0.0], "budgets": [1.5e8]},
+        {"name": "mem", "kind": "memory", "slots": [200], "budget": 1.5e8}]
+    spec["resources"] = {"cpus_per_trial": 1, "max_retries": 0}
+    spec["testing"] = {"fail_attempts": {"match": "mem", "times": 1}}
+    path = write_spec(spec_dir, spec)
+    store = ResultStore(load_spec(path).store_dir)
+    store.runs_dir.mkdir(parents=True)
+    (store.runs_dir / ".stale.parquet.1.tmp").write_bytes(b"left by a killed driver")
+
+    code = main(["run", str(path)])
+    out = capsys.readouterr().out
+    assert code == 1, out  # a failed trial: the sweep completed the rest but is not whole
+    assert "2 trial(s) run, 0 already complete: 1 ok, 0 diverged, 1 failed" in out
+    runs = store.runs().set_index("experiment")
+    assert runs.loc["alloc", "status"] == "ok" and runs.loc["mem", "status"] == "failed"
+    assert "injected fault" in runs.loc["mem", "error"]
+    assert store.temp_files() == []
+    assert load_spec(store.spec_path) == load_spec(path)  # the resolved copy reads back as the same spec
