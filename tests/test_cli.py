@@ -257,3 +257,15 @@ def test_run_records_every_trial_and_the_resolved_spec(spec_dir: Path, capsys: p
     assert "injected fault" in runs.loc["mem", "error"]
     assert store.temp_files() == []
     assert load_spec(store.spec_path) == load_spec(path)  # the resolved copy reads back as the same spec
+
+
+def test_report_writes_report_md_for_a_store(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = load_spec(write_spec(spec_dir, BASE_SPEC))
+    store = ResultStore(spec.store_dir)
+    for t in plan_sweep(spec):
+        result = fake_result(t, loss=3.0 + 0.1 * t.seed + (0.05 * (t.rho - 0.6) ** 2 if t.rho is not None else 0))
+        store.write_trial(result_row(t, result, error=None, attempts=1, started_at="a", finished_at="b"),
+                          curve_frame(result))
+    assert main(["report", str(spec.store_dir), "--out", str(spec_dir / "rep")]) == 0
+    printed = Path(capsys.readouterr().out.strip())
+    assert printed == spec_dir / "rep" / "report.md" and printed.is_file()
