@@ -343,8 +343,12 @@ class _Trial:
         self.best_val: float | None = None
         self.elapsed = 0.0  # seconds in previous runs of this trial (resumes)
         self.train_seconds = 0.0  # seconds in training steps only
-        if checkpoint_dir is not None and (checkpoint_dir / STATE_FILE).exists():
-            self._load(checkpoint_dir / STATE_FILE)
+        if checkpoint_dir is not None:
+            # Temporary files of a save that was killed before its rename: never read, only in the way.
+            for stale in [*checkpoint_dir.glob(f".{STATE_FILE}.*"), *checkpoint_dir.glob(f".{RESULT_FILE}.*")]:
+                stale.unlink(missing_ok=True)
+            if (checkpoint_dir / STATE_FILE).exists():
+                self._load(checkpoint_dir / STATE_FILE)
 
     # -- training ---------------------------------------------------------------------------------------------
 

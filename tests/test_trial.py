@@ -17,6 +17,7 @@ from engram.accounting import flops_per_token
 from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig
 from engram.model import EngramMoE
 from engram.trial import (
+    RESULT_FILE,
     STATE_FILE,
     Progress,
     TrialResult,
@@ -194,6 +195,13 @@ def test_complete_trial_returns_stored_result_without_training(cache_dir: Path, 
     assert seen == []
     assert again == first
     assert (tmp_path / STATE_FILE).stat().st_mtime_ns == state_mtime
+
+
+def test_temporary_files_of_a_killed_save_are_removed(cache_dir: Path, tmp_path: Path) -> None:
+    (tmp_path / f".{STATE_FILE}.x1y2").write_bytes(b"half a checkpoint")
+    result = run_trial(trial(steps=3), cache_dir=cache_dir, checkpoint_dir=tmp_path)
+    assert result.status == "ok"
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([RESULT_FILE, STATE_FILE])
 
 
 def test_checkpoint_of_another_config_is_refused(cache_dir: Path, tmp_path: Path) -> None:
