@@ -17,7 +17,13 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
+
+if TYPE_CHECKING:
+    from engram.trial import TrialResult
+    from sweeps.launcher import LaunchSummary
+    from sweeps.spec import SweepSpec
+    from sweeps.store import ResultStore
 
 USER_ERROR = 2
 PROG = "engram-sweep"
@@ -167,7 +173,7 @@ def _loss(x: float | None) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
 
 
-def result_text(result) -> str:
+def result_text(result: TrialResult) -> str:
     """A finished trial in a few lines (the end of `engram-sweep train`)."""
     c = result.counts
     lines = [f"status {result.status}" + (f": {result.error}" if result.error else ""),
@@ -180,7 +186,7 @@ def result_text(result) -> str:
     return "\n".join(lines)
 
 
-def summary_text(summary, store) -> str:
+def summary_text(summary: LaunchSummary, store: ResultStore) -> str:
     """The end of `engram-sweep run` (a sweeps.launcher.LaunchSummary)."""
     from sweeps.plan import format_seconds
 
@@ -197,7 +203,7 @@ def summary_text(summary, store) -> str:
     return "\n".join(lines)
 
 
-def status_text(store, spec=None) -> str:
+def status_text(store: ResultStore, spec: SweepSpec | None = None) -> str:
     """Per-experiment progress from the store; with the spec, also how many planned trials remain."""
     from sweeps.plan import plan_sweep
     from sweeps.spec import SearchExperiment
