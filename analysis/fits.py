@@ -463,6 +463,13 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "quadratic", n_resamples:
     argmin_B = grid[i_min_B]
     min_loss_B = curves_BG[np.arange(curves_BG.shape[0]), i_min_B]
     interior_B = (i_min_B > 0) & (i_min_B < len(grid) - 1)
+    if method == "quadratic":   # the exact vertex, not its nearest grid point
+        c0, c1, c2 = coef_Bk.T
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):   # flat or NaN rows: not used
+            vertex_B = -c1 / (2 * c2)
+            exact_B = interior_B & (c2 > 0) & (vertex_B > lo_x) & (vertex_B < hi_x)
+            argmin_B = np.where(exact_B, vertex_B, argmin_B)
+            min_loss_B = np.where(exact_B, c0 + c1 * vertex_B + c2 * vertex_B ** 2, min_loss_B)
     boot = ok_B.copy()
     boot[0] = False
     has_moe = hi_x >= RHO_MOE - RHO_TOL
@@ -470,6 +477,7 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "quadratic", n_resamples:
 
     argmin = _estimate(argmin_B[0], argmin_B[boot], level)
     interior = bool(interior_B[0])
+    band = _percentiles(curves_BG[boot], level, axis=0) if boot.any() else (curves_BG[0], curves_BG[0])
     fitted = coef_Bk[0] @ basis.T
     return UCurveFit(
         method=method, verdict="interior" if interior else "boundary",
@@ -478,9 +486,7 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "quadratic", n_resamples:
         gain=None if gain_B is None else _estimate(gain_B[0], gain_B[boot], level),
         p_interior=float(interior_B[boot].mean()) if boot.any() else float("nan"),
         bootstrap=Bootstrap(_scheme(seed), n_resamples, n_failed, level),
-        rho=rho, loss=loss, seed=seed, grid=grid, curve=curves_BG[0],
-        curve_lo=_percentiles(curves_BG[boot], level, axis=0)[0] if boot.any() else curves_BG[0],
-        curve_hi=_percentiles(curves_BG[boot], level, axis=0)[1] if boot.any() else curves_BG[0],
+        rho=rho, loss=loss, seed=seed, grid=grid, curve=curves_BG[0], curve_lo=band[0], curve_hi=band[1],
         boot_argmin=argmin_B[boot], boot_min_loss=min_loss_B[boot], r2=_r2(loss, fitted),
         coefficients=tuple((f"c{i}", _estimate(coef_Bk[0, i], coef_Bk[boot, i], level)) for i in range(3))
         if method == "quadratic" else (),

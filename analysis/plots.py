@@ -55,19 +55,22 @@ def plot_u_curve(ax: Axes, fit: UCurveFit, *, title: str | None = None, color: s
 
 
 def plot_power_laws(ax: Axes, fits: Mapping[str, PowerLawFit], *, title: str = "Loss vs memory slots",
-                    xlabel: str = "memory slots (table rows, log scale)") -> None:
-    """One power law per label (e.g. memory kind) with its points, band and the log-linear form dashed."""
+                    xlabel: str = "memory slots (table rows, log scale)", symbol: str = "x",
+                    loglinear: bool = True) -> None:
+    """One power law per label (e.g. memory kind) with its points, band and (optionally) the log-linear form
+    dashed; `symbol` names the variable in the legend's formulas."""
     for i, (label, fit) in enumerate(fits.items()):
         color = KIND_COLORS.get(label, f"C{i + 2}")
         ax.scatter(fit.x, fit.loss, s=16, color=color, alpha=0.7, zorder=3)
         xs = np.geomspace(fit.x.min(), fit.x.max(), 200)
         lo, hi = fit.predict_band(xs)
         ax.plot(xs, fit.predict(xs), color=color, lw=1.8,
-                label=f"{label}: L = {fit.E.value:.3g} + {fit.A.value:.3g} x^-{fit.alpha.value:.3g} "
+                label=f"{label}: L = {fit.E.value:.3g} + {fit.A.value:.3g} {symbol}^-{fit.alpha.value:.3g} "
                       f"(R² {fit.r2:.3f})")
         ax.fill_between(xs, lo, hi, color=color, alpha=BAND_ALPHA, lw=0)
-        ax.plot(xs, fit.loglinear.predict(xs), color=color, lw=1.0, ls="--",
-                label=f"{label}: L = {fit.loglinear.a.value:.3g} - {fit.loglinear.b.value:.3g} ln x")
+        if loglinear:
+            ax.plot(xs, fit.loglinear.predict(xs), color=color, lw=1.0, ls="--",
+                    label=f"{label}: L = {fit.loglinear.a.value:.3g} - {fit.loglinear.b.value:.3g} ln {symbol}")
     ax.set_xscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("validation loss (nats/token)")

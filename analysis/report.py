@@ -251,7 +251,7 @@ def draw_figures(result: SweepAnalysis, curves: pd.DataFrame, plot_dir: Path) ->
         fits = {f"rho = {r:g}": f for (e, r), f in sorted(result.compute_laws.items()) if e == experiment}
         fig = _figure(1)
         plot_power_laws(fig.axes[0], fits, title=f"{experiment}: loss vs compute, one power law per rho",
-                        xlabel="compute C (FLOPs, log scale)")
+                        xlabel="compute C (FLOPs, log scale)", symbol="C", loglinear=False)
         out[f"compute_{experiment}"] = _save(fig, plot_dir, f"compute_{experiment}")
     if not curves.empty and {"trial_id", "tokens", "val_loss"} <= set(curves.columns):
         usable = result.usable
