@@ -73,6 +73,7 @@ class LaunchSummary:
     n_diverged: int
     n_failed: int
     n_unrecorded: int  # launched but never recorded (e.g. Tune gave up on them without an error)
+    n_resumed: int  # recorded trials whose last attempt started from a saved checkpoint (retry or re-run)
     n_slots: int  # trials that can run at once given the cluster's CPUs/GPUs and max_concurrent
     wall_seconds: float  # the whole launch: Ray start, data preparation, Tune runs
     tune_seconds: float  # inside the Tune runs only
@@ -159,7 +160,8 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
     st = recorder.statuses
     return LaunchSummary(
         n_requested=n_requested, n_skipped=n_skipped, n_ok=st.count("ok"), n_diverged=st.count("diverged"),
-        n_failed=st.count("failed"), n_unrecorded=max(0, n_requested - len(st)), n_slots=recorder.n_slots,
+        n_failed=st.count("failed"), n_unrecorded=max(0, n_requested - len(st)),
+        n_resumed=recorder.n_resumed, n_slots=recorder.n_slots,
         wall_seconds=time.perf_counter() - t_start, tune_seconds=tune_seconds,
         trial_seconds=recorder.trial_seconds, setup_seconds=tuple(recorder.setup_seconds), log_path=log_path)
 
@@ -342,6 +344,7 @@ def _trainable(tune_config: dict[str, Any], payload: _Payload) -> None:
         published = _latest_resume(Path(payload.resume_root), trial_id)
         if published is not None:
             shutil.copytree(published / STATE_DIR, state)
+    resumed = state.is_dir()
     (work / META_FILE).write_text(json.dumps({"attempt": attempt, "trial_id": trial_id}))
 
     def report(metrics: dict[str, Any], checkpoint: bool = False) -> None:
@@ -366,7 +369,7 @@ def _trainable(tune_config: dict[str, Any], payload: _Payload) -> None:
                        on_progress=on_progress, on_checkpoint=on_checkpoint)
     setup = time.perf_counter() - t_enter - result.wall_seconds
     report({METRIC: math.nan if result.final_val_loss is None else result.final_val_loss,
-            "trial_result": json.dumps(result.to_dict()), "setup_seconds": setup})
+            "trial_result": json.dumps(result.to_dict()), "setup_seconds": setup, "resumed": resumed})
     shutil.rmtree(work, ignore_errors=True)
 
 
@@ -445,6 +448,7 @@ class _Recorder(tune.Callback):
         self.statuses: list[str] = []
         self.recorded_ids: list[str] = []
         self.trial_seconds = 0.0
+        self.n_resumed = 0
         self.setup_seconds: list[float] = []
         self.search: str | None = None  # the search experiment whose Tune run is on
         self._started_at: dict[str, str] = {}  # Tune trial id -> first start (ISO UTC)
@@ -485,6 +489,7 @@ class _Recorder(tune.Callback):
             planned = self._planned(trial, result.get("engram_trial_id"))
             trial_result = TrialResult.from_dict(json.loads(result["trial_result"]))
             self._write(trial, planned, trial_result, None, result.get("setup_seconds"))
+            self.n_resumed += bool(result.get("resumed"))
         elif result.get("total_steps"):
             self._progress[tid] = result["step"] / result["total_steps"]
         self._draw()

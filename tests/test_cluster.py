@@ -1,0 +1,133 @@
+"""sweeps.launcher on a real multi-node Ray cluster (head + worker, both on this machine).
+
+Trials must be seen on both nodes (the row's host names the node), and losing the worker node in the middle
+of a sweep must cost nothing but a retry: every trial still ends up in the store exactly once, complete.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from sweeps.launcher import RESUME_DIR, TUNE_DIR, launch
+from sweeps.plan import plan_sweep
+from sweeps.spec import parse_spec
+from sweeps.store import ResultStore
+
+BASE = {
+    "data": {"corpus": "stdlib", "max_bytes": 300_000},
+    "model": {"vocab_size": 512, "seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
+              "d_ff_dense": 64, "d_expert": 16, "n_routed": 4, "top_k": 2,
+              "memory": {"layers": [1], "max_ngram": 3, "n_heads": 2, "d_head": 8}},
+    "train": {"batch_size": 8, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 50, "eval_tokens": 1024,
+              "checkpoint_interval": 25, "device": "cpu"},
+    "resources": {"cpus_per_trial": 1, "max_retries": 2},
+}
+WAIT_S = 120  # the longest the worker-loss test waits for a trial to be under way on the worker
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """A head and a worker node of one CPU each; the same test-only environment on both."""
+    from ray.cluster_utils import Cluster
+
+    tmp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
+    env = {"RAY_TMPDIR": tmp, "TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        tempfile.tempdir = None
+        c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+        worker = c.add_node(num_cpus=1)
+        c.wait_for_nodes()
+        try:
+            yield c, worker
+        finally:
+            c.shutdown()  # stops exactly the processes this fixture started
+    tempfile.tempdir = None
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("token_cache")
+
+
+def make_spec(tmp: Path, name: str, budget: float, seeds: list[int]):
+    raw = {"name": name, "results_dir": str(tmp), **BASE,
+           "experiments": [{"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [0.5, 1.0],
+                            "budgets": [budget], "seeds": seeds}]}
+    return parse_spec(yaml.safe_load(yaml.safe_dump(raw)), base_dir=tmp)
+
+
+def node_tag(node) -> str:
+    return f"/node-{node.node_id[:8]}"
+
+
+def trial_processes_under(raylet_pid: int) -> list[int]:
+    """Tune trial actors (process title ray::ImplicitFunc...) whose parent is the given raylet."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+            cmd = Path(f"/proc/{entry}/cmdline").read_bytes()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == raylet_pid and b"ImplicitFunc" in cmd:
+            found.append(int(entry))
+    return found
+
+
+def test_trials_run_on_both_nodes(cluster, cache_dir, tmp_path):
+    c, worker = cluster
+    spec = make_spec(tmp_path, "two-nodes", 4.0e9, [0, 1])
+    store = ResultStore(spec.store_dir)
+    summary = launch(spec, plan_sweep(spec), store, address=c.address, log_path=tmp_path / "ray.log",
+                     cache_dir=cache_dir, stream=io.StringIO())
+    assert (summary.n_ok, summary.n_slots) == (4, 2)
+    hosts = set(store.runs()["host"])
+    assert any(node_tag(c.head_node) in h for h in hosts)
+    assert any(node_tag(worker) in h for h in hosts)
+
+
+def test_losing_the_worker_mid_sweep_is_survived(cluster, cache_dir, tmp_path):
+    c, worker = cluster
+    spec = make_spec(tmp_path, "worker-loss", 6.0e10, [0])  # ~900 steps a trial: long enough to kill mid-way
+    store = ResultStore(spec.store_dir)
+    resume = spec.store_dir / TUNE_DIR / RESUME_DIR
+    raylet_pid = worker.all_processes["raylet"][0].process.pid
+    killed = threading.Event()
+
+    def kill_worker_mid_trial() -> None:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            # A trial actor lives on the worker and both trials (one per node) have checkpointed.
+            if trial_processes_under(raylet_pid) and resume.is_dir() and len([p for p in resume.iterdir() if not p.name.startswith(".")]) >= 2:
+                c.remove_node(worker, allow_graceful=False)
+                killed.set()
+                return
+            time.sleep(0.2)
+
+    killer = threading.Thread(target=kill_worker_mid_trial, daemon=True)
+    killer.start()
+    summary = launch(spec, plan_sweep(spec), store, address=c.address, log_path=tmp_path / "ray.log",
+                     cache_dir=cache_dir, stream=io.StringIO())
+    killer.join(timeout=5)
+
+    assert killed.is_set(), "the worker node was never seen running a trial"
+    runs = store.runs()
+    assert (summary.n_ok, summary.n_failed, summary.n_unrecorded) == (2, 0, 0)
+    assert summary.n_resumed >= 1  # the interrupted trial went on from its last checkpoint
+    assert len(runs) == 2 and runs["trial_id"].is_unique and set(runs["status"]) == {"ok"}
+    # Both trials finished on the head: the one that was on the worker moved over.
+    assert all(node_tag(c.head_node) in h for h in runs["host"])
+    assert not store.temp_files()
