@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import itertools
+import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -62,6 +64,8 @@ class Estimate:
                 "hi": _finite_or_none(self.hi), "level": self.level}
 
     def __str__(self) -> str:
+        if not (math.isfinite(self.lo) and math.isfinite(self.hi)):
+            return f"{self.value:.4g} (no interval)"
         return f"{self.value:.4g} [{self.lo:.4g}, {self.hi:.4g}]"
 
 
@@ -140,16 +144,40 @@ class LogLinearFit:
     r2: float
     residuals: np.ndarray = field(repr=False, compare=False)
     boot: np.ndarray = field(repr=False, compare=False)     # (n_ok, 2): a, b
+    x: np.ndarray = field(repr=False, compare=False)
+    loss: np.ndarray = field(repr=False, compare=False)
+    seed: np.ndarray = field(repr=False, compare=False)
+    bootstrap: Bootstrap | None = None
+
+    @property
+    def n_points(self) -> int:
+        return len(self.x)
+
+    @property
+    def n_seeds(self) -> int:
+        return len(np.unique(self.seed))
+
+    @property
+    def single_seed(self) -> bool:
+        return self.n_seeds == 1
 
     def predict(self, x) -> np.ndarray:
         return self.a.value - self.b.value * np.log(np.asarray(x, dtype=float))
+
+    def predict_band(self, x, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
+        lnx = np.log(np.asarray(x, dtype=float))
+        if not len(self.boot):
+            return np.full(lnx.shape, np.nan), np.full(lnx.shape, np.nan)
+        return _percentiles(self.boot[:, :1] - self.boot[:, 1:2] * lnx[None, :], level, axis=0)
 
     def extrapolate(self, x: float, level: float = LEVEL) -> Estimate:
         draws = self.boot[:, 0] - self.boot[:, 1] * np.log(x)
         return Estimate(float(self.predict(x)), *_percentiles(draws, level), level)
 
     def to_dict(self) -> dict:
-        return {"a": self.a.to_dict(), "b": self.b.to_dict(), "r2": _finite_or_none(self.r2)}
+        return {"form": "L = a - b ln x", "a": self.a.to_dict(), "b": self.b.to_dict(),
+                "r2": _finite_or_none(self.r2), "n_points": self.n_points, "n_seeds": self.n_seeds,
+                **({"bootstrap": self.bootstrap.to_dict()} if self.bootstrap else {})}
 
 
 @dataclass(frozen=True)
@@ -185,6 +213,8 @@ class PowerLawFit:
 
     def predict_band(self, x, level: float = LEVEL) -> tuple[np.ndarray, np.ndarray]:
         x = np.asarray(x, dtype=float)
+        if not len(self.boot):
+            return np.full(x.shape, np.nan), np.full(x.shape, np.nan)
         draws = self.boot[:, :1] + self.boot[:, 1:2] * x[None, :] ** -self.boot[:, 2:3]
         lo, hi = _percentiles(draws, level, axis=0)
         return lo, hi
@@ -760,12 +790,34 @@ def fit_power_law(x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: 
     return PowerLawFit(
         E=_estimate(params[0], boot[:, 0], level), A=_estimate(params[1], boot[:, 1], level),
         alpha=_estimate(params[2], boot[:, 2], level), r2=_r2(loss, pred),
-        loglinear=_fit_loglinear(x, loss, w_Bn[ok_B], level),
+        loglinear=_fit_loglinear(x, loss, seed, w_Bn[ok_B], level),
         bootstrap=Bootstrap(_scheme(seed), n_resamples, n_failed, level),
         x=x, loss=loss, seed=seed, residuals=loss - pred, boot=boot)
 
 
-def _fit_loglinear(x, loss, w_Bn, level) -> LogLinearFit:
+def fit_loglinear(x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL,
+                  rng_seed: int = 0) -> LogLinearFit:
+    """The paper's L = a - b ln x alone, by least squares with the same bootstrap: for groups with too few slot
+    counts for the three-parameter power law. Needs 2 distinct x values. When most resamples lose a distinct x
+    (e.g. two points of a single seed) the estimate comes without an interval (NaN bounds)."""
+    _check_level(level, n_resamples)
+    x = _as_1d("x", x, positive=True)
+    loss = _as_1d("loss", loss, len(x))
+    seed = _seeds(seed, len(x))
+    if len(np.unique(x)) < 2:
+        raise ValueError(f"x: the log-linear form needs at least 2 distinct x values, got {len(np.unique(x))}")
+    w_Bn = bootstrap_counts(seed, n_resamples, np.random.default_rng(rng_seed)).astype(float)
+    fit = _fit_loglinear(x, loss, seed, w_Bn, level)
+    n_failed = n_resamples - len(fit.boot)
+    if n_failed > MAX_FAILED_SHARE * n_resamples:
+        # e.g. two points of one seed: resamples that keep both just repeat the fit, so their spread is no
+        # interval. Keep the estimate, report no interval (unlike the power law, this fit cannot go wrong).
+        fit = dataclasses.replace(fit, a=Estimate(fit.a.value, math.nan, math.nan, level),
+                                  b=Estimate(fit.b.value, math.nan, math.nan, level), boot=fit.boot[:0])
+    return dataclasses.replace(fit, bootstrap=Bootstrap(_scheme(seed), n_resamples, n_failed, level))
+
+
+def _fit_loglinear(x, loss, seed, w_Bn, level) -> LogLinearFit:
     lnx = np.log(x)
     basis = np.stack([np.ones_like(lnx), -lnx], axis=1)
     w_all = np.vstack([np.ones(len(x)), w_Bn])
@@ -774,7 +826,7 @@ def _fit_loglinear(x, loss, w_Bn, level) -> LogLinearFit:
     boot = coef[1:][ok_B[1:]]
     fitted = basis @ coef[0]
     return LogLinearFit(a=_estimate(coef[0, 0], boot[:, 0], level), b=_estimate(coef[0, 1], boot[:, 1], level),
-                        r2=_r2(loss, fitted), residuals=loss - fitted, boot=boot)
+                        r2=_r2(loss, fitted), residuals=loss - fitted, boot=boot, x=x, loss=loss, seed=seed)
 
 
 def fit_chinchilla(n, d, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL,

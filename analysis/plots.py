@@ -22,7 +22,7 @@ from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
 
-from analysis.fits import BudgetTrend, IsoFlopFit, PowerLawFit, UCurveFit
+from analysis.fits import BudgetTrend, IsoFlopFit, LogLinearFit, PowerLawFit, UCurveFit
 
 SEED_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
 KIND_COLORS = MappingProxyType({"engram": "tab:blue", "overencoding": "tab:orange"})
@@ -54,20 +54,25 @@ def plot_u_curve(ax: Axes, fit: UCurveFit, *, title: str | None = None, color: s
     ax.legend(fontsize=7, loc="best")
 
 
-def plot_power_laws(ax: Axes, fits: Mapping[str, PowerLawFit], *, title: str = "Loss vs memory slots",
-                    xlabel: str = "memory slots (table rows, log scale)", symbol: str = "x",
-                    loglinear: bool = True) -> None:
-    """One power law per label (e.g. memory kind) with its points, band and (optionally) the log-linear form
-    dashed; `symbol` names the variable in the legend's formulas."""
+def plot_power_laws(ax: Axes, fits: Mapping[str, PowerLawFit | LogLinearFit], *,
+                    title: str = "Loss vs memory slots", xlabel: str = "memory slots (table rows, log scale)",
+                    symbol: str = "x", loglinear: bool = True) -> None:
+    """One law per label (e.g. memory kind) with its points: the power law solid with its band and (optionally)
+    the log-linear form dashed; a group fitted only in the log-linear form gets the dashed line and its band.
+    `symbol` names the variable in the legend's formulas."""
     for i, (label, fit) in enumerate(fits.items()):
         color = KIND_COLORS.get(label, f"C{i + 2}")
         ax.scatter(fit.x, fit.loss, s=16, color=color, alpha=0.7, zorder=3)
         xs = np.geomspace(fit.x.min(), fit.x.max(), 200)
         lo, hi = fit.predict_band(xs)
+        ax.fill_between(xs, lo, hi, color=color, alpha=BAND_ALPHA, lw=0)
+        if isinstance(fit, LogLinearFit):
+            ax.plot(xs, fit.predict(xs), color=color, lw=1.4, ls="--",
+                    label=f"{label}: L = {fit.a.value:.3g} - {fit.b.value:.3g} ln {symbol} (log-linear only)")
+            continue
         ax.plot(xs, fit.predict(xs), color=color, lw=1.8,
                 label=f"{label}: L = {fit.E.value:.3g} + {fit.A.value:.3g} {symbol}^-{fit.alpha.value:.3g} "
                       f"(R² {fit.r2:.3f})")
-        ax.fill_between(xs, lo, hi, color=color, alpha=BAND_ALPHA, lw=0)
         if loglinear:
             ax.plot(xs, fit.loglinear.predict(xs), color=color, lw=1.0, ls="--",
                     label=f"{label}: L = {fit.loglinear.a.value:.3g} - {fit.loglinear.b.value:.3g} ln {symbol}")

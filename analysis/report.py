@@ -24,8 +24,9 @@ import pyarrow as pa
 import yaml
 from matplotlib.figure import Figure
 
-from analysis.fits import (LEVEL, N_RESAMPLES, BudgetTrend, ChinchillaFit, FitError, PowerLawFit, UCurveFit,
-                           fit_budget_trend, fit_chinchilla, fit_power_law, fit_u_curve,
+from analysis.fits import (LEVEL, N_RESAMPLES, BudgetTrend, ChinchillaFit, FitError, LogLinearFit, PowerLawFit,
+                           UCurveFit,
+                           fit_budget_trend, fit_chinchilla, fit_loglinear, fit_power_law, fit_u_curve,
                            single_threaded_blas)
 from analysis.plots import plot_budget_trend, plot_power_laws, plot_training_curves, plot_u_curve
 
@@ -50,7 +51,8 @@ class SweepAnalysis:
     budgets: pd.DataFrame = field(repr=False)           # achieved compute per (experiment, budget)
     u_curves: dict = field(repr=False)                  # (experiment, budget) -> {"quadratic": fit, "spline": fit}
     trends: dict = field(repr=False)                    # experiment -> BudgetTrend
-    power_laws: dict = field(repr=False)                # (experiment, memory, budget) -> PowerLawFit
+    power_laws: dict = field(repr=False)                # (experiment, memory, budget) -> PowerLawFit, or
+                                                        # LogLinearFit when too few slot counts for the power law
     compute_laws: dict = field(repr=False)              # (experiment, target rho) -> PowerLawFit over compute
     chinchilla: ChinchillaFit | None = None
     not_fitted: tuple = ()                              # (what, reason)
@@ -157,12 +159,19 @@ def analyse(runs: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, level: float 
     for (experiment, memory, budget), group in mem_rows.groupby(["experiment", "memory", "budget"], sort=True):
         what = f"power law {experiment} / {memory} @ {budget:.3g} FLOPs"
         group = group[group["slots"] > 0]
+        args = (group["slots"].to_numpy(float), group[LOSS_COL].to_numpy(float), group["seed"].to_numpy())
         try:
-            power_laws[(experiment, memory, float(budget))] = fit_power_law(
-                group["slots"].to_numpy(float), group[LOSS_COL].to_numpy(float), group["seed"].to_numpy(),
-                n_resamples=n_resamples, level=level)
+            power_laws[(experiment, memory, float(budget))] = fit_power_law(*args, n_resamples=n_resamples,
+                                                                            level=level)
+            continue
         except (ValueError, FitError) as err:
-            not_fitted.append((what, str(err)))
+            reason = str(err)
+        try:   # too few slot counts for three parameters may still give the paper's two-parameter form
+            power_laws[(experiment, memory, float(budget))] = fit_loglinear(*args, n_resamples=n_resamples,
+                                                                            level=level)
+            not_fitted.append((what, f"{reason}; the log-linear form alone was fitted"))
+        except (ValueError, FitError) as err:
+            not_fitted.append((what, f"{reason}; log-linear form: {err}"))
 
     compute_laws: dict = {}
     alloc_rows = usable[kind == "allocation"]
@@ -238,15 +247,18 @@ def draw_figures(result: SweepAnalysis, curves: pd.DataFrame, plot_dir: Path) ->
         plot_budget_trend(fig.axes[0], fig.axes[1], trend, title=f"{experiment}: ")
         fig.suptitle(f"{experiment}: the optimum across compute budgets")
         out[f"trend_{experiment}"] = _save(fig, plot_dir, f"trend_{experiment}")
-    mem_groups = sorted({(e, b) for e, _, b in result.power_laws})
-    for experiment in sorted({e for e, _ in mem_groups}):
-        budgets = [b for e, b in mem_groups if e == experiment]
-        fig = _figure(len(budgets))
-        for ax, budget in zip(fig.axes, budgets):
-            fits = {m: f for (e, m, b), f in result.power_laws.items() if e == experiment and b == budget}
-            plot_power_laws(ax, fits, title=f"{experiment}: loss vs memory slots at C = {budget:.3g} FLOPs")
-        fig.suptitle(f"{experiment}: validation loss vs memory slots (power law solid, log-linear dashed)")
-        out[f"memory_{experiment}"] = _save(fig, plot_dir, f"memory_{experiment}")
+    # Memory: one panel per budget holding every memory experiment at that budget, so that OverEncoding sits
+    # beside Engram even when the sweep puts them in separate experiments.
+    mem_budgets = sorted({b for _, _, b in result.power_laws}, key=lambda b: (math.isnan(b), b))
+    if mem_budgets:
+        fig = _figure(len(mem_budgets))
+        for ax, budget in zip(fig.axes, mem_budgets):
+            group = {(e, m): f for (e, m, b), f in result.power_laws.items() if _same(b, budget)}
+            kinds = [m for _, m in group]
+            fits = {(m if kinds.count(m) == 1 else f"{e}/{m}"): f for (e, m), f in sorted(group.items())}
+            plot_power_laws(ax, fits, title=f"Loss vs memory slots at C = {budget:.3g} FLOPs")
+        fig.suptitle("Validation loss vs memory slots (power law solid, log-linear dashed)")
+        out["memory"] = _save(fig, plot_dir, "memory")
     for experiment in sorted({e for e, _ in result.compute_laws}):
         fits = {f"rho = {r:g}": f for (e, r), f in sorted(result.compute_laws.items()) if e == experiment}
         fig = _figure(1)
@@ -270,6 +282,10 @@ def draw_figures(result: SweepAnalysis, curves: pd.DataFrame, plot_dir: Path) ->
             fig.suptitle(f"{experiment}: training curves (usable trials)")
             out[f"curves_{experiment}"] = _save(fig, plot_dir, f"curves_{experiment}")
     return out
+
+
+def _same(a: float, b: float) -> bool:
+    return a == b or (math.isnan(a) and math.isnan(b))
 
 
 def _figure(n_panels: int) -> Figure:
@@ -324,9 +340,15 @@ def fits_document(store_dir: Path, spec: dict, result: SweepAnalysis) -> dict:
     power_laws = []
     for (experiment, memory, budget), fit in result.power_laws.items():
         x_far = EXTRAPOLATION_FACTOR * float(fit.x.max())
-        power_laws.append({"experiment": experiment, "memory": memory, "budget": budget, **fit.to_dict(),
-                           "extrapolation": {"slots": x_far, "power_law": fit.extrapolate(x_far).to_dict(),
-                                             "loglinear": fit.loglinear.extrapolate(x_far).to_dict()}})
+        if isinstance(fit, LogLinearFit):
+            extrapolation = {"slots": x_far, "power_law": None, "loglinear": fit.extrapolate(x_far).to_dict()}
+            entry = {"form": "L = a - b ln x (log-linear only)", "loglinear": fit.to_dict()}
+        else:
+            extrapolation = {"slots": x_far, "power_law": fit.extrapolate(x_far).to_dict(),
+                             "loglinear": fit.loglinear.extrapolate(x_far).to_dict()}
+            entry = fit.to_dict()
+        power_laws.append({"experiment": experiment, "memory": memory, "budget": budget, **entry,
+                           "extrapolation": extrapolation})
     return {
         "sweep": _sweep_name(result.runs, spec), "store": str(store_dir),
         "generated_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
@@ -435,17 +457,22 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
         rows = []
         for (experiment, memory, budget), fit in result.power_laws.items():
             x_far = EXTRAPOLATION_FACTOR * float(fit.x.max())
+            only_loglinear = isinstance(fit, LogLinearFit)
+            ll = fit if only_loglinear else fit.loglinear
             rows.append({"experiment": experiment, "memory": memory, "budget": _g(budget),
-                         "points": fit.n_points, "seeds": fit.n_seeds, "E": str(fit.E), "A": str(fit.A),
-                         "alpha": str(fit.alpha), "R²": f"{fit.r2:.4f}",
+                         "points": fit.n_points, "seeds": fit.n_seeds,
+                         "E": "-" if only_loglinear else str(fit.E), "A": "-" if only_loglinear else str(fit.A),
+                         "alpha": "log-linear only" if only_loglinear else str(fit.alpha),
+                         "R²": "-" if only_loglinear else f"{fit.r2:.4f}",
                          "max |residual|": f"{np.max(np.abs(fit.residuals)):.4f}",
-                         "log-linear b": str(fit.loglinear.b), "log-linear R²": f"{fit.loglinear.r2:.4f}",
-                         f"L at {_g(x_far)} slots": str(fit.extrapolate(x_far)),
-                         "bootstrap": fit.bootstrap.scheme + ("" if fit.n_seeds > 1 else " (single seed)")})
+                         "log-linear b": str(ll.b), "log-linear R²": f"{ll.r2:.4f}",
+                         f"L at {EXTRAPOLATION_FACTOR:g}x max slots":
+                             f"{_g(x_far)}: " + str(fit.extrapolate(x_far)),
+                         "bootstrap": (fit.bootstrap.scheme if fit.bootstrap else "-")
+                         + ("" if fit.n_seeds > 1 else " (single seed)")})
         b.append(("table", pd.DataFrame(rows)))
-        for name, path in figures.items():
-            if name.startswith("memory_"):
-                b.append(("img", path, f"loss vs slots, {name[len('memory_'):]}"))
+        if "memory" in figures:
+            b.append(("img", figures["memory"], "loss vs memory slots, every memory experiment"))
 
     if result.chinchilla is not None:
         c = result.chinchilla

@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from analysis.fits import (FitError, bootstrap_counts, fit_budget_trend, fit_chinchilla, fit_chinchilla_table,
-                           fit_isoflop, fit_isoflop_table, fit_optimum_scaling, fit_power_law, fit_u_curve)
+                           fit_isoflop, fit_isoflop_table, fit_loglinear, fit_optimum_scaling, fit_power_law,
+                           fit_u_curve)
 
 DATA = Path(__file__).parent / "data"
 RHO_GRID = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -157,6 +158,14 @@ def test_loglinear_form_is_exact_on_loglinear_data():
     assert fit.loglinear.b.value == pytest.approx(0.05, abs=1e-9)
     assert fit.loglinear.r2 == pytest.approx(1.0)
     assert fit.loglinear.extrapolate(1e8).value == pytest.approx(4.0 - 0.05 * np.log(1e8))
+
+
+def test_loglinear_form_alone_for_two_slot_counts():
+    fit = fit_loglinear([1e4, 1e4, 1e5, 1e5], [3.00, 3.01, 2.95, 2.96], [0, 1, 0, 1], n_resamples=200)
+    assert fit.b.value == pytest.approx(0.05 / np.log(10))
+    assert fit.bootstrap.scheme == "seeds+points" and fit.b.lo <= fit.b.value <= fit.b.hi
+    with pytest.raises(ValueError, match="2 distinct x"):
+        fit_loglinear([1e4, 1e4], [3.0, 3.1])
 
 
 def test_power_law_needs_three_distinct_x():

@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from analysis.fits import fit_budget_trend, fit_isoflop, fit_power_law, fit_u_curve
+from analysis.fits import fit_budget_trend, fit_isoflop, fit_loglinear, fit_power_law, fit_u_curve
 from analysis.plots import plot_budget_trend, plot_isoflop, plot_power_laws, plot_training_curves, plot_u_curve
 
 RHO = np.repeat([0.0, 0.25, 0.5, 0.75, 1.0], 2)
@@ -47,11 +47,13 @@ def test_power_law_plot_puts_overencoding_beside_engram():
     x = np.repeat([1e4, 1e5, 1e6, 1e7], 2)
     fits = {kind: fit_power_law(x, e + 2.0 * x ** -0.3, np.tile([0, 1], 4), n_resamples=50)
             for kind, e in (("engram", 2.0), ("overencoding", 2.05))}
+    fits["small"] = fit_loglinear([1e4, 1e5], [2.2, 2.15], n_resamples=20)
     ax = _axes()
     plot_power_laws(ax, fits)
     texts = _legend_texts(ax)
     assert sum(t.startswith("engram") for t in texts) == 2          # power law and log-linear
     assert sum(t.startswith("overencoding") for t in texts) == 2
+    assert [t for t in texts if t.startswith("small")] == ["small: L = 2.4 - 0.0217 ln x (log-linear only)"]
     assert ax.get_xscale() == "log" and ax.get_title()
 
 

@@ -28,7 +28,7 @@ def test_report_files_exist_and_html_is_self_contained(synthetic_report):
     assert 'src="plots/' not in html                    # nothing to fetch beside the file
     pngs = sorted(p.stem for p in (out / "plots").glob("*.png"))
     assert pngs == sorted(p.stem for p in (out / "plots").glob("*.svg"))
-    assert {"u_curves_alloc", "trend_alloc", "memory_memory", "curves_alloc"} <= set(pngs)
+    assert {"u_curves_alloc", "trend_alloc", "memory", "compute_alloc", "curves_alloc"} <= set(pngs)
 
 
 def test_fits_json_holds_every_fit_with_intervals(synthetic_report):
@@ -87,7 +87,11 @@ def test_report_over_the_real_store_states_boundary_and_unfitted_groups(tmp_path
     for i, rho in enumerate([0.0, 1.0]):                           # two rho values: too few for a U-curve
         store.write_trial(_row(f"few{i}", "few", rho, 0, 3.0), curve)
     store.write_trial(_row("boom", "edge", 0.5, 1, None, status="failed", error="RuntimeError: boom"), None)
+    for i, slots in enumerate([10_000, 100_000]):                 # two slot counts: log-linear form only
+        store.write_trial(_row(f"oe{i}", "oe", float("nan"), 0, 3.0 - 0.01 * i, kind="memory",
+                               memory="overencoding", slots=slots), curve)
     md = write_report(tmp_path / "tiny", tmp_path / "out", n_resamples=100).read_text()
+    assert "log-linear only" in md and "the log-linear form alone was fitted" in md
     assert "optimum on the grid boundary" in md and "no rho* is claimed" in md
     assert "few" in md and "at least 3 distinct rho values" in md
     assert "failed: RuntimeError: boom" in md
@@ -96,6 +100,9 @@ def test_report_over_the_real_store_states_boundary_and_unfitted_groups(tmp_path
     edge = [u for u in doc["u_curves"] if u["experiment"] == "edge"][0]["quadratic"]
     assert edge["verdict"] == "boundary" and edge["rho_star"] is None
     assert edge["argmin"]["value"] == pytest.approx(1.0)
+    oe = doc["power_laws"][0]
+    assert oe["memory"] == "overencoding" and oe["extrapolation"]["power_law"] is None
+    assert oe["loglinear"]["b"]["value"] == pytest.approx(0.01 / np.log(10))
 
 
 def test_split_usable_and_missing_store(tmp_path):
