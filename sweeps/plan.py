@@ -17,7 +17,6 @@ The sweep's ETA is the sum over trials divided by the trials that run at once lo
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import statistics
 import time
