@@ -798,8 +798,8 @@ def fit_power_law(x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: 
 def fit_loglinear(x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL,
                   rng_seed: int = 0) -> LogLinearFit:
     """The paper's L = a - b ln x alone, by least squares with the same bootstrap: for groups with too few slot
-    counts for the three-parameter power law. Needs 2 distinct x values. When most resamples lose a distinct x
-    (e.g. two points of a single seed) the estimate comes without an interval (NaN bounds)."""
+    counts for the three-parameter power law. Needs 2 distinct x values. With only 2 points (an exact fit), or
+    when most resamples lose a distinct x, the estimate comes without an interval (NaN bounds)."""
     _check_level(level, n_resamples)
     x = _as_1d("x", x, positive=True)
     loss = _as_1d("loss", loss, len(x))
@@ -809,9 +809,9 @@ def fit_loglinear(x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: 
     w_Bn = bootstrap_counts(seed, n_resamples, np.random.default_rng(rng_seed)).astype(float)
     fit = _fit_loglinear(x, loss, seed, w_Bn, level)
     n_failed = n_resamples - len(fit.boot)
-    if n_failed > MAX_FAILED_SHARE * n_resamples:
-        # e.g. two points of one seed: resamples that keep both just repeat the fit, so their spread is no
-        # interval. Keep the estimate, report no interval (unlike the power law, this fit cannot go wrong).
+    if len(x) <= 2 or n_failed > MAX_FAILED_SHARE * n_resamples:
+        # e.g. two points of one seed: resamples that keep both just repeat the exact fit, so their spread is
+        # no interval. Keep the estimate, report no interval (unlike the power law, this fit cannot go wrong).
         fit = dataclasses.replace(fit, a=Estimate(fit.a.value, math.nan, math.nan, level),
                                   b=Estimate(fit.b.value, math.nan, math.nan, level), boot=fit.boot[:0])
     return dataclasses.replace(fit, bootstrap=Bootstrap(_scheme(seed), n_resamples, n_failed, level))
