@@ -9,6 +9,10 @@ work runs on this thread. The wall-clock figure is printed too.
 Cases: the default model, with Engram and with OverEncoding memory, with 83 routed experts, and the default and
 83-expert models with the MoE's grouped-expert kernel replaced by a plain autograd loop over expert slices (what
 the hand-written backward in engram.moe saves: little at 16 experts, ~30% of the step at 83, 5x at 256).
+Last, the default model again after telling glibc malloc to keep freed memory (mallopt): by default every
+(B*T, V) logits-sized buffer is a fresh mmap whose pages fault in on first touch, ~10% of a step. That setting is
+process-wide, so it belongs to whoever starts the trial process (MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_
+in its environment), not to the model.
 
     python -m benchmarks.bench_model [--steps 10] [--batch 16] [--threads 1]     (from the repository root)
 """
@@ -16,7 +20,10 @@ the hand-written backward in engram.moe saves: little at 16 experts, ~30% of the
 from __future__ import annotations
 
 import argparse
+import ctypes
+import ctypes.util
 import dataclasses
+import statistics
 import time
 
 import torch
@@ -63,34 +70,58 @@ class AutogradLoopMoE(MoE):
         return (y_TD + self.shared(x_TD)).view(x_BTD.shape)
 
 
-def step_seconds(cfg: ModelConfig, batch: int, n_steps: int, *, loop_moe: bool = False) -> tuple[float, float]:
-    """Median (thread CPU seconds, wall seconds) of a training step, after two warm-up steps."""
-    torch.manual_seed(0)
-    model = EngramMoE(cfg)
-    if loop_moe:
-        for moe in model.moe_layers():
-            moe.__class__ = AutogradLoopMoE
-    tables = {id(p) for p in model.table_parameters()}
-    opt = torch.optim.AdamW([p for p in model.parameters() if id(p) not in tables], lr=1e-3, foreach=True)
-    sparse = torch.optim.SparseAdam(model.table_parameters(), lr=1e-3) if tables else None
-    idx_BT = torch.randint(cfg.vocab_size, (batch, cfg.seq_len))
-    tgt_BT = torch.randint(cfg.vocab_size, (batch, cfg.seq_len))
-    cpu_times, wall_times = [], []
-    for i in range(n_steps + 2):
+class Stepper:
+    """A model, its optimisers and one fixed batch; `step()` times one training step."""
+
+    def __init__(self, cfg: ModelConfig, batch: int, *, loop_moe: bool = False):
+        torch.manual_seed(0)
+        self.cfg = cfg
+        self.model = EngramMoE(cfg)
+        if loop_moe:
+            for moe in self.model.moe_layers():
+                moe.__class__ = AutogradLoopMoE
+        tables = {id(p) for p in self.model.table_parameters()}
+        self.opt = torch.optim.AdamW([p for p in self.model.parameters() if id(p) not in tables], lr=1e-3,
+                                     foreach=True)
+        self.sparse = torch.optim.SparseAdam(self.model.table_parameters(), lr=1e-3) if tables else None
+        self.idx_BT = torch.randint(cfg.vocab_size, (batch, cfg.seq_len))
+        self.tgt_BT = torch.randint(cfg.vocab_size, (batch, cfg.seq_len))
+        self.cpu_times: list[float] = []
+        self.wall_times: list[float] = []
+
+    def step(self, record: bool = True) -> None:
         t0, w0 = time.thread_time(), time.perf_counter()
-        _, loss = model(idx_BT, tgt_BT)
+        _, loss = self.model(self.idx_BT, self.tgt_BT)
         loss.backward()
-        opt.step()
-        if sparse is not None:
-            sparse.step()
-        opt.zero_grad(set_to_none=True)
-        if sparse is not None:
-            sparse.zero_grad(set_to_none=True)
-        model.update_router_biases()
-        if i >= 2:
-            cpu_times.append(time.thread_time() - t0)
-            wall_times.append(time.perf_counter() - w0)
-    return sorted(cpu_times)[len(cpu_times) // 2], sorted(wall_times)[len(wall_times) // 2]
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        if self.sparse is not None:
+            self.sparse.step()
+            self.sparse.zero_grad(set_to_none=True)
+        self.model.update_router_biases()
+        if record:
+            self.cpu_times.append(time.thread_time() - t0)
+            self.wall_times.append(time.perf_counter() - w0)
+
+    def medians(self) -> tuple[float, float]:
+        return statistics.median(self.cpu_times), statistics.median(self.wall_times)
+
+
+def glibc_mallopt():
+    """glibc's mallopt, or None where there is no glibc."""
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name).mallopt if name else None
+    except (OSError, AttributeError):
+        return None
+
+
+def keep_freed_memory(mallopt) -> None:
+    """Serve large allocations from the heap and never trim it (as MALLOC_MMAP_THRESHOLD_=1GiB,
+    MALLOC_TRIM_THRESHOLD_=2GiB, MALLOC_TOP_PAD_=256MiB in the environment would)."""
+    m_trim_threshold, m_top_pad, m_mmap_threshold = -1, -2, -3  # malloc.h
+    for opt, value in ((m_mmap_threshold, 1 << 30), (m_trim_threshold, 1 << 31), (m_top_pad, 1 << 28)):
+        assert mallopt(opt, value) == 1, f"mallopt({opt}, {value}) failed"
 
 
 def main() -> None:
@@ -114,12 +145,24 @@ def main() -> None:
         "default, autograd expert loop": base,
         "83 routed, autograd loop": dataclasses.replace(base, n_routed=83),
     }
-    print(f"batch {args.batch} x seq {base.seq_len}, median of {args.steps} steps")
-    for name, cfg in cases.items():
-        tokens = args.batch * cfg.seq_len
-        sec, wall = step_seconds(cfg, args.batch, args.steps, loop_moe="loop" in name)
-        achieved = flops_per_token(cfg) * tokens / sec
-        print(f"{name:29s} P_act {param_counts(cfg).p_act / 1e6:6.3f}M  {sec * 1e3:6.1f} ms/step CPU "
+    print(f"batch {args.batch} x seq {base.seq_len}, median of {args.steps} steps, cases interleaved step by step")
+    steppers = {name: Stepper(cfg, args.batch, loop_moe="loop" in name) for name, cfg in cases.items()}
+    for st in steppers.values():
+        st.step(record=False)  # warm-up
+    for _ in range(args.steps):
+        for st in steppers.values():
+            st.step()
+    mallopt = glibc_mallopt()
+    if mallopt is not None:  # last, and not interleaved: the setting cannot be undone
+        keep_freed_memory(mallopt)
+        steppers["default, mallopt"] = st = Stepper(base, args.batch)
+        for i in range(args.steps + 1):
+            st.step(record=i > 0)
+    for name, st in steppers.items():
+        sec, wall = st.medians()
+        tokens = args.batch * st.cfg.seq_len
+        achieved = flops_per_token(st.cfg) * tokens / sec
+        print(f"{name:29s} P_act {param_counts(st.cfg).p_act / 1e6:6.3f}M  {sec * 1e3:6.1f} ms/step CPU "
               f"({wall * 1e3:6.1f} wall)  {tokens / sec / 1e3:5.1f}k tok/s  {achieved / 1e9:6.1f} GFLOP/s  "
               f"MFU {achieved / peak:.2f}")
     peak_after = matmul_flops_per_second()
