@@ -7,14 +7,15 @@
   (Huang et al. 2025, arXiv 2501.16975);
 - "none": a plain MoE transformer.
 
-Layout after nanoGPT: norm -> rotary -> attention -> block -> model. Pre-norm RMSNorm, rotary positions
+Layout after nanoGPT: rotary -> attention -> block -> model -> loss. Pre-norm RMSNorm, rotary positions
 (RoFormer, arXiv 2104.09864, half-split pairing as in GPT-NeoX / Llama), causal attention through
 `scaled_dot_product_attention`, no biases. The head is tied to the embedding by default: at the sizes a sweep
 trains on a laptop the vocabulary matrix is a large share of all weights, tying halves it and is the usual choice
 at small scale (GPT-2, nanoGPT); P_tot excludes embedding and head either way, and the head's FLOPs are counted
 whether tied or not. Parameter counts and FLOPs live next door in `engram.accounting`.
 
-Shape legend: B batch, T time, D d_model, H attention heads, Dh head size, V vocabulary.
+Shape legend: B batch, T time, D d_model, H attention heads, Dh head size, F = Dh / 2 rotary frequencies,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -27,14 +28,7 @@ from engram.config import ModelConfig
 from engram.moe import INIT_STD, MoE, SwiGLU, residual_std
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, d: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(d))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
+NORM_EPS = 1e-6
 
 
 def rotary_tables(seq_len: int, d_head: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -75,9 +69,9 @@ class Block(nn.Module):
         super().__init__()
         out_std = residual_std(cfg.n_layers)
         self.engram = engram
-        self.norm_attn = RMSNorm(cfg.d_model)
+        self.norm_attn = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
         self.attn = Attention(cfg, out_std)
-        self.norm_ffn = RMSNorm(cfg.d_model)
+        self.norm_ffn = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
         if layer_id < cfg.n_dense_layers:
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff_dense, out_std=out_std)
         else:
@@ -112,7 +106,7 @@ class EngramMoE(nn.Module):
             from engram.memory import Engram
             engrams = {i: Engram(mem, cfg.d_model, i, compression) for i in mem.layers}
         self.blocks = nn.ModuleList(Block(cfg, i, engrams.get(i)) for i in range(cfg.n_layers))
-        self.norm_out = RMSNorm(cfg.d_model)
+        self.norm_out = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
         if cfg.tie_embeddings:
             self.head = None
         else:
