@@ -49,11 +49,11 @@ class SweepAnalysis:
     usable: pd.DataFrame = field(repr=False)
     excluded: pd.DataFrame = field(repr=False)          # trial_id, experiment, status, reason
     budgets: pd.DataFrame = field(repr=False)           # achieved compute per (experiment, budget)
-    u_curves: dict = field(repr=False)                  # (experiment, budget) -> {"quadratic": fit, "spline": fit}
-    trends: dict = field(repr=False)                    # experiment -> BudgetTrend
-    power_laws: dict = field(repr=False)                # (experiment, memory, budget) -> PowerLawFit, or
-                                                        # LogLinearFit when too few slot counts for the power law
-    compute_laws: dict = field(repr=False)              # (experiment, target rho) -> PowerLawFit over compute
+    u_curves: dict[tuple[str, float], dict[str, UCurveFit]] = field(repr=False)   # -> {"quadratic": .., "spline": ..}
+    trends: dict[str, BudgetTrend] = field(repr=False)                           # experiment -> trend
+    power_laws: dict[tuple[str, str, float], PowerLawFit | LogLinearFit] = field(repr=False)   # log-linear only
+                                                        # when too few slot counts for the power law
+    compute_laws: dict[tuple[str, float], PowerLawFit] = field(repr=False)      # (experiment, target rho)
     chinchilla: ChinchillaFit | None = None
     not_fitted: tuple = ()                              # (what, reason)
 
@@ -391,8 +391,8 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
         b.append(("h2", "Allocation: loss vs rho (U-curves)"))
         b.append(("p", "Default curve: a parabola in rho (fewest parameters with an interior minimum; with a "
                        "handful of rho values and an optimum worth ~0.01 nats a more flexible curve mostly follows "
-                       "seed noise). Check: a cubic P-spline whose penalty (chosen by GCV, again in every resample) shrinks "
-                       "it toward the parabola. "
+                       "seed noise). Check: a cubic P-spline whose penalty (chosen by GCV, again in every "
+                       "resample) shrinks it toward the parabola. "
                        "Verdict 'interior' when the fitted minimum lies strictly inside the sampled rho range; "
                        "otherwise 'boundary' and no rho* is claimed. Gain = loss(rho=1) - loss at the minimum "
                        "(positive: moving sparse parameters into Engram memory helps)."))
