@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from engram.config import MemoryConfig, ModelConfig
-from engram.model import EngramMoE, cross_entropy
+from engram.model import EngramMoE, apply_rotary, cross_entropy, rotary_tables
 from engram.moe import MoE, SwiGLU
 
 SMALL = ModelConfig(vocab_size=97, seq_len=16, d_model=32, n_layers=3, n_heads=2, n_dense_layers=1,
@@ -197,3 +197,35 @@ def test_bf16_autocast_runs_with_fp32_loss_and_gradients():
     loss.backward()
     moe = model.moe_layers()[0]
     assert moe.w_in.grad.dtype == torch.float32 and moe.w_in.grad.abs().sum() > 0
+
+
+def test_rotary_scores_depend_only_on_relative_position():
+    cos_TF, sin_TF = rotary_tables(seq_len=32, d_head=8, theta=10000.0)
+    torch.manual_seed(10)
+    q_Dh, k_Dh = torch.randn(8, dtype=torch.float64), torch.randn(8, dtype=torch.float64)
+
+    def score(m, n):
+        q = apply_rotary(q_Dh.view(1, 1, 1, 8).float(), cos_TF[m:m + 1], sin_TF[m:m + 1])
+        k = apply_rotary(k_Dh.view(1, 1, 1, 8).float(), cos_TF[n:n + 1], sin_TF[n:n + 1])
+        return (q * k).sum().item()
+
+    assert score(5, 2) == pytest.approx(score(20, 17), abs=1e-5)
+    assert score(5, 2) != pytest.approx(score(5, 3), abs=1e-3)
+    assert score(0, 0) == pytest.approx((q_Dh * k_Dh).sum().item(), abs=1e-5)  # position 0: no rotation
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_bf16_step_matches_cpu_loss():
+    torch.manual_seed(11)
+    cpu = EngramMoE(ENGRAM)
+    gpu = EngramMoE(ENGRAM).cuda()
+    gpu.load_state_dict(cpu.state_dict())
+    idx, tgt = batch(ENGRAM)
+    loss_cpu = cpu(idx, tgt)[1]
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        _, loss_gpu = gpu(idx.cuda(), tgt.cuda())
+    assert abs(loss_gpu.item() - loss_cpu.item()) < 0.05
+    loss_gpu.backward()
+    assert all(p.grad is not None for p in gpu.moe_layers()[0].parameters())
+    gpu.update_router_biases()
