@@ -1,6 +1,7 @@
 """analysis.fits: planted parameters are recovered with stated tolerances, intervals cover the truth at about
 their nominal rate, Approach 2 reproduces the published Llama 3 fit, and edge cases behave as documented."""
 
+import ctypes
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import pytest
 
 from analysis.fits import (FitError, bootstrap_counts, fit_budget_trend, fit_chinchilla, fit_chinchilla_table,
                            fit_isoflop, fit_isoflop_table, fit_loglinear, fit_optimum_scaling, fit_power_law,
-                           fit_u_curve)
+                           fit_u_curve, single_threaded_blas)
+from analysis.fits import _loaded_openblas  # the libraries whose setting the context manager changes
 
 DATA = Path(__file__).parent / "data"
 RHO_GRID = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -236,3 +238,19 @@ def test_budget_trend_finds_a_flat_rho_star():
     assert trend.loss_scaling.exponent.value < 0
     with pytest.raises(ValueError, match="2 distinct budgets"):
         fit_optimum_scaling([1e14, 1e14], [0.7, 0.8])
+
+
+def test_single_threaded_blas_restores_the_thread_setting():
+    getters = []
+    for path in _loaded_openblas():
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_get_num_threads64_", "scipy_openblas_get_num_threads"):
+            if hasattr(lib, name):
+                getters.append(getattr(lib, name))
+                break
+    if not getters:
+        pytest.skip("no OpenBLAS loaded in this process")
+    before = [g() for g in getters]
+    with single_threaded_blas():
+        assert [g() for g in getters] == [1] * len(getters)
+    assert [g() for g in getters] == before

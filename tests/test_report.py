@@ -115,3 +115,17 @@ def test_split_usable_and_missing_store(tmp_path):
     assert analyse(runs, n_resamples=10).not_fitted        # one usable point: the U-curve is reported unfitted
     with pytest.raises(ValueError, match="no runs/ folder"):
         write_report(tmp_path / "nothing")
+
+
+def test_chinchilla_form_is_fitted_when_the_sweep_varies_size_and_tokens():
+    rows = []
+    rng = np.random.default_rng(0)
+    for i, (p_act, tokens) in enumerate((p, d) for p in np.geomspace(1e6, 3e7, 5) for d in np.geomspace(1e8, 3e9, 5)):
+        loss = (1.8 + 400 * p_act ** -0.34 + 400 * tokens ** -0.28) * np.exp(rng.normal(0, 0.002))
+        row = _row(f"n{i}", "scale", 1.0, 0, float(loss))
+        row.update(P_act=int(p_act), tokens=int(tokens), compute=6.0 * p_act * tokens)
+        rows.append(row)
+    result = analyse(pd.DataFrame(rows), n_resamples=50)
+    assert result.chinchilla is not None
+    assert result.chinchilla.alpha.value == pytest.approx(0.34, abs=0.06)
+    assert result.chinchilla.beta.value == pytest.approx(0.28, abs=0.06)
