@@ -504,15 +504,16 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
 
 
 def _verdict_text(fit: UCurveFit) -> str:
+    seeds = " Single seed: the interval resamples points only." if fit.single_seed else ""
     if fit.rho_star is None:
         return (f"optimum on the grid boundary (rho = {fit.argmin.value:.3g}); no interior optimum, so no rho* is "
-                f"claimed ({fit.p_interior:.0%} of resamples had an interior minimum).")
+                f"claimed ({fit.p_interior:.0%} of resamples had an interior minimum).{seeds}")
     text = f"interior optimum rho* = {fit.rho_star}"
     if fit.gain is not None:
         significant = fit.gain.lo > 0
         text += (f"; gain over pure MoE (rho = 1) {fit.gain} nats, "
                  + ("its interval excludes zero." if significant else "its interval includes zero: not resolved."))
-    return text + f" ({fit.p_interior:.0%} of resamples had an interior minimum.)"
+    return text + f" ({fit.p_interior:.0%} of resamples had an interior minimum.){seeds}"
 
 
 def _markdown(blocks: list) -> str:
