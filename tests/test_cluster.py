@@ -111,7 +111,8 @@ def test_losing_the_worker_mid_sweep_is_survived(cluster, cache_dir, tmp_path):
         deadline = time.monotonic() + WAIT_S
         while time.monotonic() < deadline:
             # A trial actor lives on the worker and both trials (one per node) have checkpointed.
-            if trial_processes_under(raylet_pid) and resume.is_dir() and len([p for p in resume.iterdir() if not p.name.startswith(".")]) >= 2:
+            saved = [p for p in resume.iterdir() if not p.name.startswith(".")] if resume.is_dir() else []
+            if trial_processes_under(raylet_pid) and len(saved) >= 2:
                 c.remove_node(worker, allow_graceful=False)
                 killed.set()
                 return

@@ -7,7 +7,6 @@ short private temp folder (Unix socket paths must be short), usage stats off and
 from __future__ import annotations
 
 import io
-import os
 import tempfile
 from pathlib import Path
 
