@@ -123,6 +123,10 @@ def main() -> int:
             os.kill(pid, signal.SIGKILL)
     ok &= not left
 
+    log = store.root / "ray.log"
+    n_resumed = log.read_text().count("resumed True") if log.exists() else 0
+    print(f"trials that resumed from a state saved before a kill: {n_resumed}")
+
     runs = store.runs()
     ids = list(runs["trial_id"])
     n_expected = len(planned) + n_search

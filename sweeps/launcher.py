@@ -122,6 +122,11 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
             seen.add(t.trial_id)
     n_skipped = len({t.trial_id for t in trials if t.kind != "search"} & done_ids)
     searches = _pending_searches(spec, store)
+    if not grid and not searches:  # nothing to run: no need to start Ray
+        return LaunchSummary(
+            n_requested=0, n_skipped=n_skipped, n_ok=0, n_diverged=0, n_failed=0, n_unrecorded=0, n_resumed=0,
+            n_slots=1, wall_seconds=time.perf_counter() - t_start, tune_seconds=0.0, trial_seconds=0.0,
+            setup_seconds=(), log_path=log_path)
 
     # Search trials are resolved from a suggested rho in two places; both need the same fingerprint (trial ids)
     # and a throughput (ETAs only), computed once here rather than per trial.
@@ -130,8 +135,8 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
     recorder = _Recorder(spec, store, grid, searches, stream, fingerprint, throughput, resume_root)
     _clean_tune_dir(tune_root, done_ids)
     tune_seconds = 0.0
-    with _quiet(log_path) as terminal, _ray_session(address, log_path):
-        recorder.attach(terminal if stream is None else stream, _n_slots(spec))
+    with _quiet(log_path) as (terminal, log), _ray_session(address, log_path):
+        recorder.attach(terminal if stream is None else stream, log, _n_slots(spec))
         _prepare_data(spec, grid, searches, cache_dir)
         payload = _Payload(spec=spec, configs={t.trial_id: (t.experiment, to_dict(t.config)) for t in grid},
                            search=None, fingerprint=fingerprint, throughput=throughput,
@@ -182,9 +187,9 @@ def _ray_session(address: str | None, log_path: Path) -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _quiet(log_path: Path) -> Iterator[TextIO]:
+def _quiet(log_path: Path) -> Iterator[tuple[TextIO, TextIO]]:
     """Send everything this process writes to stdout/stderr (Ray's logging, Tune's tables and warnings) to
-    `log_path`; yield a stream to the real stderr for the progress line.
+    `log_path`; yield a stream to the real stderr for the progress line, and the log itself.
 
     Redirected at the file-descriptor level and at the Python level, and the stream handlers of existing loggers
     (Ray's, created at import) are pointed at the log too: any of these alone lets some of the noise through.
@@ -203,7 +208,7 @@ def _quiet(log_path: Path) -> Iterator[TextIO]:
         old_streams = [h.setStream(log) for h in handlers]
         try:
             with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                yield terminal
+                yield terminal, log
         finally:
             for h, stream in zip(handlers, old_streams):
                 h.setStream(stream)
@@ -365,12 +370,14 @@ def _trainable(tune_config: dict[str, Any], payload: _Payload) -> None:
         raise RuntimeError(f"injected fault: attempt {attempt} of trial {trial_id} (testing.fail_attempts)")
 
     cache_dir = None if payload.cache_dir is None else Path(payload.cache_dir)
-    result = run_trial(config, cache_dir=cache_dir, checkpoint_dir=state,
-                       on_progress=on_progress, on_checkpoint=on_checkpoint)
-    setup = time.perf_counter() - t_enter - result.wall_seconds
-    report({METRIC: math.nan if result.final_val_loss is None else result.final_val_loss,
-            "trial_result": json.dumps(result.to_dict()), "setup_seconds": setup, "resumed": resumed})
-    shutil.rmtree(work, ignore_errors=True)
+    try:
+        result = run_trial(config, cache_dir=cache_dir, checkpoint_dir=state,
+                           on_progress=on_progress, on_checkpoint=on_checkpoint)
+        setup = time.perf_counter() - t_enter - result.wall_seconds
+        report({METRIC: math.nan if result.final_val_loss is None else result.final_val_loss,
+                "trial_result": json.dumps(result.to_dict()), "setup_seconds": setup, "resumed": resumed})
+    finally:  # Tune holds its own copy of every reported checkpoint
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def _publish_resume(root: Path, trial_id: str, work: Path) -> None:
@@ -444,6 +451,7 @@ class _Recorder(tune.Callback):
         self.n_total = len(grid) + sum(v[0] for v in searches.values())
         self.search_est = self._search_estimate(searches)
         self.stream: TextIO | None = stream
+        self.log: TextIO | None = None
         self.n_slots = 1
         self.statuses: list[str] = []
         self.recorded_ids: list[str] = []
@@ -465,8 +473,8 @@ class _Recorder(tune.Callback):
         # does not use: re-runs go through the store); keep that snapshot small and free of open streams.
         return {}
 
-    def attach(self, stream: TextIO, n_slots: int) -> None:
-        self.stream, self.n_slots = stream, n_slots
+    def attach(self, stream: TextIO, log: TextIO, n_slots: int) -> None:
+        self.stream, self.log, self.n_slots = stream, log, n_slots
         self._tty = bool(getattr(stream, "isatty", lambda: False)())
         self._draw(force=True)
 
@@ -488,7 +496,7 @@ class _Recorder(tune.Callback):
         if "trial_result" in result:
             planned = self._planned(trial, result.get("engram_trial_id"))
             trial_result = TrialResult.from_dict(json.loads(result["trial_result"]))
-            self._write(trial, planned, trial_result, None, result.get("setup_seconds"))
+            self._write(trial, planned, trial_result, None, result.get("setup_seconds"), result.get("resumed"))
             self.n_resumed += bool(result.get("resumed"))
         elif result.get("total_steps"):
             self._progress[tid] = result["step"] / result["total_steps"]
@@ -520,7 +528,7 @@ class _Recorder(tune.Callback):
         return planned
 
     def _write(self, trial, planned: PlannedTrial, result: TrialResult | None, error: str | None,
-               setup_seconds: float | None = None) -> None:
+               setup_seconds: float | None = None, resumed: bool = False) -> None:
         tid = trial.trial_id
         # Tune counts failures: a trial that errored for good has failed in every attempt.
         attempts = trial.num_failures + (1 if result is not None else 0)
@@ -529,6 +537,10 @@ class _Recorder(tune.Callback):
         if self._host.get(tid):
             row["host"] = self._host[tid]  # the node the trial ran on, not the driver's
         self.store.write_trial(row, curve_frame(result) if result is not None else None)
+        if self.log is not None:
+            self.log.write(f"{_now()} recorded {planned.trial_id} ({planned.experiment}) status {row['status']} "
+                           f"attempts {row['attempts']} resumed {bool(resumed)} host {row['host']}"
+                           + (f" error {row['error']}" if row["error"] else "") + "\n")
         if self.resume_root is not None and result is not None:  # complete: its saved state is of no more use
             _drop_resume(self.resume_root, planned.trial_id)
         self.statuses.append(row["status"])
