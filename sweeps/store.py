@@ -204,11 +204,16 @@ def package_versions() -> dict[str, str | None]:
 
 
 def git_commit() -> str | None:
-    """HEAD of the checkout this package runs from, or None (not a git checkout, no git)."""
+    """HEAD of the checkout this package runs from, with "-dirty" when tracked files differ from it; None when
+    not in a git checkout or without git. It is read when the row is written: a tree edited while a sweep runs
+    can still mix code versions (Ray workers import the code when they start)."""
+    here = Path(__file__).resolve().parent
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parent,
-                             capture_output=True, text=True, timeout=10)
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0 or not head.stdout.strip():
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    commit = out.stdout.strip()
-    return commit if out.returncode == 0 and commit else None
+    return head.stdout.strip() + ("-dirty" if dirty.returncode == 0 and dirty.stdout.strip() else "")
