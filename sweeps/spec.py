@@ -17,6 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, Union
 
 import yaml
@@ -28,12 +29,13 @@ EXPERIMENT_KINDS = ("allocation", "memory", "search")
 SWEEP_MEMORY_KINDS = ("engram", "overencoding")
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Keys a spec may not set in `train` / `model.memory`: each experiment sets them per trial.
-_TRAIN_PER_TRIAL = {"steps": "each experiment's budget sets the horizon as train.flops",
+_TRAIN_PER_TRIAL = MappingProxyType({"steps": "each experiment's budget sets the horizon as train.flops",
                     "tokens": "each experiment's budget sets the horizon as train.flops",
                     "flops": "each experiment's budget sets the horizon as train.flops",
-                    "seed": "each experiment's seeds set it"}
-_MEMORY_PER_TRIAL = {"kind": "each experiment sets the memory kind",
-                     "slots": "each experiment sets the slot count (allocation: the solver; memory: `slots`)"}
+                    "seed": "each experiment's seeds set it"})
+_MEMORY_PER_TRIAL = MappingProxyType({
+    "kind": "each experiment sets the memory kind",
+    "slots": "each experiment sets the slot count (allocation: the solver; memory: `slots`)"})
 
 
 class SpecError(ValueError):
@@ -151,7 +153,8 @@ class SearchExperiment:
 
 
 Experiment = Union[AllocationExperiment, MemoryExperiment, SearchExperiment]
-_EXPERIMENT_CLASSES = {"allocation": AllocationExperiment, "memory": MemoryExperiment, "search": SearchExperiment}
+_EXPERIMENT_CLASSES = MappingProxyType(
+    {"allocation": AllocationExperiment, "memory": MemoryExperiment, "search": SearchExperiment})
 
 
 @dataclass(frozen=True)
