@@ -5,9 +5,10 @@ embedded local Ray when no address is given, otherwise a connection to an existi
 `--address` / RAY_ADDRESS and passes it in).
 
 How one sweep runs (docs/reliability.md, docs/cluster.md):
-- Grid trials (allocation, memory) go to one Tune run; each `search` experiment is a Tune run of its own with
-  Tune's OptunaSearch (TPE seeded with the experiment's seed, rho ~ U[0, 1]); each suggested rho is resolved
-  into a concrete trial by `plan.plan_search_trial`, in the trainable and again in the driver for its row.
+- One Tune run per launch: a searcher hands out the grid trials (allocation, memory) first, then each `search`
+  experiment's suggestions from Tune's OptunaSearch (TPE seeded with the experiment's seed, rho ~ U[0, 1],
+  warm-started with the search trials already stored); each suggested rho is resolved into a concrete trial by
+  `plan.plan_search_trial`, in the trainable and again in the driver for its row.
 - A trial is `engram.trial.run_trial` inside a Tune function trainable given `resources.cpus_per_trial` CPUs
   (torch threads follow) and `gpus_per_trial` GPUs (fractions share a device). Each run_trial checkpoint is
   reported to Tune (`Checkpoint.from_directory`), so a retry after a crash (`FailureConfig(max_failures=
@@ -26,7 +27,6 @@ How one sweep runs (docs/reliability.md, docs/cluster.md):
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import datetime as dt
 import json
 import logging
@@ -43,6 +43,7 @@ from typing import Any, Iterator, TextIO
 
 import ray
 from ray import tune
+from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
 from engram.config import TrialConfig, from_dict, to_dict
@@ -132,6 +133,7 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
     # and a throughput (ETAs only), computed once here rather than per trial.
     fingerprint = corpus_fingerprint(spec.data)
     throughput = calibrate_throughput(spec, store.runs())
+    n_requested = len(grid) + sum(v[0] for v in searches.values())
     recorder = _Recorder(spec, store, grid, searches, stream, fingerprint, throughput, resume_root)
     _clean_tune_dir(tune_root, done_ids)
     tune_seconds = 0.0
@@ -139,29 +141,24 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
         recorder.attach(terminal if stream is None else stream, log, _n_slots(spec))
         _prepare_data(spec, grid, searches, cache_dir)
         payload = _Payload(spec=spec, configs={t.trial_id: (t.experiment, to_dict(t.config)) for t in grid},
-                           search=None, fingerprint=fingerprint, throughput=throughput,
+                           fingerprint=fingerprint, throughput=throughput,
                            cache_dir=None if cache_dir is None else str(cache_dir),
                            resume_root=None if resume_root is None else str(resume_root),
                            fail=spec.testing.fail_attempts)
-        t_tune = time.perf_counter()
-        if grid:
-            _run_tune(spec, payload, storage, recorder, name="grid",
-                      param_space={"trial_id": tune.grid_search([t.trial_id for t in grid])})
+        optuna = {}
         for exp_name, (n_left, n_done, points, rewards) in searches.items():
-            exp = spec.experiment(exp_name)
             # The sampler's seed also counts the trials already stored: TPE draws its first points at random
             # from its seed whatever the history, so a re-run seeded alike would repeat the stored rhos.
-            searcher = OptunaSearch(
-                metric=METRIC, mode="min", seed=exp.seed + n_done, points_to_evaluate=points or None,
+            optuna[exp_name] = OptunaSearch(
+                space={"rho": tune.uniform(0.0, 1.0)}, metric=METRIC, mode="min",
+                seed=spec.experiment(exp_name).seed + n_done, points_to_evaluate=points or None,
                 evaluated_rewards=rewards or None)
-            recorder.search = exp_name
-            _run_tune(spec, dataclasses.replace(payload, configs={}, search=exp_name), storage, recorder,
-                      name=exp_name, param_space={"rho": tune.uniform(0.0, 1.0)}, searcher=searcher,
-                      num_samples=n_left)
+        searcher = _SweepSearcher([t.trial_id for t in grid], optuna, {k: v[0] for k, v in searches.items()})
+        t_tune = time.perf_counter()
+        _run_tune(spec, payload, storage, recorder, searcher, num_samples=n_requested)
         tune_seconds = time.perf_counter() - t_tune
         recorder.close()
 
-    n_requested = len(grid) + sum(v[0] for v in searches.values())
     st = recorder.statuses
     return LaunchSummary(
         n_requested=n_requested, n_skipped=n_skipped, n_ok=st.count("ok"), n_diverged=st.count("diverged"),
@@ -240,17 +237,16 @@ def _n_slots(spec: SweepSpec) -> int:
     return max(1, slots)
 
 
-def _run_tune(spec: SweepSpec, payload: _Payload, storage: str, recorder: _Recorder, *, name: str,
-              param_space: dict[str, Any], searcher: Any = None, num_samples: int = 1) -> None:
+def _run_tune(spec: SweepSpec, payload: _Payload, storage: str, recorder: _Recorder, searcher: _SweepSearcher,
+              num_samples: int) -> None:
     res = spec.resources
     trainable = tune.with_resources(tune.with_parameters(_trainable, payload=payload),
                                     {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
-    run_name = f"{name}-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
+    run_name = f"sweep-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     tuner = tune.Tuner(
-        trainable, param_space=param_space,
+        trainable, param_space={},
         tune_config=tune.TuneConfig(
-            search_alg=searcher, metric=METRIC if searcher is not None else None,
-            mode="min" if searcher is not None else None, num_samples=num_samples,
+            search_alg=searcher, metric=METRIC, mode="min", num_samples=num_samples,
             max_concurrent_trials=res.max_concurrent,
             # A worker process keeps torch and the token cache imported between trials (start-up overhead).
             reuse_actors=True,
@@ -266,6 +262,38 @@ def _run_tune(spec: SweepSpec, payload: _Payload, storage: str, recorder: _Recor
     # Finished trials are in the store; Tune's copies of their checkpoints are no longer needed.
     if "://" not in storage:
         shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+
+
+class _SweepSearcher(Searcher):
+    """Feeds one Tune run with every trial of a launch: the grid trials first, then the search experiments'
+    Optuna suggestions (round-robin over experiments), so that no slot idles between the two."""
+
+    def __init__(self, grid_ids: list[str], optuna: dict[str, OptunaSearch], n_left: dict[str, int]) -> None:
+        super().__init__(metric=METRIC, mode="min")
+        self._grid = list(grid_ids)
+        self._optuna, self._left = optuna, dict(n_left)
+        self._owner: dict[str, str] = {}  # Tune trial id -> search experiment
+
+    def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
+        return True  # metric and mode are fixed; the space is per experiment, held by its OptunaSearch
+
+    def suggest(self, trial_id: str) -> dict | str | None:
+        if self._grid:
+            return {"trial_id": self._grid.pop(0)}
+        for name, searcher in self._optuna.items():
+            if self._left[name] > 0:
+                config = searcher.suggest(trial_id)
+                if config is None or config == Searcher.FINISHED:
+                    continue
+                self._left[name] -= 1
+                self._owner[trial_id] = name
+                return {"search": name, "rho": float(config["rho"])}
+        return Searcher.FINISHED
+
+    def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
+        name = self._owner.pop(trial_id, None)
+        if name is not None:
+            self._optuna[name].on_trial_complete(trial_id, result=result, error=error)
 
 
 def _pending_searches(spec: SweepSpec, store: ResultStore) -> dict[str, tuple[int, int, list[dict], list[float]]]:
@@ -307,7 +335,6 @@ class _Payload:
 
     spec: SweepSpec
     configs: dict[str, tuple[str, dict]]  # grid: trial_id -> (experiment, TrialConfig as a mapping)
-    search: str | None  # search run: the experiment name (the trial comes from the suggested rho)
     fingerprint: str  # of the corpus, for search trial ids
     throughput: Throughput
     cache_dir: str | None
@@ -323,11 +350,12 @@ def _trainable(tune_config: dict[str, Any], payload: _Payload) -> None:
     t_enter = time.perf_counter()
     # Torch threads follow the CPUs this trial was given (Ray sets no limit of its own for torch).
     torch.set_num_threads(max(1, int(payload.spec.resources.cpus_per_trial)))
-    if payload.search is not None:
-        exp = payload.spec.experiment(payload.search)
-        planned = plan_search_trial(payload.spec, payload.search, float(tune_config["rho"]), exp.seed,
-                                    throughput=payload.throughput, fingerprint=payload.fingerprint)
-        trial_id, experiment, config = planned.trial_id, payload.search, planned.config
+    if "search" in tune_config:
+        experiment = tune_config["search"]
+        planned = plan_search_trial(payload.spec, experiment, float(tune_config["rho"]),
+                                    payload.spec.experiment(experiment).seed, throughput=payload.throughput,
+                                    fingerprint=payload.fingerprint)
+        trial_id, config = planned.trial_id, planned.config
     else:
         trial_id = tune_config["trial_id"]
         experiment, config_dict = payload.configs[trial_id]
@@ -458,7 +486,6 @@ class _Recorder(tune.Callback):
         self.trial_seconds = 0.0
         self.n_resumed = 0
         self.setup_seconds: list[float] = []
-        self.search: str | None = None  # the search experiment whose Tune run is on
         self._started_at: dict[str, str] = {}  # Tune trial id -> first start (ISO UTC)
         self._host: dict[str, str] = {}
         self._progress: dict[str, float] = {}  # Tune trial id -> fraction done, while running
@@ -520,9 +547,8 @@ class _Recorder(tune.Callback):
         if "trial_id" in trial.config:
             return self.planned[trial.config["trial_id"]]
         # A search trial: resolve the suggested rho here as the trainable did (same function, same inputs).
-        assert self.search is not None
-        exp = self.spec.experiment(self.search)
-        planned = plan_search_trial(self.spec, self.search, float(trial.config["rho"]), exp.seed,
+        name = trial.config["search"]
+        planned = plan_search_trial(self.spec, name, float(trial.config["rho"]), self.spec.experiment(name).seed,
                                     throughput=self.throughput, fingerprint=self.fingerprint)
         assert reported_id is None or reported_id == planned.trial_id, (reported_id, planned.trial_id)
         return planned

@@ -89,7 +89,7 @@ def trial_processes_under(raylet_pid: int) -> list[int]:
 
 def test_trials_run_on_both_nodes(cluster, cache_dir, tmp_path):
     c, worker = cluster
-    spec = make_spec(tmp_path, "two-nodes", 4.0e9, [0, 1])
+    spec = make_spec(tmp_path, "two-nodes", 2.0e10, [0, 1])  # ~300 steps: both nodes get busy
     store = ResultStore(spec.store_dir)
     summary = launch(spec, plan_sweep(spec), store, address=c.address, log_path=tmp_path / "ray.log",
                      cache_dir=cache_dir, stream=io.StringIO())
