@@ -42,10 +42,18 @@ from engram.data import prepare_data
 from engram.memory import build_compression
 from engram.model import EngramMoE
 
+# Part of every trial id and checkpoint key: bump it whenever a change to the model, data or training code makes
+# new losses incomparable with stored ones, so a sweep re-runs those trials instead of mixing two code versions.
+RESULTS_VERSION = 2  # 2: validation windows spread over the whole validation split
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
 # Train-loss points kept per curve (besides the evaluations): enough for a smooth plot, small in Parquet.
 N_CURVE_POINTS = 100
+
+
+def trial_id(config: TrialConfig, data_fingerprint: str) -> str:
+    """A trial's identity: content hash of its resolved config, its data and the results version."""
+    return config_hash(config, data_fingerprint, f"v{RESULTS_VERSION}")
 
 
 @dataclass(frozen=True)
@@ -293,7 +301,7 @@ def run_trial(config: TrialConfig, *, cache_dir: Path | None = None, checkpoint_
     saved state is complete returns its stored result without training.
     """
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir is not None else None
-    key = config_hash(config)
+    key = config_hash(config, f"v{RESULTS_VERSION}")
     if checkpoint_dir is not None and (checkpoint_dir / RESULT_FILE).exists():
         stored = json.loads((checkpoint_dir / RESULT_FILE).read_text())
         _check_key(stored, key, checkpoint_dir / RESULT_FILE)

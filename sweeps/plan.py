@@ -26,8 +26,9 @@ from typing import Mapping
 import pandas as pd
 
 from engram.accounting import ParamCounts, flops_per_token, param_counts, solve_allocation
-from engram.config import ModelConfig, TrialConfig, config_hash
+from engram.config import ModelConfig, TrialConfig
 from engram.data import corpus_fingerprint
+from engram.trial import horizon_steps, trial_id
 from sweeps.spec import (AllocationExperiment, MemoryExperiment, SearchExperiment, SweepSpec, engram_shape,
                          target_p_tot)
 
@@ -132,13 +133,11 @@ def allocation_model(spec: SweepSpec, p_tot: float, rho: float) -> ModelConfig:
 
 def _planned(spec: SweepSpec, experiment: str, kind: str, model: ModelConfig, rho: float | None,
              budget: float, seed: int, fingerprint: str, throughput: Throughput) -> PlannedTrial:
-    from engram.trial import horizon_steps
-
     config = TrialConfig(model=model, data=spec.data, train=spec.trial_train(budget, seed))
     fpt = flops_per_token(model)
     steps = horizon_steps(config.train, fpt, model.seq_len)
     return PlannedTrial(
-        trial_id=config_hash(config, fingerprint), sweep=spec.name, experiment=experiment, kind=kind,
+        trial_id=trial_id(config, fingerprint), sweep=spec.name, experiment=experiment, kind=kind,
         memory=model.memory.kind, rho=rho, slots=model.memory.slots if model.memory.kind != "none" else 0,
         seed=seed, budget=float(budget), config=config, counts=param_counts(model), flops_per_token=fpt,
         tokens=steps * config.train.batch_size * model.seq_len,

@@ -8,8 +8,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engram.config import config_hash
 from engram.data import corpus_fingerprint
+from engram.trial import trial_id
 from sweeps.plan import (STARTUP_SECONDS, Throughput, calibrate_throughput, matmul_flops_per_second, plan_search_trial,
                          plan_sweep, plan_table)
 from sweeps.spec import parse_spec, target_p_tot
@@ -59,7 +59,7 @@ def test_grid_is_expanded_with_concrete_configs(base_dir: Path) -> None:
         assert abs(t.tokens * t.flops_per_token - t.budget) <= step_flops / 2 + 1e-6  # horizon = round(steps)
         assert t.est_seconds > FIXED.startup_seconds
     fingerprint = corpus_fingerprint(spec.data)
-    assert all(t.trial_id == config_hash(t.config, fingerprint) for t in trials)
+    assert all(t.trial_id == trial_id(t.config, fingerprint) for t in trials)
     assert len({t.trial_id for t in trials}) == len(trials)
 
 

@@ -326,3 +326,14 @@ def test_format_progress_is_one_line_with_the_figures() -> None:
     assert "120/400" in line and "30%" in line and "4.123" in line and "245.8k" in line
     assert "4.456" in format_progress(Progress(1, 2, 3, 4.0, 4.456, 1e-3, 0.0))
     assert "eta 29s" in line and "eta 1m40s" in format_progress(Progress(100, 200, 1, 4.0, None, 1e-3, 100.0))
+
+
+def test_trial_id_covers_config_data_and_results_version() -> None:
+    from engram.config import config_hash
+    from engram.trial import RESULTS_VERSION, trial_id
+
+    config = TrialConfig(model=MODEL, data=DATA, train=TRAIN)
+    assert trial_id(config, "data-a") == trial_id(TrialConfig(model=MODEL, data=DATA, train=TRAIN), "data-a")
+    assert trial_id(config, "data-a") != trial_id(config, "data-b")
+    # A new results version gives new ids: stored trials of older code are re-run, never mixed in.
+    assert trial_id(config, "data-a") != config_hash(config, "data-a", f"v{RESULTS_VERSION - 1}")
