@@ -39,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, Iterator, NamedTuple, TextIO
 
 import ray
 from ray import tune
@@ -76,8 +76,8 @@ class LaunchSummary:
     n_unrecorded: int  # launched but never recorded (e.g. Tune gave up on them without an error)
     n_resumed: int  # recorded trials whose last attempt started from a saved checkpoint (retry or re-run)
     n_slots: int  # trials that can run at once given the cluster's CPUs/GPUs and max_concurrent
-    wall_seconds: float  # the whole launch: Ray start, data preparation, Tune runs
-    tune_seconds: float  # inside the Tune runs only
+    wall_seconds: float  # the whole launch: Ray start, data preparation, the Tune run
+    tune_seconds: float  # inside the Tune run only
     trial_seconds: float  # sum over recorded trials of their training wall time (TrialResult.wall_seconds)
     setup_seconds: tuple[float, ...]  # per trial: time in the trainable outside run_trial's training loop
     log_path: Path
@@ -133,11 +133,11 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
     # and a throughput (ETAs only), computed once here rather than per trial.
     fingerprint = corpus_fingerprint(spec.data)
     throughput = calibrate_throughput(spec, store.runs())
-    n_requested = len(grid) + sum(v[0] for v in searches.values())
+    n_requested = len(grid) + sum(v.n_left for v in searches.values())
     recorder = _Recorder(spec, store, grid, searches, stream, fingerprint, throughput, resume_root)
     _clean_tune_dir(tune_root, done_ids)
     tune_seconds = 0.0
-    with _quiet(log_path) as (terminal, log), _ray_session(address, log_path):
+    with _quiet(log_path) as (terminal, log), _ray_session(address):
         recorder.attach(terminal if stream is None else stream, log, _n_slots(spec))
         _prepare_data(spec, grid, searches, cache_dir)
         payload = _Payload(spec=spec, configs={t.trial_id: (t.experiment, to_dict(t.config)) for t in grid},
@@ -146,14 +146,14 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
                            resume_root=None if resume_root is None else str(resume_root),
                            fail=spec.testing.fail_attempts)
         optuna = {}
-        for exp_name, (n_left, n_done, points, rewards) in searches.items():
+        for exp_name, pending in searches.items():
             # The sampler's seed also counts the trials already stored: TPE draws its first points at random
             # from its seed whatever the history, so a re-run seeded alike would repeat the stored rhos.
             optuna[exp_name] = OptunaSearch(
                 space={"rho": tune.uniform(0.0, 1.0)}, metric=METRIC, mode="min",
-                seed=spec.experiment(exp_name).seed + n_done, points_to_evaluate=points or None,
-                evaluated_rewards=rewards or None)
-        searcher = _SweepSearcher([t.trial_id for t in grid], optuna, {k: v[0] for k, v in searches.items()})
+                seed=spec.experiment(exp_name).seed + pending.n_done, points_to_evaluate=pending.points or None,
+                evaluated_rewards=pending.rewards or None)
+        searcher = _SweepSearcher([t.trial_id for t in grid], optuna, {k: v.n_left for k, v in searches.items()})
         t_tune = time.perf_counter()
         _run_tune(spec, payload, storage, recorder, searcher, num_samples=n_requested)
         tune_seconds = time.perf_counter() - t_tune
@@ -173,7 +173,7 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
 
 
 @contextlib.contextmanager
-def _ray_session(address: str | None, log_path: Path) -> Iterator[None]:
+def _ray_session(address: str | None) -> Iterator[None]:
     """The one place Ray is started or joined; disconnects (and stops an embedded Ray) on the way out."""
     ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
              logging_level=logging.WARNING)
@@ -266,7 +266,7 @@ def _run_tune(spec: SweepSpec, payload: _Payload, storage: str, recorder: _Recor
 
 class _SweepSearcher(Searcher):
     """Feeds one Tune run with every trial of a launch: the grid trials first, then the search experiments'
-    Optuna suggestions (round-robin over experiments), so that no slot idles between the two."""
+    Optuna suggestions (experiments in spec order), so that no slot idles between grid and search."""
 
     def __init__(self, grid_ids: list[str], optuna: dict[str, OptunaSearch], n_left: dict[str, int]) -> None:
         super().__init__(metric=METRIC, mode="min")
@@ -280,15 +280,19 @@ class _SweepSearcher(Searcher):
     def suggest(self, trial_id: str) -> dict | str | None:
         if self._grid:
             return {"trial_id": self._grid.pop(0)}
+        waiting = False
         for name, searcher in self._optuna.items():
             if self._left[name] > 0:
                 config = searcher.suggest(trial_id)
-                if config is None or config == Searcher.FINISHED:
-                    continue
-                self._left[name] -= 1
-                self._owner[trial_id] = name
-                return {"search": name, "rho": float(config["rho"])}
-        return Searcher.FINISHED
+                if config == Searcher.FINISHED:
+                    self._left[name] = 0
+                elif config is None:  # nothing to suggest right now; ask again later
+                    waiting = True
+                else:
+                    self._left[name] -= 1
+                    self._owner[trial_id] = name
+                    return {"search": name, "rho": float(config["rho"])}
+        return None if waiting else Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         name = self._owner.pop(trial_id, None)
@@ -296,10 +300,16 @@ class _SweepSearcher(Searcher):
             self._optuna[name].on_trial_complete(trial_id, result=result, error=error)
 
 
-def _pending_searches(spec: SweepSpec, store: ResultStore) -> dict[str, tuple[int, int, list[dict], list[float]]]:
-    """Per search experiment: trials still to run, and the finished ones as Optuna warm-start points (ok
-    trials with their final validation loss; diverged ones count as run but teach the sampler nothing)."""
-    out: dict[str, tuple[int, int, list[dict], list[float]]] = {}
+class _PendingSearch(NamedTuple):
+    n_left: int  # trials still to run
+    n_done: int  # complete trials in the store (ok or diverged)
+    points: list[dict]  # Optuna warm start: the rho of each ok trial ...
+    rewards: list[float]  # ... and its final validation loss (diverged trials teach the sampler nothing)
+
+
+def _pending_searches(spec: SweepSpec, store: ResultStore) -> dict[str, _PendingSearch]:
+    """The search experiments with trials left to run, by name."""
+    out: dict[str, _PendingSearch] = {}
     runs = store.runs()
     for exp in spec.experiments:
         if exp.kind != "search":
@@ -310,11 +320,12 @@ def _pending_searches(spec: SweepSpec, store: ResultStore) -> dict[str, tuple[in
         rewards = [float(v) for v in ok["final_val_loss"]]
         n_left = max(0, exp.n_trials - len(mine))
         if n_left:
-            out[exp.name] = (n_left, len(mine), points, rewards)
+            out[exp.name] = _PendingSearch(n_left, len(mine), points, rewards)
     return out
 
 
-def _prepare_data(spec: SweepSpec, grid: list[PlannedTrial], searches: dict, cache_dir: Path | None) -> None:
+def _prepare_data(spec: SweepSpec, grid: list[PlannedTrial], searches: dict[str, _PendingSearch],
+                  cache_dir: Path | None) -> None:
     """Tokenize the corpus once in the driver so that concurrent trials read the cache, not race to build it."""
     from engram.data import prepare_data
 
@@ -471,12 +482,13 @@ def _resume_index(path: Path) -> int:
 class _Recorder(tune.Callback):
     """Writes each finished trial to the store at once and keeps the one-line progress view."""
 
-    def __init__(self, spec: SweepSpec, store: ResultStore, grid: list[PlannedTrial], searches: dict,
-                 stream: TextIO | None, fingerprint: str, throughput: Throughput, resume_root: Path | None) -> None:
+    def __init__(self, spec: SweepSpec, store: ResultStore, grid: list[PlannedTrial],
+                 searches: dict[str, _PendingSearch], stream: TextIO | None, fingerprint: str,
+                 throughput: Throughput, resume_root: Path | None) -> None:
         self.spec, self.store, self.resume_root = spec, store, resume_root
         self.fingerprint, self.throughput = fingerprint, throughput
         self.planned = {t.trial_id: t for t in grid}
-        self.n_total = len(grid) + sum(v[0] for v in searches.values())
+        self.n_total = len(grid) + sum(v.n_left for v in searches.values())
         self.search_est = self._search_estimate(searches)
         self.stream: TextIO | None = stream
         self.log: TextIO | None = None
@@ -489,7 +501,6 @@ class _Recorder(tune.Callback):
         self._started_at: dict[str, str] = {}  # Tune trial id -> first start (ISO UTC)
         self._host: dict[str, str] = {}
         self._progress: dict[str, float] = {}  # Tune trial id -> fraction done, while running
-        self._est: dict[str, float] = {}  # Tune trial id -> planned seconds
         self._retries = 0
         self._actual_over_est: list[tuple[float, float]] = []
         self._last_line, self._last_draw = "", 0.0
@@ -580,14 +591,14 @@ class _Recorder(tune.Callback):
 
     # -- the progress line --------------------------------------------------------------------------------------
 
-    def _search_estimate(self, searches: dict) -> float:
+    def _search_estimate(self, searches: dict[str, _PendingSearch]) -> float:
         if not searches:
             return 0.0
         name = next(iter(searches))
         return plan_search_trial(self.spec, name, 0.8, self.spec.experiment(name).seed, throughput=self.throughput,
                                  fingerprint=self.fingerprint).est_seconds
 
-    def _eta_seconds(self) -> float | None:
+    def _eta_seconds(self) -> float:
         est_of = {t.trial_id: t.est_seconds for t in self.planned.values()}
         done_ids = set(self.recorded_ids)
         pending = sum(s for tid, s in est_of.items() if tid not in done_ids)
@@ -605,12 +616,12 @@ class _Recorder(tune.Callback):
     def _line(self) -> str:
         n_done = len(self.statuses)
         n_failed, n_div = self.statuses.count("failed"), self.statuses.count("diverged")
-        eta = self._eta_seconds()
+        eta = self._eta_seconds()  # plan estimates, scaled by measured / estimated time of finished trials
         parts = [f"[{self.spec.name}] {n_done}/{self.n_total} done", f"{len(self._progress)} running",
                  f"{n_failed} failed", f"{n_div} diverged"]
         if self._retries:
             parts.append(f"{self._retries} retried")
-        parts.append("ETA " + ("?" if eta is None else _duration(eta)))
+        parts.append("ETA " + _duration(eta))
         return " | ".join(parts)
 
     def _draw(self, force: bool = False) -> None:

@@ -30,6 +30,7 @@ BASE = {
               "checkpoint_interval": 25, "device": "cpu"},
     "resources": {"cpus_per_trial": 1, "max_retries": 2},
 }
+pytestmark = pytest.mark.slow  # ~40-60 s on 2 shared cores: two Ray nodes and six real trials
 WAIT_S = 120  # the longest the worker-loss test waits for a trial to be under way on the worker
 
 
