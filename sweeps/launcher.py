@@ -7,8 +7,8 @@ embedded local Ray when no address is given, otherwise a connection to an existi
 How one sweep runs (docs/reliability.md, docs/cluster.md):
 - One Tune run per launch: a searcher hands out the grid trials (allocation, memory) first, then each `search`
   experiment's suggestions from Tune's OptunaSearch (TPE seeded with the experiment's seed, rho ~ U[0, 1],
-  warm-started with the search trials already stored); each suggested rho is resolved into a concrete trial by
-  `plan.plan_search_trial`, in the trainable and again in the driver for its row.
+  warm-started with the search trials already stored); the driver resolves each suggested rho into a concrete
+  trial (`plan.plan_search_trial`) before Tune starts it, so trainables only ever run given configs.
 - A trial is `engram.trial.run_trial` inside a Tune function trainable given `resources.cpus_per_trial` CPUs
   (torch threads follow) and `gpus_per_trial` GPUs (fractions share a device). Each run_trial checkpoint is
   reported to Tune (`Checkpoint.from_directory`), so a retry after a crash (`FailureConfig(max_failures=
@@ -39,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, TextIO
+from typing import Any, Callable, Iterator, NamedTuple, TextIO
 
 import ray
 from ray import tune
@@ -129,8 +129,8 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
             n_slots=1, wall_seconds=time.perf_counter() - t_start, tune_seconds=0.0, trial_seconds=0.0,
             setup_seconds=(), log_path=log_path)
 
-    # Search trials are resolved from a suggested rho in two places; both need the same fingerprint (trial ids)
-    # and a throughput (ETAs only), computed once here rather than per trial.
+    # Search trials are resolved from a suggested rho as Tune asks for them; that needs the corpus fingerprint
+    # (trial ids) and a throughput (ETAs only), computed once here rather than per trial.
     fingerprint = corpus_fingerprint(spec.data)
     throughput = calibrate_throughput(spec, store.runs())
     n_requested = len(grid) + sum(v.n_left for v in searches.values())
@@ -141,7 +141,6 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
         recorder.attach(terminal if stream is None else stream, log, _n_slots(spec))
         _prepare_data(spec, grid, searches, cache_dir)
         payload = _Payload(spec=spec, configs={t.trial_id: (t.experiment, to_dict(t.config)) for t in grid},
-                           fingerprint=fingerprint, throughput=throughput,
                            cache_dir=None if cache_dir is None else str(cache_dir),
                            resume_root=None if resume_root is None else str(resume_root),
                            fail=spec.testing.fail_attempts)
@@ -153,7 +152,8 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
                 space={"rho": tune.uniform(0.0, 1.0)}, metric=METRIC, mode="min",
                 seed=spec.experiment(exp_name).seed + pending.n_done, points_to_evaluate=pending.points or None,
                 evaluated_rewards=pending.rewards or None)
-        searcher = _SweepSearcher([t.trial_id for t in grid], optuna, {k: v.n_left for k, v in searches.items()})
+        searcher = _SweepSearcher([t.trial_id for t in grid], optuna, {k: v.n_left for k, v in searches.items()},
+                                  recorder.resolve_search)
         t_tune = time.perf_counter()
         _run_tune(spec, payload, storage, recorder, searcher, num_samples=n_requested)
         tune_seconds = time.perf_counter() - t_tune
@@ -268,10 +268,11 @@ class _SweepSearcher(Searcher):
     """Feeds one Tune run with every trial of a launch: the grid trials first, then the search experiments'
     Optuna suggestions (experiments in spec order), so that no slot idles between grid and search."""
 
-    def __init__(self, grid_ids: list[str], optuna: dict[str, OptunaSearch], n_left: dict[str, int]) -> None:
+    def __init__(self, grid_ids: list[str], optuna: dict[str, OptunaSearch], n_left: dict[str, int],
+                 resolve: Callable[[str, float], PlannedTrial]) -> None:
         super().__init__(metric=METRIC, mode="min")
         self._grid = list(grid_ids)
-        self._optuna, self._left = optuna, dict(n_left)
+        self._optuna, self._left, self._resolve = optuna, dict(n_left), resolve
         self._owner: dict[str, str] = {}  # Tune trial id -> search experiment
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
@@ -291,7 +292,9 @@ class _SweepSearcher(Searcher):
                 else:
                     self._left[name] -= 1
                     self._owner[trial_id] = name
-                    return {"search": name, "rho": float(config["rho"])}
+                    planned = self._resolve(name, float(config["rho"]))
+                    return {"trial_id": planned.trial_id, "search": name, "rho": planned.rho,
+                            "config_json": json.dumps(to_dict(planned.config))}
         return None if waiting else Searcher.FINISHED
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
@@ -345,9 +348,7 @@ class _Payload:
     """Everything the trainable needs, shipped once through the object store (tune.with_parameters)."""
 
     spec: SweepSpec
-    configs: dict[str, tuple[str, dict]]  # grid: trial_id -> (experiment, TrialConfig as a mapping)
-    fingerprint: str  # of the corpus, for search trial ids
-    throughput: Throughput
+    configs: dict[str, tuple[str, dict]]  # grid trials: trial_id -> (experiment, TrialConfig as a mapping)
     cache_dir: str | None
     resume_root: str | None
     fail: FailAttempts | None
@@ -361,16 +362,12 @@ def _trainable(tune_config: dict[str, Any], payload: _Payload) -> None:
     t_enter = time.perf_counter()
     # Torch threads follow the CPUs this trial was given (Ray sets no limit of its own for torch).
     torch.set_num_threads(max(1, int(payload.spec.resources.cpus_per_trial)))
-    if "search" in tune_config:
-        experiment = tune_config["search"]
-        planned = plan_search_trial(payload.spec, experiment, float(tune_config["rho"]),
-                                    payload.spec.experiment(experiment).seed, throughput=payload.throughput,
-                                    fingerprint=payload.fingerprint)
-        trial_id, config = planned.trial_id, planned.config
+    trial_id = tune_config["trial_id"]
+    if "search" in tune_config:  # resolved by the driver when Optuna suggested its rho
+        experiment, config_dict = tune_config["search"], json.loads(tune_config["config_json"])
     else:
-        trial_id = tune_config["trial_id"]
         experiment, config_dict = payload.configs[trial_id]
-        config = from_dict(TrialConfig, config_dict)
+    config = from_dict(TrialConfig, config_dict)
 
     node_id = ray.get_runtime_context().get_node_id()
     # "trial_id" is Tune's own key in a result, hence "engram_trial_id".
@@ -488,6 +485,7 @@ class _Recorder(tune.Callback):
         self.spec, self.store, self.resume_root = spec, store, resume_root
         self.fingerprint, self.throughput = fingerprint, throughput
         self.planned = {t.trial_id: t for t in grid}
+        self.planned_search: dict[str, PlannedTrial] = {}
         self.n_total = len(grid) + sum(v.n_left for v in searches.values())
         self.search_est = self._search_estimate(searches)
         self.stream: TextIO | None = stream
@@ -554,15 +552,21 @@ class _Recorder(tune.Callback):
 
     # -- recording ----------------------------------------------------------------------------------------------
 
-    def _planned(self, trial, reported_id: str | None) -> PlannedTrial:
-        if "trial_id" in trial.config:
-            return self.planned[trial.config["trial_id"]]
-        # A search trial: resolve the suggested rho here as the trainable did (same function, same inputs).
-        name = trial.config["search"]
-        planned = plan_search_trial(self.spec, name, float(trial.config["rho"]), self.spec.experiment(name).seed,
+    def resolve_search(self, experiment: str, rho: float) -> PlannedTrial:
+        """The concrete trial of search `experiment` at a suggested `rho` (kept for its row)."""
+        planned = plan_search_trial(self.spec, experiment, rho, self.spec.experiment(experiment).seed,
                                     throughput=self.throughput, fingerprint=self.fingerprint)
-        assert reported_id is None or reported_id == planned.trial_id, (reported_id, planned.trial_id)
+        self.planned_search[planned.trial_id] = planned
         return planned
+
+    def _planned(self, trial, reported_id: str | None) -> PlannedTrial:
+        tid = trial.config["trial_id"]
+        assert reported_id is None or reported_id == tid, (reported_id, tid)
+        if tid in self.planned:
+            return self.planned[tid]
+        if tid not in self.planned_search:  # the searcher's instance was a copy: resolve again (deterministic)
+            self.resolve_search(trial.config["search"], float(trial.config["rho"]))
+        return self.planned_search[tid]
 
     def _write(self, trial, planned: PlannedTrial, result: TrialResult | None, error: str | None,
                setup_seconds: float | None = None, resumed: bool = False) -> None:
@@ -629,9 +633,11 @@ class _Recorder(tune.Callback):
             return
         now = time.monotonic()
         line = self._line()
-        counts_changed = line.split(" | ETA")[0] != self._last_line.split(" | ETA")[0]
+        # A terminal redraws on any change; a log or pipe gets a line when a trial ends (and now and then).
+        cut = " | ETA" if self._tty else " | "
+        changed = line.split(cut)[0] != self._last_line.split(cut)[0]
         wait = REFRESH_TTY_S if self._tty else REFRESH_PIPE_S
-        if not (force or counts_changed or now - self._last_draw >= wait):
+        if not (changed or now - self._last_draw >= wait or (force and line != self._last_line)):
             return
         if self._tty:
             self.stream.write("\r\x1b[K" + line)
