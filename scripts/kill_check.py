@@ -7,7 +7,7 @@ the driver process after a random delay drawn from --window seconds; a final rou
 every kill the script records what the store holds (rows, curves, unreadable files, leftover temp files, the
 saved states a re-run can resume from) and checks that the killed driver's Ray processes went with it. At the
 end the store must hold every planned trial exactly once, complete (ok or diverged), each with its curve, and no
-partial files. Without --spec it writes a small spec (8 trials of ~10 s each) to a temporary folder.
+partial files. Without --spec it writes a small spec (8 grid + 2 search trials of ~10 s each) to a temporary folder.
 Figures go to docs/reliability.md by hand. Exit status 0 when every check passes.
 """
 
@@ -50,6 +50,7 @@ SMALL_SPEC = {
          "seeds": [0, 1]},
         {"name": "mem", "kind": "memory", "memory": ["engram"], "slots": [4096, 16384], "budget": 1.5e11,
          "seeds": [0]},
+        {"name": "search", "kind": "search", "p_tot_ratio": 3, "budget": 1.5e11, "n_trials": 2, "seed": 0},
     ],
 }
 
@@ -84,7 +85,7 @@ def main() -> int:
     lingering: set[int] = set()  # Ray processes seen alive 5 s after their driver ended
     for round_ in range(args.kills + 1):
         last = round_ == args.kills
-        if not last and planned <= store.completed_ids() and n_search == 0:
+        if not last and planned <= store.completed_ids() and _search_done(spec, store):
             print("      the sweep completed before all kills were spent; final round")
             last = True
         delay = None if last else rng.uniform(*args.window)
@@ -148,6 +149,12 @@ def main() -> int:
     else:
         print(f"kept {work}")
     return 0 if all(checks.values()) else 1
+
+
+def _search_done(spec, store: ResultStore) -> bool:
+    runs = store.runs()
+    done = runs[runs["status"].isin(COMPLETE_STATUSES)]
+    return all((done["experiment"] == e.name).sum() >= e.n_trials for e in spec.experiments if e.kind == "search")
 
 
 def _inspect(store: ResultStore) -> dict[str, int]:

@@ -50,7 +50,7 @@ from engram.config import TrialConfig, from_dict, to_dict
 from engram.data import corpus_fingerprint
 from engram.trial import TrialResult
 from sweeps.plan import PlannedTrial, Throughput, calibrate_throughput, plan_search_trial
-from sweeps.spec import FailAttempts, SweepSpec
+from sweeps.spec import FailAttempts, SpecError, SweepSpec
 from sweeps.store import ResultStore, curve_frame, result_row
 
 TUNE_DIR = ".tune"  # under the store root; git-ignored with results/
@@ -135,9 +135,11 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
     throughput = calibrate_throughput(spec, store.runs())
     n_requested = len(grid) + sum(v.n_left for v in searches.values())
     recorder = _Recorder(spec, store, grid, searches, stream, fingerprint, throughput, resume_root)
-    _clean_tune_dir(tune_root, done_ids)
+    _clean_tune_dir(tune_root, keep={t.trial_id for t in grid})
     tune_seconds = 0.0
     with _quiet(log_path) as (terminal, log), _ray_session(address):
+        if address is None:
+            _check_fits(spec)
         recorder.attach(terminal if stream is None else stream, log, _n_slots(spec))
         _prepare_data(spec, grid, searches, cache_dir)
         payload = _Payload(spec=spec, configs={t.trial_id: (t.experiment, to_dict(t.config)) for t in grid},
@@ -223,6 +225,16 @@ def _all_stream_handlers() -> list[logging.StreamHandler]:
                                        if isinstance(lg, logging.Logger)]
     return [h for lg in loggers for h in lg.handlers
             if isinstance(h, logging.StreamHandler) and not isinstance(h, logging.FileHandler)]
+
+
+def _check_fits(spec: SweepSpec) -> None:
+    """On an embedded Ray (a fixed machine), a trial asking for more than the machine has would wait forever."""
+    total = ray.cluster_resources()
+    for field, key, need in (("cpus_per_trial", "CPU", spec.resources.cpus_per_trial),
+                             ("gpus_per_trial", "GPU", spec.resources.gpus_per_trial)):
+        have = total.get(key, 0.0)
+        if need > have:
+            raise SpecError(f"resources.{field}: {need:g} per trial, but this machine's Ray has {have:g} {key}s")
 
 
 def _n_slots(spec: SweepSpec) -> int:
@@ -433,9 +445,10 @@ def _latest_resume(root: Path, trial_id: str) -> Path | None:
     return max(found, key=_resume_index) if found else None
 
 
-def _clean_tune_dir(tune_root: Path, done_ids: set[str]) -> None:
+def _clean_tune_dir(tune_root: Path, keep: set[str]) -> None:
     """Remove what earlier launches left behind: Tune run folders of drivers no longer alive (killed ones), and
-    published states of trials now complete."""
+    published states of trials other than `keep` (complete ones, and partial search trials: a re-run's Optuna
+    suggests other rhos, so those states would never be resumed)."""
     if not tune_root.is_dir():
         return
     for p in tune_root.iterdir():
@@ -446,7 +459,7 @@ def _clean_tune_dir(tune_root: Path, done_ids: set[str]) -> None:
     resume = tune_root / RESUME_DIR
     if resume.is_dir():
         for p in resume.iterdir():
-            if p.name.split(".")[0] in done_ids or p.name.startswith("."):
+            if p.name.startswith(".") or p.name.split(".")[0] not in keep:
                 shutil.rmtree(p, ignore_errors=True)
 
 

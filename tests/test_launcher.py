@@ -16,7 +16,7 @@ import yaml
 
 from sweeps.launcher import launch
 from sweeps.plan import plan_sweep
-from sweeps.spec import parse_spec
+from sweeps.spec import SpecError, parse_spec
 from sweeps.store import ResultStore
 
 BASE = {
@@ -138,3 +138,11 @@ def test_failing_and_diverging_trials_are_recorded_not_retried_forever(ray_env, 
     summary2, store, _ = run(spec, cache_dir)
     assert (summary2.n_requested, summary2.n_skipped, summary2.n_failed) == (1, 1, 1)
     assert len(store.runs()) == 2
+
+
+def test_a_trial_bigger_than_the_machine_is_refused(ray_env, cache_dir, tmp_path):
+    experiments = [{"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [1.0], "budgets": [BUDGET]}]
+    spec = make_spec(tmp_path, "s3", experiments, resources={"cpus_per_trial": 512})
+    with pytest.raises(SpecError, match=r"^resources\.cpus_per_trial: 512 per trial, but this machine's Ray has"):
+        run(spec, cache_dir)
+    assert not ResultStore(spec.store_dir).runs_dir.exists()
