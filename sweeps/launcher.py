@@ -411,7 +411,10 @@ def _trainable(tune_config: dict[str, Any], payload: _Payload) -> None:
     def on_checkpoint(path: Path) -> None:
         report({}, checkpoint=True)
         if payload.resume_root is not None:
-            _publish_resume(Path(payload.resume_root), trial_id, work)
+            # Best effort: on a cluster node that cannot reach the driver's results folder the trial goes on,
+            # only without driver-kill resume.
+            with contextlib.suppress(OSError):
+                _publish_resume(Path(payload.resume_root), trial_id, work)
 
     if payload.fail is not None and payload.fail.applies(experiment, trial_id, attempt):
         report({}, checkpoint=True)  # the attempt count must survive the injected crash
