@@ -12,9 +12,11 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import torch
 import yaml
 
-from sweeps.launcher import launch
+from engram.trial import run_trial
+from sweeps.launcher import RESUME_DIR, STATE_DIR, TUNE_DIR, launch
 from sweeps.plan import plan_sweep
 from sweeps.spec import SpecError, parse_spec
 from sweeps.store import ResultStore
@@ -146,3 +148,35 @@ def test_a_trial_bigger_than_the_machine_is_refused(ray_env, cache_dir, tmp_path
     with pytest.raises(SpecError, match=r"^resources\.cpus_per_trial: 512 per trial, but this machine's Ray has"):
         run(spec, cache_dir)
     assert not ResultStore(spec.store_dir).runs_dir.exists()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_a_rerun_resumes_a_trial_cut_short_from_its_published_state(ray_env, cache_dir, tmp_path):
+    experiments = [{"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [1.0], "budgets": [BUDGET]}]
+    spec = make_spec(tmp_path, "s4", experiments)
+    (planned,) = plan_sweep(spec)
+    # What a killed driver leaves: the state a trial published at its first checkpoint (step 10 of ~30).
+    state = spec.store_dir / TUNE_DIR / RESUME_DIR / f"{planned.trial_id}.1" / STATE_DIR
+
+    def stop(path: Path) -> None:
+        raise Interrupt
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as in the trial's worker (cpus_per_trial 1): same arithmetic, same losses
+    try:
+        with pytest.raises(Interrupt):
+            run_trial(planned.config, cache_dir=cache_dir, checkpoint_dir=state, on_checkpoint=stop)
+        reference = run_trial(planned.config, cache_dir=cache_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+    summary, store, _ = run(spec, cache_dir)
+    assert (summary.n_ok, summary.n_resumed) == (1, 1)
+    row = store.runs().iloc[0]
+    assert row["final_val_loss"] == reference.final_val_loss and row["steps"] == reference.steps
+    curve = store.curves().sort_values("step")
+    assert list(curve["train_loss"]) == [p.train_loss for p in reference.curve]
+    assert not any((spec.store_dir / TUNE_DIR / RESUME_DIR).iterdir())  # dropped once the row is written
