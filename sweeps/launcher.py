@@ -137,29 +137,35 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
     recorder = _Recorder(spec, store, grid, searches, stream, fingerprint, throughput, resume_root)
     _clean_tune_dir(tune_root, keep={t.trial_id for t in grid})
     tune_seconds = 0.0
-    with _quiet(log_path) as (terminal, log), _ray_session(address):
-        if address is None:
-            _check_fits(spec)
-        recorder.attach(terminal if stream is None else stream, log, _n_slots(spec))
-        _prepare_data(spec, grid, searches, cache_dir)
-        payload = _Payload(spec=spec, configs={t.trial_id: (t.experiment, to_dict(t.config)) for t in grid},
-                           cache_dir=None if cache_dir is None else str(cache_dir),
-                           resume_root=None if resume_root is None else str(resume_root),
-                           fail=spec.testing.fail_attempts)
-        optuna = {}
-        for exp_name, pending in searches.items():
-            # The sampler's seed also counts the trials already stored: TPE draws its first points at random
-            # from its seed whatever the history, so a re-run seeded alike would repeat the stored rhos.
-            optuna[exp_name] = OptunaSearch(
-                space={"rho": tune.uniform(0.0, 1.0)}, metric=METRIC, mode="min",
-                seed=spec.experiment(exp_name).seed + pending.n_done, points_to_evaluate=pending.points or None,
-                evaluated_rewards=pending.rewards or None)
-        searcher = _SweepSearcher([t.trial_id for t in grid], optuna, {k: v.n_left for k, v in searches.items()},
-                                  recorder.resolve_search)
-        t_tune = time.perf_counter()
-        _run_tune(spec, payload, storage, recorder, searcher, num_samples=n_requested)
-        tune_seconds = time.perf_counter() - t_tune
-        recorder.close()
+    with _quiet(log_path) as (terminal, log):
+        out = terminal if stream is None else stream
+        where = "starting a local Ray" if address is None else f"connecting to Ray at {address}"
+        # Joining a cluster can take minutes (Ray retries an unreachable address): say what is happening.
+        out.write(f"[{spec.name}] {where} (Ray's log: {log_path})\n")
+        out.flush()
+        with _ray_session(address):
+            if address is None:
+                _check_fits(spec)
+            recorder.attach(out, log, _n_slots(spec))
+            _prepare_data(spec, grid, searches, cache_dir)
+            payload = _Payload(spec=spec, configs={t.trial_id: (t.experiment, to_dict(t.config)) for t in grid},
+                               cache_dir=None if cache_dir is None else str(cache_dir),
+                               resume_root=None if resume_root is None else str(resume_root),
+                               fail=spec.testing.fail_attempts)
+            optuna = {}
+            for exp_name, pending in searches.items():
+                # The sampler's seed also counts the trials already stored: TPE draws its first points at random
+                # from its seed whatever the history, so a re-run seeded alike would repeat the stored rhos.
+                optuna[exp_name] = OptunaSearch(
+                    space={"rho": tune.uniform(0.0, 1.0)}, metric=METRIC, mode="min",
+                    seed=spec.experiment(exp_name).seed + pending.n_done,
+                    points_to_evaluate=pending.points or None, evaluated_rewards=pending.rewards or None)
+            n_left = {name: pending.n_left for name, pending in searches.items()}
+            searcher = _SweepSearcher([t.trial_id for t in grid], optuna, n_left, recorder.resolve_search)
+            t_tune = time.perf_counter()
+            _run_tune(spec, payload, storage, recorder, searcher, num_samples=n_requested)
+            tune_seconds = time.perf_counter() - t_tune
+            recorder.close()
 
     st = recorder.statuses
     return LaunchSummary(
