@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -35,8 +36,9 @@ WAIT_S = 120  # the longest the worker-loss test waits for a trial to be under w
 
 
 @pytest.fixture(scope="module")
-def cluster():
+def cluster(tmp_path_factory: pytest.TempPathFactory):
     """A head and a worker node of one CPU each; the same test-only environment on both."""
+    tmp_path_factory.getbasetemp()  # pytest's own temp root stays where it was, outside the folder below
     from ray.cluster_utils import Cluster
 
     tmp = tempfile.mkdtemp(prefix="rc-", dir="/tmp")
@@ -53,6 +55,7 @@ def cluster():
         finally:
             c.shutdown()  # stops exactly the processes this fixture started
     tempfile.tempdir = None
+    shutil.rmtree(tmp, ignore_errors=True)  # Ray's session logs
 
 
 @pytest.fixture(scope="module")
