@@ -236,7 +236,8 @@ def test_train_config_mistake_is_one_line(spec_dir: Path, capsys: pytest.Capture
 
 
 @pytest.mark.slow
-def test_run_records_every_trial_and_the_resolved_spec(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
+def test_run_records_every_trial_and_the_resolved_spec(ray_env: str, spec_dir: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
     spec = copy.deepcopy(BASE_SPEC)
     spec["experiments"] = [
         {"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [0.0], "budgets": [1.5e8]},

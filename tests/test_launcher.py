@@ -7,8 +7,6 @@ short private temp folder (Unix socket paths must be short), usage stats off and
 from __future__ import annotations
 
 import io
-import shutil
-import tempfile
 from pathlib import Path
 
 import pandas as pd
@@ -32,21 +30,6 @@ BASE = {
     "resources": {"cpus_per_trial": 1, "max_retries": 1},
 }
 BUDGET = 2.0e9  # ~30 optimiser steps of the tiny model
-
-
-@pytest.fixture(scope="module")
-def ray_env(tmp_path_factory: pytest.TempPathFactory):
-    """Environment for the embedded Ray of these tests; restored afterwards."""
-    tmp_path_factory.getbasetemp()  # pytest's own temp root stays where it was, outside the folder below
-    tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
-    env = {"RAY_TMPDIR": tmp, "TMPDIR": tmp, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-    with pytest.MonkeyPatch.context() as mp:
-        for k, v in env.items():
-            mp.setenv(k, v)
-        tempfile.tempdir = None  # re-read TMPDIR
-        yield tmp
-    tempfile.tempdir = None
-    shutil.rmtree(tmp, ignore_errors=True)  # Ray's session logs
 
 
 @pytest.fixture(scope="module")

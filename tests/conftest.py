@@ -1,0 +1,35 @@
+"""Test-wide settings for Ray.
+
+Every Ray started by a test in this process must see the same token-auth mode: Ray reads it once per process,
+and a test that starts Ray with auth on (Ray 2.60's default) breaks every later Ray of the session that turns
+it off (workers die before they run). So auth is off and usage stats are off for the whole test session; this
+is for tests only, users keep Ray's defaults.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+import pytest
+
+TEST_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    os.environ.update(TEST_RAY_ENV)
+
+
+@pytest.fixture(scope="session")
+def ray_env(tmp_path_factory: pytest.TempPathFactory):
+    """A short private temp folder for embedded Rays (Unix socket paths must be short); removed afterwards."""
+    tmp_path_factory.getbasetemp()  # pytest's own temp root stays where it was, outside the folder below
+    tmp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", tmp)
+        mp.setenv("TMPDIR", tmp)
+        tempfile.tempdir = None  # re-read TMPDIR
+        yield tmp
+    tempfile.tempdir = None
+    shutil.rmtree(tmp, ignore_errors=True)  # Ray's session logs
