@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import socket
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
@@ -109,18 +110,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sweeps.store import ResultStore
 
     spec = load_spec(args.spec)
+    address = args.address or os.environ.get("RAY_ADDRESS") or None
+    if address is not None:
+        check_ray_address(address, "--address" if args.address else "RAY_ADDRESS")
     store = ResultStore(spec.store_dir)
     trials = plan_sweep(spec, throughput=calibrate_throughput(spec, store.runs()))
     # Nothing is written before this point, so a bad spec leaves no trace. This driver is the store's only
     # writer: leftovers of a killed predecessor can go.
     store.remove_temp_files()
     store.write_spec(dump_spec(spec))
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
     from sweeps.launcher import launch  # imports Ray: only once the spec is known to be good
     summary = launch(spec, trials, store, address=address, log_path=store.root / "ray.log")
     print(summary_text(summary, store))
     # Failed trials are recorded and the rest completed, but the sweep is not whole: say so in the exit status.
     return 0 if summary.n_failed == 0 and summary.n_unrecorded == 0 else 1
+
+
+def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a head that cannot be reached: ray.init itself retries for minutes without a word.
+
+    Only plain host:port addresses are checked ("auto", "local" and ray:// client addresses go to Ray as they are).
+    """
+    host, sep, port = address.rpartition(":")
+    if "://" in address or not sep or not port.isdigit():
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as err:
+        raise UserError(f"{source}: no Ray head answers at {address} ({err.strerror or err})") from None
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -270,3 +271,15 @@ def test_report_writes_report_md_for_a_store(spec_dir: Path, capsys: pytest.Capt
     assert main(["report", str(spec.store_dir), "--out", str(spec_dir / "rep")]) == 0
     printed = Path(capsys.readouterr().out.strip())
     assert printed == spec_dir / "rep" / "report.md" and printed.is_file()
+
+
+def test_unreachable_ray_address_is_one_line_and_writes_nothing(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    path = write_spec(spec_dir, BASE_SPEC)
+    assert main(["run", str(path), "--address", f"127.0.0.1:{port}"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"engram-sweep: error: --address: no Ray head answers at 127.0.0.1:{port}"), err
+    assert "\n" not in err
+    assert not load_spec(path).store_dir.exists()
