@@ -46,6 +46,7 @@ from ray import tune
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
+from engram.accounting import AllocationError
 from engram.config import TrialConfig, from_dict, to_dict
 from engram.data import corpus_fingerprint
 from engram.trial import TrialResult
@@ -60,6 +61,7 @@ META_FILE = "launcher.json"  # inside a reported checkpoint: attempt number, tri
 METRIC = "val_loss"  # what the search minimises (final validation loss)
 # The live line is redrawn at most this often on a terminal, and printed at most this often to a log/pipe
 # (besides every change in the done/failed counts).
+MAX_RESUGGESTIONS = 50  # Optuna suggestions tried for one search trial before its experiment counts as exhausted
 REFRESH_TTY_S = 1.0
 REFRESH_PIPE_S = 60.0
 
@@ -161,7 +163,10 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
                     seed=spec.experiment(exp_name).seed + pending.n_done,
                     points_to_evaluate=pending.points or None, evaluated_rewards=pending.rewards or None)
             n_left = {name: pending.n_left for name, pending in searches.items()}
-            searcher = _SweepSearcher([t.trial_id for t in grid], optuna, n_left, recorder.resolve_search)
+            stored = store.runs()
+            stored = stored[stored["status"].isin(("ok", "diverged"))]
+            searcher = _SweepSearcher([t.trial_id for t in grid], optuna, n_left, recorder.resolve_search,
+                                      dict(zip(stored["trial_id"], stored["final_val_loss"].astype(float))))
             t_tune = time.perf_counter()
             _run_tune(spec, payload, storage, recorder, searcher, num_samples=n_requested)
             tune_seconds = time.perf_counter() - t_tune
@@ -170,7 +175,7 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
     st = recorder.statuses
     return LaunchSummary(
         n_requested=n_requested, n_skipped=n_skipped, n_ok=st.count("ok"), n_diverged=st.count("diverged"),
-        n_failed=st.count("failed"), n_unrecorded=max(0, n_requested - len(st)),
+        n_failed=st.count("failed"), n_unrecorded=max(0, n_requested - searcher.n_abandoned - len(st)),
         n_resumed=recorder.n_resumed, n_slots=recorder.n_slots,
         wall_seconds=time.perf_counter() - t_start, tune_seconds=tune_seconds,
         trial_seconds=recorder.trial_seconds, setup_seconds=tuple(recorder.setup_seconds), log_path=log_path)
@@ -287,11 +292,17 @@ class _SweepSearcher(Searcher):
     Optuna suggestions (experiments in spec order), so that no slot idles between grid and search."""
 
     def __init__(self, grid_ids: list[str], optuna: dict[str, OptunaSearch], n_left: dict[str, int],
-                 resolve: Callable[[str, float], PlannedTrial]) -> None:
+                 resolve: Callable[[str, float], PlannedTrial], stored_losses: dict[str, float]) -> None:
         super().__init__(metric=METRIC, mode="min")
         self._grid = list(grid_ids)
         self._optuna, self._left, self._resolve = optuna, dict(n_left), resolve
         self._owner: dict[str, str] = {}  # Tune trial id -> search experiment
+        self._optuna_id: dict[str, str] = {}  # Tune trial id -> the id its suggestion had in Optuna
+        # Models already trained (any experiment; NaN: diverged) or handed out in this launch: a suggestion
+        # that resolves to one of them is not trained again (see `_suggest_new`).
+        self._stored = dict(stored_losses)
+        self._handed_out = set(grid_ids)
+        self.n_abandoned = 0  # search trials given up: no new model left to suggest (counted as not requested)
 
     def set_search_properties(self, metric: str | None, mode: str | None, config: dict, **spec: Any) -> bool:
         return True  # metric and mode are fixed; the space is per experiment, held by its OptunaSearch
@@ -302,23 +313,51 @@ class _SweepSearcher(Searcher):
         waiting = False
         for name, searcher in self._optuna.items():
             if self._left[name] > 0:
-                config = searcher.suggest(trial_id)
-                if config == Searcher.FINISHED:
+                planned = self._suggest_new(name, searcher, trial_id)
+                if planned == Searcher.FINISHED:
+                    self.n_abandoned += self._left[name]
                     self._left[name] = 0
-                elif config is None:  # nothing to suggest right now; ask again later
+                elif planned is None:  # nothing to suggest right now; ask again later
                     waiting = True
                 else:
                     self._left[name] -= 1
                     self._owner[trial_id] = name
-                    planned = self._resolve(name, float(config["rho"]))
+                    self._handed_out.add(planned.trial_id)
                     return {"trial_id": planned.trial_id, "search": name, "rho": planned.rho,
                             "config_json": json.dumps(to_dict(planned.config))}
         return None if waiting else Searcher.FINISHED
 
+    def _suggest_new(self, name: str, searcher: OptunaSearch, trial_id: str) -> PlannedTrial | str | None:
+        """Optuna's next rho whose model is new, or None (ask later) or FINISHED (no new model found).
+
+        rho moves the model in whole routed experts, so nearby suggestions often resolve to one model, and an
+        allocation grid of the same budget and seed may hold it already: training it again would overwrite that
+        row (rows are keyed by trial id). Such a suggestion is told its known loss (or a failure, while it is
+        still running or when the rho cannot be realised) and Optuna is asked again, at most
+        MAX_RESUGGESTIONS times.
+        """
+        for attempt in range(MAX_RESUGGESTIONS):
+            sub_id = trial_id if attempt == 0 else f"{trial_id}~{attempt}"
+            config = searcher.suggest(sub_id)
+            if config is None or config == Searcher.FINISHED:
+                return config
+            try:
+                planned = self._resolve(name, float(config["rho"]))
+            except AllocationError:  # a rho that no model of this shape realises (e.g. too few rows left)
+                searcher.on_trial_complete(sub_id, error=True)
+                continue
+            if planned.trial_id not in self._stored and planned.trial_id not in self._handed_out:
+                self._optuna_id[trial_id] = sub_id  # Tune reports back under its own id
+                return planned
+            loss = self._stored.get(planned.trial_id, math.nan)
+            searcher.on_trial_complete(sub_id, result={METRIC: loss} if math.isfinite(loss) else None,
+                                       error=not math.isfinite(loss))
+        return Searcher.FINISHED
+
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         name = self._owner.pop(trial_id, None)
         if name is not None:
-            self._optuna[name].on_trial_complete(trial_id, result=result, error=error)
+            self._optuna[name].on_trial_complete(self._optuna_id.pop(trial_id), result=result, error=error)
 
 
 class _PendingSearch(NamedTuple):
@@ -621,7 +660,8 @@ class _Recorder(tune.Callback):
         if not searches:
             return 0.0
         name = next(iter(searches))
-        return plan_search_trial(self.spec, name, 0.8, self.spec.experiment(name).seed, throughput=self.throughput,
+        # rho = 1: realisable whenever the spec loaded (checked there); P_act, hence the cost, barely moves with rho
+        return plan_search_trial(self.spec, name, 1.0, self.spec.experiment(name).seed, throughput=self.throughput,
                                  fingerprint=self.fingerprint).est_seconds
 
     def _eta_seconds(self) -> float:
