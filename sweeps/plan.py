@@ -32,10 +32,12 @@ from engram.trial import horizon_steps, trial_id
 from sweeps.spec import (AllocationExperiment, MemoryExperiment, SearchExperiment, SweepSpec, engram_shape,
                          target_p_tot)
 
-# Measured 2026-11-29 on the shared 2-core dev machine (docs/sweep-spec.md, "Sizing the default sweep"): trials
-# of the default sweep's models reach 0.26-0.45 of the calibration matmul's FLOP/s (small models: kernel
-# launch overheads, routing, embedding lookups, the sparse table updates); 0.3 is the Engram trials' end.
-CPU_EFFICIENCY = 0.3
+# Measured 2026-11-29 on 2-core machines: trials of the default sweep's models reach 0.45 of the calibration
+# matmul's FLOP/s when two run at once (median over the 21 trials of `make sweep` on a fresh clone: 47.5 vs
+# ~105 GFLOP/s; small models lose to routing, embedding lookups and sparse table updates), 0.26-0.45 on a machine
+# shared with other heavy jobs (docs/sweep-spec.md, "Sizing the default sweep"). With 0.3 the first plan
+# over-estimated the default sweep 1.6-1.8x.
+CPU_EFFICIENCY = 0.45
 # Per-trial fixed cost outside the training loop: model build, token cache load, first evaluation set-up.
 STARTUP_SECONDS = 5.0
 CALIBRATION_SECONDS = 0.15
@@ -215,14 +217,17 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
     `search_done`: complete trials already stored per search experiment (they are not run again)."""
     header = ["experiment", "memory", "rho", "rho_ach", "slots", "n_routed", "P_tot", "dP_tot", "P_act",
               "P_sparse", "seed", "tokens", "FLOPs", "ETA", "stored"]
-    rows, max_dp, max_drho = [], 0.0, 0.0
+    rows, max_dp, max_drho, dp_act = [], 0.0, 0.0, []
     targets = {e.name: target_p_tot(spec, e) for e in spec.experiments if not isinstance(e, MemoryExperiment)}
+    # P_act of each allocation/search experiment's rho = 1 model: the fixed P_act the other rhos deviate from.
+    p_act_ref = {name: solve_allocation(spec.model, p_tot, 1.0).counts.p_act for name, p_tot in targets.items()}
     for t in trials:
         c = t.counts
         dp = (c.p_tot / targets[t.experiment] - 1) if t.experiment in targets else None
         rho_ach = c.rho
         if dp is not None:
             max_dp = max(max_dp, abs(dp))
+            dp_act.append(c.p_act / p_act_ref[t.experiment] - 1)
         if t.rho is not None and rho_ach is not None:
             max_drho = max(max_drho, abs(rho_ach - t.rho))
         rows.append([t.experiment, t.memory, "-" if t.rho is None else f"{t.rho:.3g}",
@@ -238,16 +243,18 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
     eta = sum(t.est_seconds for t in pending)
     for exp in spec.experiments:
         if isinstance(exp, SearchExperiment):
-            probe = plan_search_trial(spec, exp.name, 0.5, exp.seed, throughput=throughput)
+            probe = plan_search_trial(spec, exp.name, 1.0, exp.seed, throughput=throughput)  # 1: always realisable
             n_done = min(exp.n_trials, (search_done or {}).get(exp.name, 0))
             eta += (exp.n_trials - n_done) * probe.est_seconds
             lines.append(f"{exp.name}: search, {exp.n_trials} Optuna trials over rho in [0, 1] at budget "
                          f"{exp.budget:.2e} FLOPs ({n_done} stored), ~{format_seconds(probe.est_seconds)} each "
-                         f"(rho=0.5 estimate)")
+                         f"(rho=1 estimate)")
     slots = parallel_slots(spec)
     lines += [
         f"{len(trials)} grid trials: {len(trials) - len(pending)} stored, {len(pending)} to run",
         f"deviation from targets: max |P_tot/target - 1| = {100 * max_dp:.2f}%, max |rho_ach - rho| = {max_drho:.3f}",
+        "P_act vs the rho = 1 model (Engram projections, norms and conv add to it; fewer routers take away): "
+        + (f"{100 * min(dp_act):+.1f}% .. {100 * max(dp_act):+.1f}%" if dp_act else "-"),
         f"ETA: {format_seconds(eta / slots)} with {slots} trial(s) at once "
         f"({format_seconds(eta)} of trial time; {throughput.source}; startup {throughput.startup_seconds:.0f}s/trial)",
     ]
