@@ -83,8 +83,27 @@ class Bootstrap:
                 "level": self.level}
 
 
+class _Sample:
+    """Counts over the points a fit was made from (its `loss` and `seed` arrays)."""
+
+    loss: np.ndarray
+    seed: np.ndarray
+
+    @property
+    def n_points(self) -> int:
+        return len(self.loss)
+
+    @property
+    def n_seeds(self) -> int:
+        return len(np.unique(self.seed))
+
+    @property
+    def single_seed(self) -> bool:
+        return self.n_seeds == 1
+
+
 @dataclass(frozen=True)
-class UCurveFit:
+class UCurveFit(_Sample):
     """Loss over rho for one group (experiment, budget) and where its minimum lies.
 
     `verdict` is "interior" when the fitted curve has its minimum strictly inside the sampled rho range, and
@@ -113,18 +132,6 @@ class UCurveFit:
     r2: float = float("nan")
     coefficients: tuple[tuple[str, Estimate], ...] = ()   # quadratic: L = c0 + c1 rho + c2 rho^2; spline: none
 
-    @property
-    def n_points(self) -> int:
-        return len(self.rho)
-
-    @property
-    def n_seeds(self) -> int:
-        return len(np.unique(self.seed))
-
-    @property
-    def single_seed(self) -> bool:
-        return self.n_seeds == 1
-
     def to_dict(self) -> dict:
         return {"method": self.method, "verdict": self.verdict,
                 "rho_star": None if self.rho_star is None else self.rho_star.to_dict(),
@@ -136,7 +143,7 @@ class UCurveFit:
 
 
 @dataclass(frozen=True)
-class LogLinearFit:
+class LogLinearFit(_Sample):
     """The paper's form L = a - b ln x (ordinary least squares), over the same bootstrap resamples."""
 
     a: Estimate
@@ -148,18 +155,6 @@ class LogLinearFit:
     loss: np.ndarray = field(repr=False, compare=False)
     seed: np.ndarray = field(repr=False, compare=False)
     bootstrap: Bootstrap | None = None
-
-    @property
-    def n_points(self) -> int:
-        return len(self.x)
-
-    @property
-    def n_seeds(self) -> int:
-        return len(np.unique(self.seed))
-
-    @property
-    def single_seed(self) -> bool:
-        return self.n_seeds == 1
 
     def predict(self, x) -> np.ndarray:
         return self.a.value - self.b.value * np.log(np.asarray(x, dtype=float))
@@ -181,7 +176,7 @@ class LogLinearFit:
 
 
 @dataclass(frozen=True)
-class PowerLawFit:
+class PowerLawFit(_Sample):
     """L = E + A * x^-alpha fitted with the Huber loss on log L (Chinchilla Approach 3 recipe)."""
 
     E: Estimate
@@ -195,18 +190,6 @@ class PowerLawFit:
     seed: np.ndarray = field(repr=False, compare=False)
     residuals: np.ndarray = field(repr=False, compare=False)   # loss - fitted loss, in input order
     boot: np.ndarray = field(repr=False, compare=False)        # (n_ok, 3): E, A, alpha
-
-    @property
-    def n_points(self) -> int:
-        return len(self.x)
-
-    @property
-    def n_seeds(self) -> int:
-        return len(np.unique(self.seed))
-
-    @property
-    def single_seed(self) -> bool:
-        return self.n_seeds == 1
 
     def predict(self, x) -> np.ndarray:
         return self.E.value + self.A.value * np.asarray(x, dtype=float) ** -self.alpha.value
