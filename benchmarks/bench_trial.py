@@ -14,7 +14,10 @@ on it), so other processes competing for the cores inflate neither a step nor th
 of the configurations compared run in interleaved rounds and the median per step is used, so drift in the load
 of a shared machine affects both sides of a ratio alike.
 
-    python -m benchmarks.bench_trial [--rounds 5] [--steps 4] [--max-bytes 4000000]     (from the repository root)
+As in a sweep's trial workers, glibc is first told to keep large buffers in the heap
+(engram.trial.keep_large_buffers_in_heap); `--glibc-defaults` measures without that.
+
+    python -m benchmarks.bench_trial [--rounds 5] [--steps 4] [--max-bytes 4000000] [--glibc-defaults]
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig
 from engram.data import prepare_data
 from engram.memory import Engram, build_compression
 from engram.model import EngramMoE
-from engram.trial import build_optimizers, sample_batch, train_step
+from engram.trial import build_optimizers, keep_large_buffers_in_heap, sample_batch, train_step
 
 MATMUL_N = 2048  # fp32 matmul size for the reference FLOP/s: large enough to run at the core's peak
 BASE_SLOTS = 1 << 16  # Engram rows over all tables of the base model of (b)
@@ -107,8 +110,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4, help="steps per configuration per round")
     parser.add_argument("--max-bytes", type=int, default=4_000_000, help="stdlib corpus cap for the batches")
     parser.add_argument("--cache-dir", type=Path, default=None)
+    parser.add_argument("--glibc-defaults", action="store_true", help="leave glibc's malloc thresholds alone")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    heap = False if args.glibc_defaults else keep_large_buffers_in_heap()
+    print(f"large buffers kept in the heap (glibc mallopt): {'yes' if heap else 'no'}")
 
     base = ModelConfig()  # the default trial size
     train = TrainConfig(steps=1)

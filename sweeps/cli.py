@@ -172,10 +172,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from engram.trial import format_progress, run_trial
+    from engram.trial import format_progress, keep_large_buffers_in_heap, run_trial
     from sweeps.spec import load_trial_config
 
     config = load_trial_config(args.config)
+    keep_large_buffers_in_heap()
     result = run_trial(config, cache_dir=args.cache_dir, checkpoint_dir=args.checkpoint_dir,
                        on_progress=lambda p: print(format_progress(p), flush=True))
     print(result_text(result))

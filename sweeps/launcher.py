@@ -414,11 +414,12 @@ class _Payload:
 def _trainable(tune_config: dict[str, Any], payload: _Payload) -> None:
     import torch
 
-    from engram.trial import run_trial
+    from engram.trial import keep_large_buffers_in_heap, run_trial
 
     t_enter = time.perf_counter()
     # Torch threads follow the CPUs this trial was given (Ray sets no limit of its own for torch).
     torch.set_num_threads(max(1, int(payload.spec.resources.cpus_per_trial)))
+    keep_large_buffers_in_heap()  # this worker process exists to train
     trial_id = tune_config["trial_id"]
     if "search" in tune_config:  # resolved by the driver when Optuna suggested its rho
         experiment, config_dict = tune_config["search"], json.loads(tune_config["config_json"])

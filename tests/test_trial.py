@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import platform
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -337,3 +338,10 @@ def test_trial_id_covers_config_data_and_results_version() -> None:
     assert trial_id(config, "data-a") != trial_id(config, "data-b")
     # A new results version gives new ids: stored trials of older code are re-run, never mixed in.
     assert trial_id(config, "data-a") != config_hash(config, "data-a", f"v{RESULTS_VERSION - 1}")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_glibc_takes_the_large_buffer_settings() -> None:
+    from engram.trial import keep_large_buffers_in_heap
+
+    assert keep_large_buffers_in_heap() is True
