@@ -64,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("spec", type=Path, help="sweep spec (YAML)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
+    p.add_argument("--storage", default=None, metavar="URI_OR_PATH",
+                   help="where Ray Tune keeps trial checkpoints: a shared folder or s3:// / gs:// URI on a "
+                        "multi-node cluster (default: results/<sweep>/.tune on the driver)")
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="summarise a sweep's progress from its results store")
@@ -120,10 +123,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     store.remove_temp_files()
     store.write_spec(dump_spec(spec))
     from sweeps.launcher import launch  # imports Ray: only once the spec is known to be good
-    summary = launch(spec, trials, store, address=address, log_path=store.root / "ray.log")
+    summary = launch(spec, trials, store, address=address, log_path=store.root / "ray.log",
+                     storage_path=_storage(args.storage))
     print(summary_text(summary, store))
     # Failed trials are recorded and the rest completed, but the sweep is not whole: say so in the exit status.
     return 0 if summary.n_failed == 0 and summary.n_unrecorded == 0 else 1
+
+
+def _storage(storage: str | None) -> str | None:
+    """Tune wants an absolute local path (URIs such as s3://... pass as they are)."""
+    if storage is None or "://" in storage:
+        return storage
+    return str(Path(storage).resolve())
 
 
 def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None:

@@ -258,7 +258,7 @@ def test_run_records_every_trial_and_the_resolved_spec(ray_env: str, spec_dir: P
     store.runs_dir.mkdir(parents=True)
     (store.runs_dir / ".stale.parquet.1.tmp").write_bytes(b"left by a killed driver")
 
-    code = main(["run", str(path)])
+    code = main(["run", str(path), "--storage", str(spec_dir / "ckpt")])
     out = capsys.readouterr().out
     assert code == 1, out  # a failed trial: the sweep completed the rest but is not whole
     assert "2 trial(s) run, 0 already complete: 1 ok, 0 diverged, 1 failed" in out
@@ -266,6 +266,7 @@ def test_run_records_every_trial_and_the_resolved_spec(ray_env: str, spec_dir: P
     assert runs.loc["alloc", "status"] == "ok" and runs.loc["mem", "status"] == "failed"
     assert "injected fault" in runs.loc["mem", "error"]
     assert store.temp_files() == []
+    assert (spec_dir / "ckpt").is_dir()  # Tune's checkpoints went to --storage
     assert load_spec(store.spec_path) == load_spec(path)  # the resolved copy reads back as the same spec
 
 
