@@ -425,14 +425,10 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                        "per-budget bootstrap draws."))
         for experiment, trend in result.trends.items():
             lines = [f"**{experiment}**:"]
-            if trend.rho_star_scaling is not None:
-                s = trend.rho_star_scaling
-                lines.append(f"rho* = {s.coefficient.value:.3g} x C^{s.exponent.value:.4f} "
-                             f"(exponent {level} interval [{s.exponent.lo:.4f}, {s.exponent.hi:.4f}]).")
-            if trend.loss_scaling is not None:
-                s = trend.loss_scaling
-                lines.append(f"best loss = {s.coefficient.value:.4g} x C^{s.exponent.value:.4f} "
-                             f"(exponent interval [{s.exponent.lo:.4f}, {s.exponent.hi:.4f}]).")
+            for label, s in (("rho*", trend.rho_star_scaling), ("best loss", trend.loss_scaling)):
+                if s is not None:
+                    lines.append(f"{label} = {s.coefficient.value:.4g} x C^{s.exponent.value:.4f} "
+                                 f"(exponent {level} interval [{s.exponent.lo:.4f}, {s.exponent.hi:.4f}]).")
             lines.extend(trend.notes)
             b.append(("p", " ".join(lines)))
             if f"trend_{experiment}" in figures:

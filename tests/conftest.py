@@ -1,4 +1,4 @@
-"""Test-wide settings for Ray.
+"""Test-wide settings: Ray's environment, and one torch thread for the tiny models.
 
 Every Ray started by a test in this process must see the same token-auth mode: Ray reads it once per process,
 and a test that starts Ray with auth on (Ray 2.60's default) breaks every later Ray of the session that turns
@@ -33,3 +33,15 @@ def ray_env(tmp_path_factory: pytest.TempPathFactory):
         yield tmp
     tempfile.tempdir = None
     shutil.rmtree(tmp, ignore_errors=True)  # Ray's session logs
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models: a second intra-op thread only adds synchronisation, and on a shared 2-core machine
+    oversubscription made their training steps 10-30x slower. Restored after the module."""
+    import torch
+
+    n_threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n_threads)

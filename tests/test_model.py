@@ -17,14 +17,7 @@ ENGRAM = dataclasses.replace(SMALL, memory=MemoryConfig(kind="engram", slots=200
 OVERENC = dataclasses.replace(SMALL, memory=MemoryConfig(kind="overencoding", slots=2000))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: a second intra-op thread only adds synchronisation, and on a shared 2-core machine
-    # oversubscription made the training steps here ~30x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def batch(cfg, B=2, seed=0):

@@ -8,14 +8,7 @@ import torch.nn.functional as F
 from engram.moe import MoE, SwiGLU, _GroupedSwiGLU
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These models are tiny: a second intra-op thread only adds synchronisation, and on a shared 2-core machine
-    # oversubscription made the training steps here ~30x slower.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def swiglu_ref(x_D, w_in_2HD, w_out_DH):

@@ -6,7 +6,6 @@ import dataclasses
 import json
 import math
 import platform
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -47,13 +46,7 @@ def trial(**train: object) -> TrialConfig:
     return TrialConfig(model=MODEL, data=DATA, train=dataclasses.replace(TRAIN, **train))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread() -> Iterator[None]:
-    # Tiny models: intra-op threads only add synchronisation, and on a shared 2-core machine they cost 10x.
-    n_threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n_threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")
