@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import dataclasses
+import enum
 import itertools
 import math
 from collections.abc import Iterator, Sequence
@@ -25,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 from scipy.interpolate import BSpline
+from scipy import stats
 from scipy.optimize import minimize
 
 N_RESAMPLES = 1000
@@ -32,14 +34,28 @@ LEVEL = 0.95
 HUBER_DELTA = 1e-3          # Epoch AI's replication of Approach 3; residuals are in log loss
 ALPHA_MAX = 10.0            # exponents beyond this are not a scaling law, they are a step
 LOG_BOUND = 50.0            # |log E|, |log A| bound: keeps L-BFGS-B and the batched refiner finite
-N_LBFGS_STARTS = 8          # L-BFGS runs from the best points of the initialisation grid (see _fit_lse)
 REFINE_ITERS = 200          # batched Levenberg-Marquardt iterations (warm-started, most converge in < 30)
 MAX_FAILED_SHARE = 0.5      # more failed bootstrap resamples than this -> FitError
+DROP_WARN_SHARE = 0.05      # more dropped resamples than this: the interval is conditional on the kept ones, warn
 U_GRID_POINTS = 401         # resolution of the rho grid on which a U-curve's minimum is located
 RHO_MOE = 1.0               # rho = 1 is pure MoE, the baseline of the gain
 RHO_TOL = 1e-6
 SPLINE_BASIS = 10           # P-spline basis size; the penalty, not the basis, sets the smoothness
-SPLINE_LAMBDAS = tuple(np.logspace(-8, 4, 49))   # GCV candidates for the P-spline penalty
+SPLINE_LAMBDAS = tuple(np.logspace(-8, 4, 13))   # GCV candidates for the P-spline penalty
+EDGE_WINDOW = 0.25          # share of the rho range over which the edge slopes of a verdict are measured
+SEED_RIDGE = 1e-9           # per point; keeps a resample that leaves a seed out solvable (that offset -> 0)
+# U-curve verdicts. Fixed before any real sweep was analysed (docs/analysis.md); never tuned to data.
+VERDICT_LEVEL = 0.95        # an edge slope's sign counts when at least this share of resamples agree on it
+FLAT_TOLERANCE = 0.005      # nats: a curve whose range is surely below this is "flat" (~1/3 of the paper's gain)
+DETECT_POWER = 0.8          # power at which the smallest detectable gain is stated
+REFERENCE_GAIN = 0.014      # nats: the paper's gain at 6e20 FLOPs; the report says how many seeds would resolve it
+MAX_SEEDS_QUOTED = 10_000   # beyond this the seed count is reported as "more than"
+DECADE = 10.0               # a positive parameter whose interval spans more than this ratio is not identified
+# Approach 3 initialisations (relative to the data; see StartGrid)
+E_FRACTIONS = (0.1, 0.5, 0.8, 0.9, 0.97)
+A_FRACTIONS = (0.03, 0.3, 1.0, 3.0)
+ALPHA_STARTS = (0.05, 0.15, 0.3, 0.6, 1.0, 2.0)
+N_LBFGS_STARTS = 8          # L-BFGS runs from the best points of the initialisation grid (see _fit_lse)
 
 
 class FitError(RuntimeError):
@@ -69,18 +85,50 @@ class Estimate:
         return f"{self.value:.4g} [{self.lo:.4g}, {self.hi:.4g}]"
 
 
+class DropReason(str, enum.Enum):
+    """Why a bootstrap resample was dropped (kept resamples alone make the interval)."""
+
+    FEW_DISTINCT = "too few distinct x values left in the resample"
+    NON_FINITE = "fit did not converge to finite values"
+    NO_VERTEX = "a budget's parabola lost its vertex (opens downward or vertex outside the sampled x)"
+
+
 @dataclass(frozen=True)
 class Bootstrap:
-    """How the intervals were made: resampled seeds then points, or points only when there is a single seed."""
+    """How the intervals were made (resampled seeds then points, or points only for a single seed) and which
+    resamples were dropped, with the reason. Above DROP_WARN_SHARE dropped, the interval is conditional on the
+    kept resamples and `warning` says so."""
 
-    scheme: str                 # "seeds+points" | "points" | "points within budget"
+    scheme: str                 # "seeds+points" | "points" | "points within budget" | "seeds+points within budget"
     n_resamples: int
-    n_failed: int               # resamples dropped: too few distinct x left, or no convergence
+    dropped: tuple[tuple[str, int], ...] = ()     # (DropReason value, count), counts > 0 only
     level: float = LEVEL
+
+    @property
+    def n_failed(self) -> int:
+        return sum(n for _, n in self.dropped)
+
+    @property
+    def failed_share(self) -> float:
+        return self.n_failed / self.n_resamples if self.n_resamples else 0.0
+
+    @property
+    def warning(self) -> str | None:
+        if self.failed_share <= DROP_WARN_SHARE:
+            return None
+        reasons = "; ".join(f"{n} {r}" for r, n in self.dropped)
+        return (f"{self.n_failed} of {self.n_resamples} resamples ({self.failed_share:.0%}) dropped ({reasons}): "
+                f"the intervals are conditional on the kept {1 - self.failed_share:.0%}")
 
     def to_dict(self) -> dict:
         return {"scheme": self.scheme, "n_resamples": self.n_resamples, "n_failed": self.n_failed,
-                "level": self.level}
+                "failed_share": self.failed_share, "dropped": {r: n for r, n in self.dropped},
+                "warning": self.warning, "level": self.level}
+
+
+def _dropped(**counts) -> tuple[tuple[str, int], ...]:
+    """(reason, count) pairs from DropReason member names, zero counts left out."""
+    return tuple((DropReason[name].value, int(n)) for name, n in counts.items() if n)
 
 
 class _Sample:
@@ -104,21 +152,37 @@ class _Sample:
 
 @dataclass(frozen=True)
 class UCurveFit(_Sample):
-    """Loss over rho for one group (experiment, budget) and where its minimum lies.
+    """Loss over rho for one group (experiment, budget), where its minimum lies, and what the data can claim.
 
-    `verdict` is "interior" when the fitted curve has its minimum strictly inside the sampled rho range, and
-    "boundary" otherwise; then `rho_star` is None (no optimum is claimed) and `argmin` is the grid edge.
+    `verdict` (see `fit_u_curve` and docs/analysis.md for the rule):
+    - "interior": the curve falls away from both edges of the sampled range in at least VERDICT_LEVEL of the
+      resamples; then `rho_star` is the minimum with its interval.
+    - "boundary": the loss is still falling at one edge (`edge`) in that share of resamples: the minimum lies at
+      or beyond the sampled range.
+    - "concave": the curve bends down (a cap) in that share of resamples: no minimum inside, no U to draw.
+    - "flat": the whole curve surely varies by less than `flat_tolerance` nats.
+    - "too noisy": none of these is resolved; `detectable_gain` and `seeds_for_reference_gain` say what would be.
+    `rho_star` is None unless the verdict is interior; `argmin` is always the fitted curve's minimum on the grid.
     `gain` is loss(rho=1) - loss(argmin): positive when moving budget into memory helps; None when rho=1 was not
-    sampled. `p_interior` is the share of bootstrap resamples whose minimum is interior.
+    sampled. `p_interior` is the share of resamples whose minimum is strictly inside the range.
     """
 
     method: str
+    seed_offsets: bool          # a per-seed offset was fitted (seeds as blocks)
     verdict: str
+    reason: str                 # one sentence: why this verdict
     rho_star: Estimate | None
     argmin: Estimate
+    edge: float | None          # the edge of a boundary verdict
     loss_at_optimum: Estimate
     gain: Estimate | None
     p_interior: float
+    p_falls_at_lo: float        # share of resamples whose slope at the lowest rho is negative
+    p_rises_at_hi: float        # share of resamples whose slope at the highest rho is positive
+    p_concave: float            # share of resamples whose slope falls from the low edge to the high edge
+    detectable_gain: float      # smallest gain over the top edge the sweep detects at DETECT_POWER (nats)
+    seeds_for_reference_gain: int | None    # roughly how many seeds would detect REFERENCE_GAIN; None: no interval
+    seeds_for_fitted_gain: int | None       # the same for the fitted gain (None when it is ~0 or unsampled)
     bootstrap: Bootstrap
     rho: np.ndarray = field(repr=False, compare=False)
     loss: np.ndarray = field(repr=False, compare=False)
@@ -129,15 +193,27 @@ class UCurveFit(_Sample):
     curve_hi: np.ndarray = field(repr=False, compare=False)
     boot_argmin: np.ndarray = field(repr=False, compare=False)     # per kept resample
     boot_min_loss: np.ndarray = field(repr=False, compare=False)
+    boot_gain: np.ndarray = field(repr=False, compare=False)       # empty when rho = 1 was not sampled
     r2: float = float("nan")
     coefficients: tuple[tuple[str, Estimate], ...] = ()   # quadratic: L = c0 + c1 rho + c2 rho^2; spline: none
 
+    @property
+    def draws_curve(self) -> bool:
+        """Whether a plot may draw this fit's curve: not for a cap or an unresolved fit (points only then)."""
+        return self.verdict in ("interior", "boundary")
+
     def to_dict(self) -> dict:
-        return {"method": self.method, "verdict": self.verdict,
-                "rho_star": None if self.rho_star is None else self.rho_star.to_dict(),
-                "argmin": self.argmin.to_dict(), "loss_at_optimum": self.loss_at_optimum.to_dict(),
+        return {"method": self.method, "seed_offsets": self.seed_offsets, "verdict": self.verdict,
+                "reason": self.reason, "rho_star": None if self.rho_star is None else self.rho_star.to_dict(),
+                "argmin": self.argmin.to_dict(), "edge": self.edge,
+                "loss_at_optimum": self.loss_at_optimum.to_dict(),
                 "gain_vs_rho_1": None if self.gain is None else self.gain.to_dict(),
-                "p_interior": self.p_interior, "r2": _finite_or_none(self.r2), "n_points": self.n_points,
+                "p_interior": self.p_interior, "p_falls_at_lo": self.p_falls_at_lo,
+                "p_rises_at_hi": self.p_rises_at_hi, "p_concave": self.p_concave,
+                "detectable_gain": _finite_or_none(self.detectable_gain),
+                "seeds_for_reference_gain": self.seeds_for_reference_gain, "reference_gain": REFERENCE_GAIN,
+                "seeds_for_fitted_gain": self.seeds_for_fitted_gain,
+                "r2": _finite_or_none(self.r2), "n_points": self.n_points,
                 "coefficients": {name: est.to_dict() for name, est in self.coefficients},
                 "n_seeds": self.n_seeds, "bootstrap": self.bootstrap.to_dict()}
 
@@ -410,6 +486,15 @@ def _as_1d(name: str, values, n: int | None = None, *, positive: bool = False) -
     return arr
 
 
+def _rng(rng) -> np.random.Generator:
+    """A Generator from a Generator or an integer seed (the same seed, the same resamples)."""
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, (int, np.integer)) and not isinstance(rng, bool):
+        return np.random.default_rng(int(rng))
+    raise ValueError(f"rng: expected a numpy Generator or an integer seed, got {rng!r}")
+
+
 def _seeds(seed, n: int) -> np.ndarray:
     if seed is None:
         return np.zeros(n, dtype=int)
@@ -430,22 +515,36 @@ def _check_level(level: float, n_resamples: int) -> None:
 # U-curve over rho
 
 
-def fit_u_curve(rho, loss, seed=None, *, method: str = "quadratic", n_resamples: int = N_RESAMPLES,
-                level: float = LEVEL, rng_seed: int = 0) -> UCurveFit:
-    """Fit loss over rho and locate its minimum, with bootstrap intervals over seeds and points.
+def fit_u_curve(rho, loss, seed=None, *, method: str = "spline", seed_offsets: bool = True,
+                n_resamples: int = N_RESAMPLES, level: float = LEVEL, rng: np.random.Generator | int = 0,
+                verdict_level: float = VERDICT_LEVEL, flat_tolerance: float = FLAT_TOLERANCE) -> UCurveFit:
+    """Fit loss over rho, locate its minimum and state what the data carry, with bootstrap intervals.
 
-    method "quadratic" (the default): a parabola in rho. It is the least flexible curve that has an interior
-    minimum, its vertex is a smooth function of the data, and with the 4-7 rho values and the shallow optimum
-    (~0.01 nats in the paper) of a typical sweep a more flexible curve mostly follows seed noise.
-    method "spline": a cubic P-spline with a third-order difference penalty chosen by generalised
-    cross-validation. Its penalty shrinks it toward the parabola (the penalty's null space is the quadratics),
-    so it departs from the default only where the data insist, e.g. an asymmetric U; report it as a check.
-    The spline's penalty is re-chosen by GCV in every resample, so its intervals include that choice.
+    method "spline" (the default): a cubic P-spline (SPLINE_BASIS B-splines, third-order difference penalty
+    chosen by GCV, again in every resample). The penalty's null space is the quadratics, so it is a parabola
+    unless the data insist, and it follows a lopsided U where a parabola's vertex is biased: in the calibration
+    study (docs/analysis.md) its rho* intervals hold their nominal coverage on lopsided truths, the parabola's
+    do not. method "quadratic": a parabola in rho, kept as a check.
+    seed_offsets: trials that share a seed share their data order across rho, so each seed gets its own
+    additive offset (seeds as blocks) and the curve is the seeds' average; the seed-to-seed level differences
+    then stop blurring the shape. Ignored for a single seed.
+
+    Verdict (fixed before any real sweep was analysed): with s_lo, s_hi the slopes at the lowest and highest
+    sampled rho, "interior" when P(s_lo < 0) and P(s_hi > 0) over the resamples both reach verdict_level;
+    "concave" when P(s_hi < s_lo) does; "boundary" when P(s_hi > 0) or P(s_lo < 0) is at most 1 - verdict_level
+    (the loss still falls at that edge); "flat" when the upper `level` bound of the curve's range is below
+    flat_tolerance; otherwise "too noisy", with the smallest gain the sweep could detect.
+
+    Intervals: resample seeds, then points (points only for a single seed); percentile intervals at `level`.
     Needs at least 3 distinct rho values (quadratic) or 4 (spline); seeds may repeat a rho value.
     """
     if method not in ("quadratic", "spline"):
         raise ValueError(f"method: expected 'quadratic' or 'spline', got {method!r}")
     _check_level(level, n_resamples)
+    if not 0.5 < verdict_level < 1:
+        raise ValueError(f"verdict_level: expected a number in (0.5, 1), got {verdict_level!r}")
+    if not flat_tolerance >= 0:
+        raise ValueError(f"flat_tolerance: expected >= 0 nats, got {flat_tolerance!r}")
     rho = _as_1d("rho", rho)
     loss = _as_1d("loss", loss, len(rho))
     seed = _seeds(seed, len(rho))
@@ -456,54 +555,171 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "quadratic", n_resamples:
 
     lo_x, hi_x = float(rho.min()), float(rho.max())
     grid = np.linspace(lo_x, hi_x, U_GRID_POINTS)
-    rng = np.random.default_rng(rng_seed)
-    w_Bn = np.vstack([np.ones(len(rho)), bootstrap_counts(seed, n_resamples, rng)]).astype(float)
+    w_Bn = np.vstack([np.ones(len(rho)), bootstrap_counts(seed, n_resamples, _rng(rng))]).astype(float)
     ok_B = _n_distinct_weighted(rho, w_Bn) >= n_needed
+    few_B = ~ok_B
+
+    _, seed_code = np.unique(seed, return_inverse=True)
+    n_seeds = int(seed_code.max()) + 1
+    offsets = bool(seed_offsets) and n_seeds > 1
     if method == "quadratic":
         basis, grid_basis = _poly_basis(rho), _poly_basis(grid)
-        coef_Bk = _weighted_lstsq(basis, loss, w_Bn, np.zeros((3, 3)), ok_B)
+        shape_pen = np.zeros((3, 3))
     else:
-        basis, grid_basis, dtd = _pspline_basis(rho, lo_x, hi_x, grid)
-        coef_Bk = _pspline_fit(basis, loss, w_Bn, dtd, ok_B)
-    curves_BG = coef_Bk @ grid_basis.T
+        basis, grid_basis, shape_pen = _pspline_basis(rho, lo_x, hi_x, grid)
+    n_k = basis.shape[1]
+    # seeds as blocks: one indicator column per seed but the first; a small ridge decides the split of the
+    # common level when a resample leaves the first seed out (the fitted values, all we use, do not depend on it)
+    dummies = (seed_code[:, None] == np.arange(1, n_seeds)[None]).astype(float) if offsets else np.zeros((len(rho), 0))
+    design = np.hstack([basis, dummies])
+    n_d = dummies.shape[1]
+    fixed_pen = np.zeros((n_k + n_d, n_k + n_d))
+    fixed_pen[n_k:, n_k:] = SEED_RIDGE * len(rho) * np.eye(n_d)
+    if method == "quadratic":
+        coef_Bk = _weighted_lstsq(design, loss, w_Bn, fixed_pen, ok_B)
+        shape_coef_Bk = coef_Bk
+    else:
+        shape_full = np.zeros_like(fixed_pen)
+        shape_full[:n_k, :n_k] = shape_pen
+        coef_Bk = _pspline_fit(design, loss, w_Bn, shape_full, ok_B, fixed_pen)
+        # the verdict's slopes at the point fit's penalty: they test the shape, with the smoothing held fixed
+        # (re-chosen per resample, the penalty's spread swamped the slopes: calibration study, docs/analysis.md)
+        shape_coef_Bk = _pspline_fit(design, loss, w_Bn, shape_full, ok_B, fixed_pen,
+                                     lam=_gcv_lambda(design, loss, shape_full, fixed_pen))
+    # the curve at the seeds' average offset in each resample (weighted by its points)
+    with np.errstate(invalid="ignore"):
+        offset_Bn = coef_Bk[:, n_k:] @ dummies.T if n_d else np.zeros((len(w_Bn), len(rho)))
+        mean_offset_B = np.sum(w_Bn * offset_Bn, axis=1) / w_Bn.sum(axis=1)
+        curves_BG = coef_Bk[:, :n_k] @ grid_basis.T + mean_offset_B[:, None]
+        shapes_BG = shape_coef_Bk[:, :n_k] @ grid_basis.T
     if not np.all(np.isfinite(curves_BG[0])):
         raise FitError("U-curve: non-finite fitted curve")
-    ok_B &= np.all(np.isfinite(curves_BG), axis=1)
+    ok_B &= np.all(np.isfinite(curves_BG), axis=1) & np.all(np.isfinite(shapes_BG), axis=1)
+    nonfinite = int(np.sum(~ok_B[1:] & ~few_B[1:]))
     n_failed = int(np.sum(~ok_B[1:]))
     _check_failed(n_failed, n_resamples, "U-curve")
 
+    curves_BG = np.where(ok_B[:, None], curves_BG, np.nan)
     i_min_B = np.argmin(np.where(ok_B[:, None], curves_BG, np.inf), axis=1)
     argmin_B = grid[i_min_B]
     min_loss_B = curves_BG[np.arange(curves_BG.shape[0]), i_min_B]
     interior_B = (i_min_B > 0) & (i_min_B < len(grid) - 1)
     if method == "quadratic":   # the exact vertex, not its nearest grid point
-        c0, c1, c2 = coef_Bk.T
+        c0, c1, c2 = coef_Bk[:, :3].T
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):   # flat or NaN rows: not used
             vertex_B = -c1 / (2 * c2)
             exact_B = interior_B & (c2 > 0) & (vertex_B > lo_x) & (vertex_B < hi_x)
             argmin_B = np.where(exact_B, vertex_B, argmin_B)
-            min_loss_B = np.where(exact_B, c0 + c1 * vertex_B + c2 * vertex_B ** 2, min_loss_B)
+            min_loss_B = np.where(exact_B, c0 + c1 * vertex_B + c2 * vertex_B ** 2 + mean_offset_B, min_loss_B)
+    # edge slopes as secants over EDGE_WINDOW of the range (or the design's gap at that edge, if wider): a spline's
+    # derivative at the very edge is too noisy to test, and the design cannot place a minimum more finely
+    values = np.unique(rho)
+    window_lo = max(EDGE_WINDOW * (hi_x - lo_x), values[1] - values[0])
+    window_hi = max(EDGE_WINDOW * (hi_x - lo_x), values[-1] - values[-2])
+    i_lo = int(np.argmin(np.abs(grid - (lo_x + window_lo))))
+    i_hi = int(np.argmin(np.abs(grid - (hi_x - window_hi))))
+    slope_lo_B = (shapes_BG[:, i_lo] - shapes_BG[:, 0]) / (grid[i_lo] - grid[0])
+    slope_hi_B = (shapes_BG[:, -1] - shapes_BG[:, i_hi]) / (grid[-1] - grid[i_hi])
+    range_B = curves_BG.max(axis=1) - curves_BG.min(axis=1)
     boot = ok_B.copy()
     boot[0] = False
     has_moe = hi_x >= RHO_MOE - RHO_TOL
-    gain_B = curves_BG[:, -1] - min_loss_B if has_moe else None
+    gain_B = curves_BG[:, -1] - min_loss_B
 
+    n_boot = int(boot.sum())
+    share = (lambda mask: float(np.mean(mask[boot]))) if n_boot else (lambda mask: float("nan"))
+    p_lo, p_hi, p_cap = share(slope_lo_B < 0), share(slope_hi_B > 0), share(slope_hi_B < slope_lo_B)
+    range_hi = _percentiles(range_B[boot], level)[1] if n_boot else float("nan")
+    detect, seeds_ref, seeds_fit = _detectability(curves_BG, boot, interior_B[0], i_min_B[0], gain_B[0],
+                                                  has_moe, n_seeds, verdict_level)
+    verdict, edge, reason = _u_verdict(p_lo, p_hi, p_cap, range_hi, curves_BG[0], lo_x, hi_x, verdict_level,
+                                       flat_tolerance, level, detect, seeds_ref, n_boot)
     argmin = _estimate(argmin_B[0], argmin_B[boot], level)
-    interior = bool(interior_B[0])
-    band = _percentiles(curves_BG[boot], level, axis=0) if boot.any() else (curves_BG[0], curves_BG[0])
-    fitted = coef_Bk[0] @ basis.T
+    band = _percentiles(curves_BG[boot], level, axis=0) if n_boot else (curves_BG[0], curves_BG[0])
+    fitted = coef_Bk[0] @ design.T
     return UCurveFit(
-        method=method, verdict="interior" if interior else "boundary",
-        rho_star=argmin if interior else None, argmin=argmin,
+        method=method, seed_offsets=offsets, verdict=verdict, reason=reason,
+        rho_star=argmin if verdict == "interior" else None, argmin=argmin, edge=edge,
         loss_at_optimum=_estimate(min_loss_B[0], min_loss_B[boot], level),
-        gain=None if gain_B is None else _estimate(gain_B[0], gain_B[boot], level),
-        p_interior=float(interior_B[boot].mean()) if boot.any() else float("nan"),
-        bootstrap=Bootstrap(_scheme(seed), n_resamples, n_failed, level),
+        gain=_estimate(gain_B[0], gain_B[boot], level) if has_moe else None,
+        p_interior=share(interior_B), p_falls_at_lo=p_lo, p_rises_at_hi=p_hi, p_concave=p_cap,
+        detectable_gain=detect, seeds_for_reference_gain=seeds_ref, seeds_for_fitted_gain=seeds_fit,
+        bootstrap=Bootstrap(_scheme(seed), n_resamples,
+                            _dropped(FEW_DISTINCT=int(np.sum(few_B[1:])), NON_FINITE=nonfinite), level),
         rho=rho, loss=loss, seed=seed, grid=grid, curve=curves_BG[0], curve_lo=band[0], curve_hi=band[1],
-        boot_argmin=argmin_B[boot], boot_min_loss=min_loss_B[boot], r2=_r2(loss, fitted),
+        boot_argmin=argmin_B[boot], boot_min_loss=min_loss_B[boot],
+        boot_gain=gain_B[boot] if has_moe else np.zeros(0), r2=_r2(loss, fitted),
         coefficients=tuple((f"c{i}", _estimate(coef_Bk[0, i], coef_Bk[boot, i], level)) for i in range(3))
         if method == "quadratic" else (),
     )
+
+
+def fit_u_curve_table(table, *, rho_col: str, loss_col: str, seed_col: str | None, **kwargs) -> UCurveFit:
+    """`fit_u_curve` on any table (a pandas DataFrame); every column is named by the caller. seed_col=None: the
+    rows are independent (one seed); a named seed column turns on seeds-then-points resampling and offsets."""
+    _require_columns(table, [rho_col, loss_col] + ([seed_col] if seed_col is not None else []))
+    return fit_u_curve(table[rho_col].to_numpy(), table[loss_col].to_numpy(),
+                       None if seed_col is None else table[seed_col].to_numpy(), **kwargs)
+
+
+def _normal_quantile(p: float) -> float:
+    return float(stats.norm.ppf(p))
+
+
+def _detectability(curves_BG, boot, interior: bool, i_min: int, gain: float, has_moe: bool, n_seeds: int,
+                   verdict_level: float) -> tuple[float, int | None, int | None]:
+    """Smallest detectable gain and the seeds that would detect REFERENCE_GAIN and the fitted gain.
+
+    The contrast is loss(top edge) - loss(r) at a fixed r: the fitted minimum when it is interior, else the
+    middle of the range. Its bootstrap standard error se gives the gain detected with probability DETECT_POWER
+    by a one-sided test at verdict_level: (z_level + z_power) * se. Standard errors shrink as 1/sqrt(seeds) when
+    every seed covers the grid, so detecting a gain g takes about n_seeds * (detectable / g)^2 seeds.
+    """
+    if boot.sum() < 2:
+        return float("nan"), None, None
+    i_ref = i_min if interior else curves_BG.shape[1] // 2
+    se = float(np.std(curves_BG[boot, -1] - curves_BG[boot, i_ref], ddof=1))
+    detect = (_normal_quantile(verdict_level) + _normal_quantile(DETECT_POWER)) * se
+
+    def seeds_for(g: float) -> int | None:
+        if not g > 0:
+            return None
+        return int(min(math.ceil(n_seeds * (detect / g) ** 2), MAX_SEEDS_QUOTED))
+
+    fitted_gain = gain if has_moe and gain > detect / 10 else float("nan")
+    return detect, seeds_for(REFERENCE_GAIN), seeds_for(fitted_gain)
+
+
+def _u_verdict(p_lo, p_hi, p_cap, range_hi, curve, lo_x, hi_x, q, flat_tolerance, level, detect, seeds_ref,
+               n_boot) -> tuple[str, float | None, str]:
+    """(verdict, edge, reason) from the resampled edge slopes; see `fit_u_curve` for the rule."""
+    pct = f"{q:.0%}"
+    if not n_boot:
+        return "too noisy", None, "no bootstrap resamples, so nothing can be claimed"
+    if p_lo >= q and p_hi >= q:
+        return "interior", None, (f"the curve falls away from both edges (slope < 0 at rho = {lo_x:.3g} in "
+                                  f"{p_lo:.0%}, > 0 at rho = {hi_x:.3g} in {p_hi:.0%} of resamples; rule: both "
+                                  f">= {pct})")
+    if p_cap >= q:
+        return "concave", None, (f"the curve bends down (a cap) in {p_cap:.0%} of resamples (rule: >= {pct}): "
+                                 "no minimum inside the range")
+    still_falls_hi, still_falls_lo = p_hi <= 1 - q, p_lo <= 1 - q
+    if still_falls_hi or still_falls_lo:
+        if still_falls_hi and still_falls_lo:
+            edge = hi_x if curve[-1] <= curve[0] else lo_x
+        else:
+            edge = hi_x if still_falls_hi else lo_x
+        p_edge = 1 - p_hi if edge == hi_x else 1 - p_lo
+        return "boundary", edge, (f"the loss still falls toward the edge rho = {edge:.3g} in {p_edge:.0%} of "
+                                  f"resamples (rule: >= {pct}): the minimum lies at or beyond the sampled range")
+    if range_hi < flat_tolerance:
+        return "flat", None, (f"the whole curve varies by less than {flat_tolerance:g} nats (upper "
+                              f"{level:.0%} bound of its range {range_hi:.3g})")
+    seeds = "" if seeds_ref is None else (f"; about {seeds_ref}{'+' if seeds_ref >= MAX_SEEDS_QUOTED else ''} "
+                                          f"seeds would resolve the paper's {REFERENCE_GAIN} nats")
+    return "too noisy", None, (f"neither an interior minimum nor an edge is resolved (slope < 0 at the low edge "
+                               f"in {p_lo:.0%}, > 0 at the high edge in {p_hi:.0%} of resamples; rule: {pct}); "
+                               f"smallest gain this sweep could detect ~{detect:.3g} nats{seeds}")
 
 
 def _poly_basis(x: np.ndarray) -> np.ndarray:
@@ -521,16 +737,27 @@ def _pspline_basis(x, lo, hi, grid):
     return basis, grid_basis, diff.T @ diff
 
 
-def _pspline_fit(basis_nk, y_n, w_Bn, dtd_kk, ok_B) -> np.ndarray:
+def _pspline_fit(basis_nk, y_n, w_Bn, dtd_kk, ok_B, fixed_kk=None, lam: float | None = None) -> np.ndarray:
     """Penalised weighted least squares with the penalty chosen by GCV separately for each row of weights, so
-    the bootstrap carries the uncertainty of the smoothing choice too. NaN where not ok or no penalty works."""
+    the bootstrap carries the uncertainty of the smoothing choice too; or with the one penalty `lam` for every
+    row. `fixed_kk` is added unscaled (the seed offsets' ridge). NaN where not ok or no penalty works."""
     w_Bn = np.where(ok_B[:, None], w_Bn, 1.0)
     n_k = basis_nk.shape[1]
     gram_Bkk = np.einsum("bn,nk,nl->bkl", w_Bn, basis_nk, basis_nk, optimize=True)
+    if fixed_kk is not None:
+        gram_Bkk = gram_Bkk + fixed_kk
     aug_Bkm = np.concatenate([gram_Bkk, ((w_Bn * y_n) @ basis_nk)[..., None]], axis=2)
     n_B = w_Bn.sum(axis=1)
     best_gcv_B = np.full(len(w_Bn), np.inf)
     coef_Bk = np.full((len(w_Bn), n_k), np.nan)
+    if lam is not None:
+        try:
+            coef_Bk = np.linalg.solve(gram_Bkk + lam * dtd_kk, aug_Bkm[:, :, n_k:])[..., 0]
+        except np.linalg.LinAlgError:
+            coef_Bk = np.stack([np.linalg.lstsq(g + lam * dtd_kk, a[:, n_k], rcond=None)[0]
+                                for g, a in zip(gram_Bkk, aug_Bkm)])
+        coef_Bk[~ok_B] = np.nan
+        return coef_Bk
     for lam in SPLINE_LAMBDAS:
         try:
             sol_Bkm = np.linalg.solve(gram_Bkk + lam * dtd_kk, aug_Bkm)
@@ -546,6 +773,24 @@ def _pspline_fit(basis_nk, y_n, w_Bn, dtd_kk, ok_B) -> np.ndarray:
         coef_Bk[better] = lam_coef_Bk[better]
     coef_Bk[~ok_B] = np.nan
     return coef_Bk
+
+
+def _gcv_lambda(basis_nk, y_n, dtd_kk, fixed_kk) -> float:
+    """The GCV choice of the P-spline penalty on the unweighted data."""
+    gram = basis_nk.T @ basis_nk + (0 if fixed_kk is None else fixed_kk)
+    rhs = basis_nk.T @ y_n
+    n, best, best_lam = len(y_n), np.inf, SPLINE_LAMBDAS[-1]
+    for lam in SPLINE_LAMBDAS:
+        try:
+            hat = np.linalg.solve(gram + lam * dtd_kk, np.column_stack([basis_nk.T, rhs]))
+        except np.linalg.LinAlgError:
+            continue
+        edf = float(np.trace(basis_nk @ hat[:, :n]))
+        rss = float(np.sum((y_n - basis_nk @ hat[:, n]) ** 2))
+        gcv = n * rss / (n - edf) ** 2 if edf < n - 1e-9 else np.inf
+        if gcv < best:
+            best, best_lam = gcv, lam
+    return float(best_lam)
 
 
 def _weighted_lstsq(basis_nk, y_n, w_Bn, penalty_kk, ok_B) -> np.ndarray:

@@ -143,3 +143,91 @@ def _write(root: Path, rows: list[dict], rng: np.random.Generator, sweep: str) -
                 {"name": "search", "kind": "search", "p_tot_ratio": 4, "budget": 3e14, "n_trials": N_SEARCH,
                  "seed": 0}]}
     (root / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Planted U-curves: the family of truths of the U-curve calibration study (docs/analysis.md)
+
+U_CURVATURE = 0.08          # nats per rho^2: 0.02 nats between rho* = 0.5 and either edge
+U_SEED_OFFSET_SD = 0.003    # per-seed additive offset (data order shared across rho)
+
+
+def _lopsided(rho_star: float, left: float, right: float):
+    return lambda rho: np.where(rho < rho_star, left, right) * U_CURVATURE * (rho - rho_star) ** 2
+
+
+# name -> (loss over rho minus its minimum, true argmin on [0, 1], whether that argmin is interior)
+U_TRUTHS = MappingProxyType({
+    "symmetric": (lambda rho: U_CURVATURE * (rho - 0.6) ** 2, 0.6, True),
+    "lopsided, left 2x steeper": (_lopsided(0.5, 2.0, 1.0), 0.5, True),
+    "lopsided, right 2x steeper": (_lopsided(0.5, 1.0, 2.0), 0.5, True),
+    "optimum near rho = 0 (0.15)": (lambda rho: U_CURVATURE * (rho - 0.15) ** 2, 0.15, True),
+    "optimum near rho = 1 (0.85)": (lambda rho: U_CURVATURE * (rho - 0.85) ** 2, 0.85, True),
+    "flat at rho = 1 (no interior optimum)": (lambda rho: U_CURVATURE * (1 - rho) ** 2, 1.0, False),
+    "linear, best at rho = 1": (lambda rho: 0.5 * U_CURVATURE * (1 - rho), 1.0, False),
+})
+# (noise sd, rho points on [0, 1], seeds): the issue's ranges, each crossed with every truth
+U_CASES = tuple((noise, n_rho, n_seeds) for noise in (0.004, 0.016) for n_rho in (5, 9) for n_seeds in (2, 3))
+
+
+def planted_u_curve(truth: str, *, n_rho: int, n_seeds: int, noise: float, rng: np.random.Generator,
+                    seed_offset_sd: float = U_SEED_OFFSET_SD, base: float = 3.0):
+    """(rho, loss, seed) of one draw: every seed at every rho of an even grid on [0, 1]."""
+    shape, _, _ = U_TRUTHS[truth]
+    rho = np.repeat(np.linspace(0.0, 1.0, n_rho), n_seeds)
+    seed = np.tile(np.arange(n_seeds), n_rho)
+    offsets = rng.normal(0.0, seed_offset_sd, n_seeds)
+    return rho, base + shape(rho) + offsets[seed] + rng.normal(0.0, noise, len(rho)), seed
+
+
+def u_curve_calibration(*, truths=tuple(U_TRUTHS), cases=U_CASES, n_draws: int = 108, n_resamples: int = 1000,
+                        rng_seed: int = 0, levels=(0.9, 0.95), **fit_kwargs) -> pd.DataFrame:
+    """One row per (truth, case, draw): the verdict and whether the argmin / gain intervals at each level cover
+    the truth. Pure: draws from planted truths, fits with `fit_u_curve(**fit_kwargs)`."""
+    from analysis.fits import FitError, fit_u_curve   # late: synthetic.py is imported by tests that do not fit
+
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for truth in truths:
+        shape, true_argmin, _ = U_TRUTHS[truth]
+        true_gain = float(shape(np.array([1.0]))[0] - shape(np.array([true_argmin]))[0])
+        for noise, n_rho, n_seeds in cases:
+            for draw in range(n_draws):
+                rho, loss, seed = planted_u_curve(truth, n_rho=n_rho, n_seeds=n_seeds, noise=noise, rng=rng)
+                row = {"truth": truth, "noise": noise, "n_rho": n_rho, "n_seeds": n_seeds, "draw": draw}
+                try:
+                    fit = fit_u_curve(rho, loss, seed, n_resamples=n_resamples, rng=rng, **fit_kwargs)
+                except FitError as err:
+                    rows.append({**row, "verdict": f"FitError: {err}"})
+                    continue
+                row["verdict"] = fit.verdict
+                row["argmin"] = fit.argmin.value
+                for level in levels:
+                    tail = 100 * (1 - level) / 2
+                    lo, hi = np.percentile(fit.boot_argmin, [tail, 100 - tail])
+                    row[f"cover_rho_{level:g}"] = bool(lo - 1e-9 <= true_argmin <= hi + 1e-9)
+                    if len(fit.boot_gain):
+                        glo, ghi = np.percentile(fit.boot_gain, [tail, 100 - tail])
+                        row[f"cover_gain_{level:g}"] = bool(glo - 1e-9 <= true_gain <= ghi + 1e-9)
+                row["dropped_share"] = fit.bootstrap.failed_share
+                rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def summarise_calibration(draws: pd.DataFrame, levels=(0.9, 0.95)) -> pd.DataFrame:
+    """Per truth: coverage of the rho* (argmin) and gain intervals at each level, and the share of each verdict.
+    'false claim' is the share of 'interior' for a truth without an interior optimum, and of 'boundary' or
+    'concave' for a truth with one."""
+    out = []
+    for truth, rows in draws.groupby("truth", sort=False):
+        interior_truth = U_TRUTHS[truth][2]
+        rec = {"truth": truth, "draws": len(rows)}
+        for level in levels:
+            rec[f"rho* cover {level:.0%}"] = rows[f"cover_rho_{level:g}"].mean()
+        for level in levels:
+            rec[f"gain cover {level:.0%}"] = rows[f"cover_gain_{level:g}"].mean()
+        for verdict in ("interior", "boundary", "concave", "flat", "too noisy"):
+            rec[verdict] = float(np.mean(rows["verdict"] == verdict))
+        rec["false claim"] = (rec["boundary"] + rec["concave"]) if interior_truth else rec["interior"]
+        out.append(rec)
+    return pd.DataFrame(out)
