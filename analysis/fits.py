@@ -23,6 +23,8 @@ import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 from scipy.interpolate import BSpline
@@ -40,9 +42,11 @@ DROP_WARN_SHARE = 0.05      # more dropped resamples than this: the interval is 
 U_GRID_POINTS = 401         # resolution of the rho grid on which a U-curve's minimum is located
 RHO_MOE = 1.0               # rho = 1 is pure MoE, the baseline of the gain
 RHO_TOL = 1e-6
+LLAMA3_ISOFLOPS = Path(__file__).parent / "data" / "llama3_isoflops_points.csv"   # public data, see its README
 SPLINE_BASIS = 10           # P-spline basis size; the penalty, not the basis, sets the smoothness
-SPLINE_LAMBDAS = tuple(np.logspace(-8, 4, 13))   # GCV candidates for the P-spline penalty
+SPLINE_LAMBDAS = tuple(np.logspace(-8, 4, 25))   # GCV candidates for the P-spline penalty
 EDGE_WINDOW = 0.25          # share of the rho range over which the edge slopes of a verdict are measured
+U_METHODS = MappingProxyType({"quadratic": 3, "cubic": 4, "spline": 4})   # method -> distinct rho needed
 SEED_RIDGE = 1e-9           # per point; keeps a resample that leaves a seed out solvable (that offset -> 0)
 # U-curve verdicts. Fixed before any real sweep was analysed (docs/analysis.md); never tuned to data.
 VERDICT_LEVEL = 0.95        # an edge slope's sign counts when at least this share of resamples agree on it
@@ -64,6 +68,29 @@ class FitError(RuntimeError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Results
+
+
+@dataclass(frozen=True)
+class StartGrid:
+    """Where Approach 3's L-BFGS starts, relative to the data: E = e_fraction * min(loss); each term's value at the
+    geometric-mean x = a_fraction * (loss range) / n_terms; exponents `alphas`. The objective is evaluated on the
+    whole product grid and L-BFGS runs from its `n_lbfgs` best points."""
+
+    e_fractions: tuple[float, ...] = E_FRACTIONS
+    a_fractions: tuple[float, ...] = A_FRACTIONS
+    alphas: tuple[float, ...] = ALPHA_STARTS
+    n_lbfgs: int = N_LBFGS_STARTS
+
+    def __post_init__(self):
+        for name in ("e_fractions", "a_fractions", "alphas"):
+            values = getattr(self, name)
+            if not len(values) or any(not (math.isfinite(v) and v > 0) for v in values):
+                raise ValueError(f"start_grid.{name}: expected positive numbers, got {values!r}")
+        if any(v >= 1 for v in self.e_fractions):
+            raise ValueError(f"start_grid.e_fractions: E starts below the lowest loss, expected < 1, got "
+                             f"{self.e_fractions!r}")
+        if not (isinstance(self.n_lbfgs, int) and self.n_lbfgs >= 1):
+            raise ValueError(f"start_grid.n_lbfgs: expected a positive integer, got {self.n_lbfgs!r}")
 
 
 @dataclass(frozen=True)
@@ -195,7 +222,7 @@ class UCurveFit(_Sample):
     boot_min_loss: np.ndarray = field(repr=False, compare=False)
     boot_gain: np.ndarray = field(repr=False, compare=False)       # empty when rho = 1 was not sampled
     r2: float = float("nan")
-    coefficients: tuple[tuple[str, Estimate], ...] = ()   # quadratic: L = c0 + c1 rho + c2 rho^2; spline: none
+    coefficients: tuple[tuple[str, Estimate], ...] = ()   # quadratic: L = c0 + c1 rho + c2 rho^2; else none
 
     @property
     def draws_curve(self) -> bool:
@@ -266,6 +293,14 @@ class PowerLawFit(_Sample):
     seed: np.ndarray = field(repr=False, compare=False)
     residuals: np.ndarray = field(repr=False, compare=False)   # loss - fitted loss, in input order
     boot: np.ndarray = field(repr=False, compare=False)        # (n_ok, 3): E, A, alpha
+    unidentified: tuple[tuple[str, str], ...] = ()   # (parameter, reason): no number is quoted for these
+    excluded: tuple[int, ...] = ()                   # input indices dropped as outliers before the fit
+    huber_delta: float = HUBER_DELTA
+
+    @property
+    def identified(self) -> bool:
+        """Every parameter pinned down (interval within a decade, R^2 >= 0); else quote the log-linear form."""
+        return not self.unidentified
 
     def predict(self, x) -> np.ndarray:
         return self.E.value + self.A.value * np.asarray(x, dtype=float) ** -self.alpha.value
@@ -283,14 +318,24 @@ class PowerLawFit(_Sample):
         return Estimate(float(self.predict(x)), float(lo[0]), float(hi[0]), level)
 
     def to_dict(self) -> dict:
-        return {"form": "L = E + A * x^-alpha", "E": self.E.to_dict(), "A": self.A.to_dict(),
-                "alpha": self.alpha.to_dict(), "r2": _finite_or_none(self.r2),
+        return {"form": "L = E + A * x^-alpha", "identified": self.identified,
+                "form_used": "power law" if self.identified else "log-linear (power law not identified)",
+                **_parameters_dict({"E": self.E, "A": self.A, "alpha": self.alpha}, self.unidentified),
+                "r2": _finite_or_none(self.r2),
                 "residuals": [float(r) for r in self.residuals], "loglinear": self.loglinear.to_dict(),
-                "n_points": self.n_points, "n_seeds": self.n_seeds, "bootstrap": self.bootstrap.to_dict()}
+                "n_points": self.n_points, "n_seeds": self.n_seeds, "excluded_points": list(self.excluded),
+                "huber_delta": self.huber_delta, "bootstrap": self.bootstrap.to_dict()}
+
+
+def _parameters_dict(params: dict[str, Estimate], unidentified) -> dict:
+    """Each parameter with its interval, or with no number and the reason when it is not identified."""
+    reasons = dict(unidentified)
+    return {name: ({"value": None, "lo": None, "hi": None, "level": est.level, "not_identified": reasons[name]}
+                   if name in reasons else est.to_dict()) for name, est in params.items()}
 
 
 @dataclass(frozen=True)
-class ChinchillaFit:
+class ChinchillaFit(_Sample):
     """L = E + A * N^-alpha + B * D^-beta (N: active parameters, D: tokens), Huber on log L."""
 
     E: Estimate
@@ -302,6 +347,15 @@ class ChinchillaFit:
     bootstrap: Bootstrap
     residuals: np.ndarray = field(repr=False, compare=False)
     boot: np.ndarray = field(repr=False, compare=False)        # (n_ok, 5): E, A, alpha, B, beta
+    loss: np.ndarray = field(repr=False, compare=False)
+    seed: np.ndarray = field(repr=False, compare=False)
+    unidentified: tuple[tuple[str, str], ...] = ()
+    excluded: tuple[int, ...] = ()
+    huber_delta: float = HUBER_DELTA
+
+    @property
+    def identified(self) -> bool:
+        return not self.unidentified
 
     @property
     def n_exponent(self) -> Estimate:
@@ -322,10 +376,13 @@ class ChinchillaFit:
         return self.E.value + self.A.value * n ** -self.alpha.value + self.B.value * d ** -self.beta.value
 
     def to_dict(self) -> dict:
-        return {"form": "L = E + A * N^-alpha + B * D^-beta",
-                **{k: getattr(self, k).to_dict() for k in ("E", "A", "alpha", "B", "beta")},
+        return {"form": "L = E + A * N^-alpha + B * D^-beta", "identified": self.identified,
+                **_parameters_dict({k: getattr(self, k) for k in ("E", "A", "alpha", "B", "beta")},
+                                   self.unidentified),
                 "n_exponent": self.n_exponent.to_dict(), "d_exponent": self.d_exponent.to_dict(),
-                "r2": _finite_or_none(self.r2), "bootstrap": self.bootstrap.to_dict()}
+                "r2": _finite_or_none(self.r2), "n_points": self.n_points, "n_seeds": self.n_seeds,
+                "excluded_points": list(self.excluded), "huber_delta": self.huber_delta,
+                "bootstrap": self.bootstrap.to_dict()}
 
 
 @dataclass(frozen=True)
@@ -362,11 +419,21 @@ class IsoFlopFit:
     vertices: tuple[IsoFlopVertex, ...]
     scaling: OptimumScaling
     bootstrap: Bootstrap
+    n_seeds: int = 1            # distinct seeds among the points (1: none given)
+
+    @property
+    def n_points(self) -> int:
+        return sum(v.n_points for v in self.vertices)
+
+    @property
+    def n_budgets(self) -> int:
+        return len(self.vertices)
 
     def to_dict(self) -> dict:
         return {"vertices": [{"budget": v.budget, "x_star": v.x_star, "loss_star": v.loss_star,
                               "n_points": v.n_points, "interior": v.interior} for v in self.vertices],
-                "scaling": self.scaling.to_dict(), "bootstrap": self.bootstrap.to_dict()}
+                "scaling": self.scaling.to_dict(), "n_points": self.n_points, "n_budgets": self.n_budgets,
+                "n_seeds": self.n_seeds, "bootstrap": self.bootstrap.to_dict()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -515,16 +582,19 @@ def _check_level(level: float, n_resamples: int) -> None:
 # U-curve over rho
 
 
-def fit_u_curve(rho, loss, seed=None, *, method: str = "spline", seed_offsets: bool = True,
+def fit_u_curve(rho, loss, seed=None, *, method: str = "cubic", seed_offsets: bool = True,
                 n_resamples: int = N_RESAMPLES, level: float = LEVEL, rng: np.random.Generator | int = 0,
                 verdict_level: float = VERDICT_LEVEL, flat_tolerance: float = FLAT_TOLERANCE) -> UCurveFit:
     """Fit loss over rho, locate its minimum and state what the data carry, with bootstrap intervals.
 
-    method "spline" (the default): a cubic P-spline (SPLINE_BASIS B-splines, third-order difference penalty
-    chosen by GCV, again in every resample). The penalty's null space is the quadratics, so it is a parabola
-    unless the data insist, and it follows a lopsided U where a parabola's vertex is biased: in the calibration
-    study (docs/analysis.md) its rho* intervals hold their nominal coverage on lopsided truths, the parabola's
-    do not. method "quadratic": a parabola in rho, kept as a check.
+    method "cubic" (the default): a cubic polynomial in rho. It has an interior minimum when the data have one
+    and, unlike a parabola, follows a lopsided U (one side steeper than the other), and it has no smoothing to
+    choose, so every resample is fitted the same way. In the calibration study (docs/analysis.md) its 90% and
+    95% rho* intervals cover planted truths within 5 points of nominal on symmetric, lopsided and near-edge
+    U-curves; the parabola's cover 66% on a lopsided U.
+    method "quadratic": a parabola in rho (a check; biased vertex when the U is lopsided).
+    method "spline": a cubic P-spline (SPLINE_BASIS B-splines, third-order difference penalty chosen by GCV on
+    the data, then held for every resample). A check only: its intervals under-cover on lopsided truths.
     seed_offsets: trials that share a seed share their data order across rho, so each seed gets its own
     additive offset (seeds as blocks) and the curve is the seeds' average; the seed-to-seed level differences
     then stop blurring the shape. Ignored for a single seed.
@@ -536,10 +606,10 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "spline", seed_offsets: b
     flat_tolerance; otherwise "too noisy", with the smallest gain the sweep could detect.
 
     Intervals: resample seeds, then points (points only for a single seed); percentile intervals at `level`.
-    Needs at least 3 distinct rho values (quadratic) or 4 (spline); seeds may repeat a rho value.
+    Needs at least 3 distinct rho values (quadratic) or 4 (cubic, spline); seeds may repeat a rho value.
     """
-    if method not in ("quadratic", "spline"):
-        raise ValueError(f"method: expected 'quadratic' or 'spline', got {method!r}")
+    if method not in U_METHODS:
+        raise ValueError(f"method: expected one of {list(U_METHODS)}, got {method!r}")
     _check_level(level, n_resamples)
     if not 0.5 < verdict_level < 1:
         raise ValueError(f"verdict_level: expected a number in (0.5, 1), got {verdict_level!r}")
@@ -548,7 +618,7 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "spline", seed_offsets: b
     rho = _as_1d("rho", rho)
     loss = _as_1d("loss", loss, len(rho))
     seed = _seeds(seed, len(rho))
-    n_needed = 3 if method == "quadratic" else 4
+    n_needed = U_METHODS[method]
     n_distinct = len(np.unique(rho))
     if n_distinct < n_needed:
         raise ValueError(f"rho: a {method} U-curve needs at least {n_needed} distinct rho values, got {n_distinct}")
@@ -562,9 +632,12 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "spline", seed_offsets: b
     _, seed_code = np.unique(seed, return_inverse=True)
     n_seeds = int(seed_code.max()) + 1
     offsets = bool(seed_offsets) and n_seeds > 1
-    if method == "quadratic":
-        basis, grid_basis = _poly_basis(rho), _poly_basis(grid)
-        shape_pen = np.zeros((3, 3))
+    if method in ("quadratic", "cubic"):
+        degree = 2 if method == "quadratic" else 3
+        # centred and scaled to [-1, 1] so that the cubic's normal equations stay well conditioned
+        scale = lambda v: (v - 0.5 * (lo_x + hi_x)) / (0.5 * (hi_x - lo_x))
+        basis, grid_basis = _poly_basis(scale(rho), degree), _poly_basis(scale(grid), degree)
+        shape_pen = np.zeros((degree + 1, degree + 1))
     else:
         basis, grid_basis, shape_pen = _pspline_basis(rho, lo_x, hi_x, grid)
     n_k = basis.shape[1]
@@ -575,26 +648,24 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "spline", seed_offsets: b
     n_d = dummies.shape[1]
     fixed_pen = np.zeros((n_k + n_d, n_k + n_d))
     fixed_pen[n_k:, n_k:] = SEED_RIDGE * len(rho) * np.eye(n_d)
-    if method == "quadratic":
+    if method != "spline":
         coef_Bk = _weighted_lstsq(design, loss, w_Bn, fixed_pen, ok_B)
-        shape_coef_Bk = coef_Bk
     else:
         shape_full = np.zeros_like(fixed_pen)
         shape_full[:n_k, :n_k] = shape_pen
-        coef_Bk = _pspline_fit(design, loss, w_Bn, shape_full, ok_B, fixed_pen)
-        # the verdict's slopes at the point fit's penalty: they test the shape, with the smoothing held fixed
-        # (re-chosen per resample, the penalty's spread swamped the slopes: calibration study, docs/analysis.md)
-        shape_coef_Bk = _pspline_fit(design, loss, w_Bn, shape_full, ok_B, fixed_pen,
-                                     lam=_gcv_lambda(design, loss, shape_full, fixed_pen))
+        # one penalty, the point fit's GCV choice, for every resample: re-chosen per resample, GCV picks an
+        # interpolating spline whenever a resample repeats points (no spread left within a rho value) and the
+        # curve swings by ~0.1 nats between design points (measured; docs/analysis.md)
+        coef_Bk = _pspline_fit(design, loss, w_Bn, shape_full, ok_B, fixed_pen,
+                               lam=_gcv_lambda(design, loss, shape_full, fixed_pen))
     # the curve at the seeds' average offset in each resample (weighted by its points)
     with np.errstate(invalid="ignore"):
         offset_Bn = coef_Bk[:, n_k:] @ dummies.T if n_d else np.zeros((len(w_Bn), len(rho)))
         mean_offset_B = np.sum(w_Bn * offset_Bn, axis=1) / w_Bn.sum(axis=1)
         curves_BG = coef_Bk[:, :n_k] @ grid_basis.T + mean_offset_B[:, None]
-        shapes_BG = shape_coef_Bk[:, :n_k] @ grid_basis.T
     if not np.all(np.isfinite(curves_BG[0])):
         raise FitError("U-curve: non-finite fitted curve")
-    ok_B &= np.all(np.isfinite(curves_BG), axis=1) & np.all(np.isfinite(shapes_BG), axis=1)
+    ok_B &= np.all(np.isfinite(curves_BG), axis=1)
     nonfinite = int(np.sum(~ok_B[1:] & ~few_B[1:]))
     n_failed = int(np.sum(~ok_B[1:]))
     _check_failed(n_failed, n_resamples, "U-curve")
@@ -604,8 +675,8 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "spline", seed_offsets: b
     argmin_B = grid[i_min_B]
     min_loss_B = curves_BG[np.arange(curves_BG.shape[0]), i_min_B]
     interior_B = (i_min_B > 0) & (i_min_B < len(grid) - 1)
-    if method == "quadratic":   # the exact vertex, not its nearest grid point
-        c0, c1, c2 = coef_Bk[:, :3].T
+    if method == "quadratic":   # the exact vertex, not its nearest grid point (coefficients in rho units)
+        c0, c1, c2 = _quadratic_in_rho(coef_Bk[:, :3], lo_x, hi_x).T
         with np.errstate(divide="ignore", invalid="ignore", over="ignore"):   # flat or NaN rows: not used
             vertex_B = -c1 / (2 * c2)
             exact_B = interior_B & (c2 > 0) & (vertex_B > lo_x) & (vertex_B < hi_x)
@@ -618,8 +689,8 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "spline", seed_offsets: b
     window_hi = max(EDGE_WINDOW * (hi_x - lo_x), values[-1] - values[-2])
     i_lo = int(np.argmin(np.abs(grid - (lo_x + window_lo))))
     i_hi = int(np.argmin(np.abs(grid - (hi_x - window_hi))))
-    slope_lo_B = (shapes_BG[:, i_lo] - shapes_BG[:, 0]) / (grid[i_lo] - grid[0])
-    slope_hi_B = (shapes_BG[:, -1] - shapes_BG[:, i_hi]) / (grid[-1] - grid[i_hi])
+    slope_lo_B = (curves_BG[:, i_lo] - curves_BG[:, 0]) / (grid[i_lo] - grid[0])
+    slope_hi_B = (curves_BG[:, -1] - curves_BG[:, i_hi]) / (grid[-1] - grid[i_hi])
     range_B = curves_BG.max(axis=1) - curves_BG.min(axis=1)
     boot = ok_B.copy()
     boot[0] = False
@@ -649,7 +720,8 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "spline", seed_offsets: b
         rho=rho, loss=loss, seed=seed, grid=grid, curve=curves_BG[0], curve_lo=band[0], curve_hi=band[1],
         boot_argmin=argmin_B[boot], boot_min_loss=min_loss_B[boot],
         boot_gain=gain_B[boot] if has_moe else np.zeros(0), r2=_r2(loss, fitted),
-        coefficients=tuple((f"c{i}", _estimate(coef_Bk[0, i], coef_Bk[boot, i], level)) for i in range(3))
+        coefficients=tuple((f"c{i}", _estimate(c[0], c[boot], level))
+                           for i, c in enumerate(_quadratic_in_rho(coef_Bk[:, :3], lo_x, hi_x).T))
         if method == "quadratic" else (),
     )
 
@@ -722,8 +794,15 @@ def _u_verdict(p_lo, p_hi, p_cap, range_hi, curve, lo_x, hi_x, q, flat_tolerance
                                f"smallest gain this sweep could detect ~{detect:.3g} nats{seeds}")
 
 
-def _poly_basis(x: np.ndarray) -> np.ndarray:
-    return np.stack([np.ones_like(x), x, x * x], axis=1)
+def _poly_basis(x: np.ndarray, degree: int = 2) -> np.ndarray:
+    return np.stack([x ** p for p in range(degree + 1)], axis=1)
+
+
+def _quadratic_in_rho(coef_B3: np.ndarray, lo: float, hi: float) -> np.ndarray:
+    """Coefficients of a parabola in the scaled variable t = (rho - m) / h back to rho: c0 + c1 rho + c2 rho^2."""
+    m, h = 0.5 * (lo + hi), 0.5 * (hi - lo)
+    a0, a1, a2 = coef_B3.T
+    return np.stack([a0 - a1 * m / h + a2 * m * m / (h * h), a1 / h - 2 * a2 * m / (h * h), a2 / (h * h)], axis=1)
 
 
 def _pspline_basis(x, lo, hi, grid):
@@ -737,42 +816,11 @@ def _pspline_basis(x, lo, hi, grid):
     return basis, grid_basis, diff.T @ diff
 
 
-def _pspline_fit(basis_nk, y_n, w_Bn, dtd_kk, ok_B, fixed_kk=None, lam: float | None = None) -> np.ndarray:
-    """Penalised weighted least squares with the penalty chosen by GCV separately for each row of weights, so
-    the bootstrap carries the uncertainty of the smoothing choice too; or with the one penalty `lam` for every
-    row. `fixed_kk` is added unscaled (the seed offsets' ridge). NaN where not ok or no penalty works."""
-    w_Bn = np.where(ok_B[:, None], w_Bn, 1.0)
-    n_k = basis_nk.shape[1]
-    gram_Bkk = np.einsum("bn,nk,nl->bkl", w_Bn, basis_nk, basis_nk, optimize=True)
-    if fixed_kk is not None:
-        gram_Bkk = gram_Bkk + fixed_kk
-    aug_Bkm = np.concatenate([gram_Bkk, ((w_Bn * y_n) @ basis_nk)[..., None]], axis=2)
-    n_B = w_Bn.sum(axis=1)
-    best_gcv_B = np.full(len(w_Bn), np.inf)
-    coef_Bk = np.full((len(w_Bn), n_k), np.nan)
-    if lam is not None:
-        try:
-            coef_Bk = np.linalg.solve(gram_Bkk + lam * dtd_kk, aug_Bkm[:, :, n_k:])[..., 0]
-        except np.linalg.LinAlgError:
-            coef_Bk = np.stack([np.linalg.lstsq(g + lam * dtd_kk, a[:, n_k], rcond=None)[0]
-                                for g, a in zip(gram_Bkk, aug_Bkm)])
-        coef_Bk[~ok_B] = np.nan
-        return coef_Bk
-    for lam in SPLINE_LAMBDAS:
-        try:
-            sol_Bkm = np.linalg.solve(gram_Bkk + lam * dtd_kk, aug_Bkm)
-        except np.linalg.LinAlgError:
-            continue
-        edf_B = np.einsum("bkk->b", sol_Bkm[:, :, :n_k])
-        lam_coef_Bk = sol_Bkm[:, :, n_k]
-        rss_B = np.sum(w_Bn * (y_n[None] - lam_coef_Bk @ basis_nk.T) ** 2, axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            gcv_B = np.where(edf_B < n_B - 1e-9, n_B * rss_B / (n_B - edf_B) ** 2, np.inf)
-        better = gcv_B < best_gcv_B
-        best_gcv_B[better] = gcv_B[better]
-        coef_Bk[better] = lam_coef_Bk[better]
-    coef_Bk[~ok_B] = np.nan
-    return coef_Bk
+def _pspline_fit(basis_nk, y_n, w_Bn, dtd_kk, ok_B, fixed_kk, lam: float) -> np.ndarray:
+    """Penalised weighted least squares, penalty lam * dtd_kk plus `fixed_kk` (the seed offsets' ridge), for
+    every row of weights at once. NaN where not ok."""
+    penalty = lam * dtd_kk + fixed_kk
+    return _weighted_lstsq(basis_nk, y_n, w_Bn, penalty, ok_B)
 
 
 def _gcv_lambda(basis_nk, y_n, dtd_kk, fixed_kk) -> float:
@@ -844,15 +892,15 @@ def _jacobian(share_Bnm: np.ndarray, logx_nk: np.ndarray) -> np.ndarray:
     return jac_Bnp
 
 
-def _huber(r: np.ndarray) -> np.ndarray:
+def _huber(r: np.ndarray, delta: float) -> np.ndarray:
     """Huber loss divided by delta, so that its slope is at most 1 (keeps L-BFGS's tolerances meaningful)."""
     a = np.abs(r)
-    return np.where(a <= HUBER_DELTA, 0.5 * r * r / HUBER_DELTA, a - 0.5 * HUBER_DELTA)
+    return np.where(a <= delta, 0.5 * r * r / delta, a - 0.5 * delta)
 
 
-def _objective(theta_Bp, logx_nk, logy_n, w_Bn) -> np.ndarray:
+def _objective(theta_Bp, logx_nk, logy_n, w_Bn, delta: float) -> np.ndarray:
     pred_Bn, _ = _lse(theta_Bp, logx_nk)
-    return np.sum(w_Bn * _huber(logy_n[None] - pred_Bn), axis=1)
+    return np.sum(w_Bn * _huber(logy_n[None] - pred_Bn, delta), axis=1)
 
 
 def _bounds(n_terms: int) -> tuple[np.ndarray, np.ndarray]:
@@ -861,19 +909,19 @@ def _bounds(n_terms: int) -> tuple[np.ndarray, np.ndarray]:
     return lo, hi
 
 
-def _init_grid(logx_nk: np.ndarray, y: np.ndarray) -> np.ndarray:
+def _init_grid(logx_nk: np.ndarray, y: np.ndarray, starts: StartGrid) -> np.ndarray:
     """Initialisations relative to the data: E a fraction of the lowest loss, each term's value at the
-    geometric-mean x a fraction of the loss range, exponents from flat to steep."""
+    geometric-mean x a fraction of the loss range, exponents from flat to steep (see StartGrid)."""
     n_terms = logx_nk.shape[1]
     span = max(float(y.max() - y.min()), 1e-3 * float(y.min()))
-    e_grid = np.log(y.min() * np.array([0.1, 0.5, 0.8, 0.9, 0.97]))
-    a_grid = np.log(span * np.array([0.03, 0.3, 1.0, 3.0]) / n_terms)
-    alpha_grid = np.array([0.05, 0.15, 0.3, 0.6, 1.0, 2.0])
+    e_grid = np.log(y.min() * np.asarray(starts.e_fractions, dtype=float))
+    a_grid = np.log(span * np.asarray(starts.a_fractions, dtype=float) / n_terms)
+    alpha_grid = np.asarray(starts.alphas, dtype=float)
     axes = [e_grid] + [a_grid, alpha_grid] * n_terms
     return np.array(list(itertools.product(*axes)))
 
 
-def _fit_lse(logx_nk: np.ndarray, y: np.ndarray, what: str) -> np.ndarray:
+def _fit_lse(logx_nk: np.ndarray, y: np.ndarray, what: str, delta: float, starts: StartGrid) -> np.ndarray:
     """Multi-start L-BFGS-B on the Huber objective, then a batched polish; returns theta.
 
     Epoch AI run L-BFGS from every point of their grid; we evaluate the objective on the whole grid at once and
@@ -882,19 +930,19 @@ def _fit_lse(logx_nk: np.ndarray, y: np.ndarray, what: str) -> np.ndarray:
     law from all 120, the objectives agreed to 1e-14).
     """
     logy = np.log(y)
-    grid_Gp = _init_grid(logx_nk, y)
+    grid_Gp = _init_grid(logx_nk, y, starts)
     with np.errstate(over="ignore", invalid="ignore"):
-        start_obj = _objective(grid_Gp, logx_nk, logy, np.ones((1, len(y))))
-    order = np.argsort(np.where(np.isfinite(start_obj), start_obj, np.inf))[:N_LBFGS_STARTS]
+        start_obj = _objective(grid_Gp, logx_nk, logy, np.ones((1, len(y))), delta)
+    order = np.argsort(np.where(np.isfinite(start_obj), start_obj, np.inf))[:starts.n_lbfgs]
     lo, hi = _bounds(logx_nk.shape[1])
     ones = np.ones((1, len(y)))
 
     def fun(theta):
         pred_Bn, share_Bnm = _lse(theta[None], logx_nk)
         r = logy - pred_Bn[0]
-        psi = np.clip(r, -HUBER_DELTA, HUBER_DELTA) / HUBER_DELTA
+        psi = np.clip(r, -delta, delta) / delta
         grad = -(psi @ _jacobian(share_Bnm, logx_nk)[0])
-        return float(np.sum(_huber(r))), grad
+        return float(np.sum(_huber(r, delta))), grad
 
     best_theta, best_obj = None, np.inf
     for theta0 in grid_Gp[order]:
@@ -904,13 +952,13 @@ def _fit_lse(logx_nk: np.ndarray, y: np.ndarray, what: str) -> np.ndarray:
             best_theta, best_obj = res.x, res.fun
     if best_theta is None:
         raise FitError(f"{what}: L-BFGS found no finite minimum from {len(order)} initialisations")
-    polished = _refine(best_theta[None], logx_nk, logy, ones)[0]
-    if _objective(polished[None], logx_nk, logy, ones)[0] <= best_obj:
+    polished = _refine(best_theta[None], logx_nk, logy, ones, delta)[0]
+    if _objective(polished[None], logx_nk, logy, ones, delta)[0] <= best_obj:
         best_theta = polished
     return best_theta
 
 
-def _refine(theta_Bp, logx_nk, logy_n, w_Bn, n_iter: int = REFINE_ITERS) -> np.ndarray:
+def _refine(theta_Bp, logx_nk, logy_n, w_Bn, delta: float, n_iter: int = REFINE_ITERS) -> np.ndarray:
     """Minimise the weighted Huber objective for many weight vectors at once (one per bootstrap resample).
 
     Levenberg-Marquardt on the iteratively reweighted least-squares majoriser of the Huber loss: weights
@@ -922,7 +970,7 @@ def _refine(theta_Bp, logx_nk, logy_n, w_Bn, n_iter: int = REFINE_ITERS) -> np.n
     theta = theta_Bp.copy()
     n_batch, n_par = theta.shape
     damping_B = np.full(n_batch, 1e-3)
-    obj_B = _objective(theta, logx_nk, logy_n, w_Bn)
+    obj_B = _objective(theta, logx_nk, logy_n, w_Bn, delta)
     active_B = np.isfinite(obj_B)
     eye = np.eye(n_par)
     for _ in range(n_iter):
@@ -932,7 +980,7 @@ def _refine(theta_Bp, logx_nk, logy_n, w_Bn, n_iter: int = REFINE_ITERS) -> np.n
         th, w = theta[idx], w_Bn[idx]
         pred_Bn, share_Bnm = _lse(th, logx_nk)
         r_Bn = logy_n[None] - pred_Bn
-        omega_Bn = w * np.minimum(1.0, HUBER_DELTA / np.maximum(np.abs(r_Bn), 1e-300))
+        omega_Bn = w * np.minimum(1.0, delta / np.maximum(np.abs(r_Bn), 1e-300))
         jac_Bnp = _jacobian(share_Bnm, logx_nk)
         jw_Bnp = jac_Bnp * omega_Bn[..., None]
         gram_Bpp = np.einsum("bnp,bnq->bpq", jw_Bnp, jac_Bnp)
@@ -945,7 +993,7 @@ def _refine(theta_Bp, logx_nk, logy_n, w_Bn, n_iter: int = REFINE_ITERS) -> np.n
             step_Bp = np.stack([np.linalg.lstsq(m, v, rcond=None)[0] for m, v in zip(lhs, rhs_Bp)])
         new = np.clip(th + step_Bp, lo, hi)
         with np.errstate(over="ignore", invalid="ignore"):
-            new_obj = _objective(new, logx_nk, logy_n, w)
+            new_obj = _objective(new, logx_nk, logy_n, w, delta)
         accept = np.isfinite(new_obj) & (new_obj <= obj_B[idx])
         gain = np.where(accept, obj_B[idx] - new_obj, 0.0)
         theta[idx[accept]] = new[accept]
@@ -972,39 +1020,79 @@ def _power_terms(theta_Bp: np.ndarray, ref_k: np.ndarray) -> np.ndarray:
     return out
 
 
-def _fit_power_sum(x_nk, y, seed, n_resamples, level, rng_seed, what):
+def _fit_power_sum(x_nk, y, seed, n_resamples, level, rng, what, delta, starts):
     """Shared body of the one- and two-variable fits: point fit, bootstrap, parameters in caller's units."""
     logx_nk, ref_k = _normalise(x_nk)
-    theta = _fit_lse(logx_nk, y, what)
-    rng = np.random.default_rng(rng_seed)
+    theta = _fit_lse(logx_nk, y, what, delta, starts)
     w_Bn = bootstrap_counts(seed, n_resamples, rng).astype(float) if n_resamples else np.zeros((0, len(y)))
     n_par = theta.shape[0]
     ok_B = np.ones(len(w_Bn), dtype=bool)
     for k in range(x_nk.shape[1]):   # each term needs enough distinct x in the resample to be identified
         ok_B &= _n_distinct_weighted(x_nk[:, k], w_Bn) >= (3 if x_nk.shape[1] == 1 else 2)
     ok_B &= np.count_nonzero(w_Bn, axis=1) >= n_par
+    few = int(np.sum(~ok_B))
     boot_theta = np.full((len(w_Bn), n_par), np.nan)
     if ok_B.any():
-        boot_theta[ok_B] = _refine(np.repeat(theta[None], ok_B.sum(), axis=0), logx_nk, np.log(y), w_Bn[ok_B])
+        boot_theta[ok_B] = _refine(np.repeat(theta[None], ok_B.sum(), axis=0), logx_nk, np.log(y), w_Bn[ok_B],
+                                   delta)
     ok_B &= np.all(np.isfinite(boot_theta), axis=1)
-    n_failed = int(np.sum(~ok_B))
-    _check_failed(n_failed, n_resamples, what)
+    dropped = _dropped(FEW_DISTINCT=few, NON_FINITE=int(np.sum(~ok_B)) - few)
+    _check_failed(int(np.sum(~ok_B)), n_resamples, what)
     params = _power_terms(theta[None], ref_k)[0]
     boot = _power_terms(boot_theta[ok_B], ref_k)
     pred = np.exp(_lse(theta[None], logx_nk)[0][0])
-    return params, boot, pred, w_Bn, ok_B, n_failed
+    return params, boot, pred, w_Bn, ok_B, dropped
+
+
+def _outliers(x_nk, y, seed, k: float | None, delta: float, starts: StartGrid, what: str) -> np.ndarray:
+    """Indices of points whose log residual from a first fit lies more than k robust standard deviations
+    (1.4826 * MAD) from the median residual; empty when k is None. The caller refits without them."""
+    if k is None:
+        return np.zeros(0, dtype=int)
+    if not k > 0:
+        raise ValueError(f"exclude_outliers: expected a positive number of robust standard deviations, got {k!r}")
+    logx_nk, _ = _normalise(x_nk)
+    theta = _fit_lse(logx_nk, y, what, delta, starts)
+    r = np.log(y) - _lse(theta[None], logx_nk)[0][0]
+    scale = 1.4826 * float(np.median(np.abs(r - np.median(r))))
+    if scale == 0:
+        return np.zeros(0, dtype=int)
+    return np.nonzero(np.abs(r - np.median(r)) > k * scale)[0]
+
+
+def _unidentified(params: dict[str, Estimate], r2: float) -> tuple[tuple[str, str], ...]:
+    """(parameter, reason) for each parameter the data do not pin down: every one when R^2 < 0 (worse than
+    the mean), else those whose interval is missing, reaches zero or spans more than a decade (DECADE)."""
+    if not r2 >= 0:
+        return tuple((name, f"R^2 = {r2:.3g} < 0: the law fits worse than a constant") for name in params)
+    out = []
+    for name, est in params.items():
+        if not (math.isfinite(est.lo) and math.isfinite(est.hi)):
+            out.append((name, "no interval"))
+        elif est.lo <= 0:
+            out.append((name, f"interval [{est.lo:.3g}, {est.hi:.3g}] reaches 0"))
+        elif est.hi / est.lo > DECADE:
+            out.append((name, f"interval [{est.lo:.3g}, {est.hi:.3g}] spans {math.log10(est.hi / est.lo):.1f} "
+                              "decades"))
+    return tuple(out)
 
 
 def fit_power_law(x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL,
-                  rng_seed: int = 0) -> PowerLawFit:
+                  rng: np.random.Generator | int = 0, huber_delta: float = HUBER_DELTA,
+                  start_grid: StartGrid | None = None, exclude_outliers: float | None = None) -> PowerLawFit:
     """L = E + A * x^-alpha over a positive variable x (memory slots, compute, parameters).
 
-    Approach 3 as replicated by Epoch AI: log L-hat = LSE(log E, log A - alpha log x), Huber loss (delta 1e-3)
-    on log L, L-BFGS from a grid of initialisations. Intervals: bootstrap over seeds then points (points only
-    for a single seed), each resample warm-started from the point estimate. The paper's log-linear form
-    L = a - b ln x is fitted alongside over the same resamples. Needs 3 distinct x values and 4 points.
+    Approach 3 as replicated by Epoch AI: log L-hat = LSE(log E, log A - alpha log x), Huber loss (huber_delta,
+    on log L) by L-BFGS from the best points of `start_grid`. exclude_outliers=k drops points more than k robust
+    standard deviations from a first fit and refits (`excluded` lists them). Intervals: bootstrap over seeds then
+    points (points only for a single seed), each resample warm-started from the point estimate. The paper's
+    log-linear form L = a - b ln x is fitted alongside over the same resamples. A parameter whose interval spans
+    more than a decade, or every parameter when R^2 < 0, is listed in `unidentified`: quote the log-linear form
+    then. Needs 3 distinct x values and 4 points (after exclusion).
     """
     _check_level(level, n_resamples)
+    _check_huber(huber_delta)
+    starts = start_grid or StartGrid()
     x = _as_1d("x", x, positive=True)
     loss = _as_1d("loss", loss, len(x), positive=True)
     seed = _seeds(seed, len(x))
@@ -1012,20 +1100,39 @@ def fit_power_law(x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: 
         raise ValueError(f"x: a power law needs at least 3 distinct x values and 4 points, got "
                          f"{len(np.unique(x))} distinct of {len(x)}")
     with single_threaded_blas():
-        params, boot, pred, w_Bn, ok_B, n_failed = _fit_power_sum(
-            x[:, None], loss, seed, n_resamples, level, rng_seed, "power law")
+        excluded = _outliers(x[:, None], loss, seed, exclude_outliers, huber_delta, starts, "power law")
+        keep = np.setdiff1d(np.arange(len(x)), excluded)
+        x, loss, seed = x[keep], loss[keep], seed[keep]
+        if len(np.unique(x)) < 3 or len(x) < 4:
+            raise FitError(f"power law: {len(excluded)} outliers excluded leave {len(np.unique(x))} distinct x of "
+                           f"{len(x)} points; need 3 and 4")
+        params, boot, pred, w_Bn, ok_B, dropped = _fit_power_sum(
+            x[:, None], loss, seed, n_resamples, level, _rng(rng), "power law", huber_delta, starts)
     if not np.all(np.isfinite(pred)):
         raise FitError("power law: non-finite fitted values")
+    est = {name: _estimate(params[i], boot[:, i], level) for i, name in enumerate(("E", "A", "alpha"))}
+    r2 = _r2(loss, pred)
     return PowerLawFit(
-        E=_estimate(params[0], boot[:, 0], level), A=_estimate(params[1], boot[:, 1], level),
-        alpha=_estimate(params[2], boot[:, 2], level), r2=_r2(loss, pred),
-        loglinear=_fit_loglinear(x, loss, seed, w_Bn[ok_B], level),
-        bootstrap=Bootstrap(_scheme(seed), n_resamples, n_failed, level),
-        x=x, loss=loss, seed=seed, residuals=loss - pred, boot=boot)
+        **est, r2=r2, loglinear=_fit_loglinear(x, loss, seed, w_Bn[ok_B], level),
+        bootstrap=Bootstrap(_scheme(seed), n_resamples, dropped, level),
+        x=x, loss=loss, seed=seed, residuals=loss - pred, boot=boot, unidentified=_unidentified(est, r2),
+        excluded=tuple(int(i) for i in excluded), huber_delta=huber_delta)
+
+
+def fit_power_law_table(table, *, x_col: str, loss_col: str, seed_col: str | None, **kwargs) -> PowerLawFit:
+    """`fit_power_law` on any table; every column is named by the caller (seed_col=None: independent rows)."""
+    _require_columns(table, [x_col, loss_col] + ([seed_col] if seed_col is not None else []))
+    return fit_power_law(table[x_col].to_numpy(), table[loss_col].to_numpy(),
+                         None if seed_col is None else table[seed_col].to_numpy(), **kwargs)
+
+
+def _check_huber(delta: float) -> None:
+    if not (isinstance(delta, (int, float)) and math.isfinite(delta) and delta > 0):
+        raise ValueError(f"huber_delta: expected a positive number (residuals are in log loss), got {delta!r}")
 
 
 def fit_loglinear(x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL,
-                  rng_seed: int = 0) -> LogLinearFit:
+                  rng: np.random.Generator | int = 0) -> LogLinearFit:
     """The paper's L = a - b ln x alone, by least squares with the same bootstrap: for groups with too few slot
     counts for the three-parameter power law. Needs 2 distinct x values. With only 2 points (an exact fit), or
     when most resamples lose a distinct x, the estimate comes without an interval (NaN bounds)."""
@@ -1035,7 +1142,7 @@ def fit_loglinear(x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: 
     seed = _seeds(seed, len(x))
     if len(np.unique(x)) < 2:
         raise ValueError(f"x: the log-linear form needs at least 2 distinct x values, got {len(np.unique(x))}")
-    w_Bn = bootstrap_counts(seed, n_resamples, np.random.default_rng(rng_seed)).astype(float)
+    w_Bn = bootstrap_counts(seed, n_resamples, _rng(rng)).astype(float)
     fit = _fit_loglinear(x, loss, seed, w_Bn, level)
     n_failed = n_resamples - len(fit.boot)
     if len(x) <= 2 or n_failed > MAX_FAILED_SHARE * n_resamples:
@@ -1043,7 +1150,8 @@ def fit_loglinear(x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: 
         # no interval. Keep the estimate, report no interval (unlike the power law, this fit cannot go wrong).
         fit = dataclasses.replace(fit, a=Estimate(fit.a.value, math.nan, math.nan, level),
                                   b=Estimate(fit.b.value, math.nan, math.nan, level), boot=fit.boot[:0])
-    return dataclasses.replace(fit, bootstrap=Bootstrap(_scheme(seed), n_resamples, n_failed, level))
+    return dataclasses.replace(fit, bootstrap=Bootstrap(_scheme(seed), n_resamples,
+                                                        _dropped(FEW_DISTINCT=n_failed), level))
 
 
 def _fit_loglinear(x, loss, seed, w_Bn, level) -> LogLinearFit:
@@ -1059,12 +1167,15 @@ def _fit_loglinear(x, loss, seed, w_Bn, level) -> LogLinearFit:
 
 
 def fit_chinchilla(n, d, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL,
-                   rng_seed: int = 0) -> ChinchillaFit:
-    """L = E + A * N^-alpha + B * D^-beta by the same Approach 3 recipe as `fit_power_law`.
+                   rng: np.random.Generator | int = 0, huber_delta: float = HUBER_DELTA,
+                   start_grid: StartGrid | None = None, exclude_outliers: float | None = None) -> ChinchillaFit:
+    """L = E + A * N^-alpha + B * D^-beta by the same Approach 3 recipe (and arguments) as `fit_power_law`.
 
     Needs at least 2 distinct N, 2 distinct D and 6 points; more are needed for a meaningful fit.
     """
     _check_level(level, n_resamples)
+    _check_huber(huber_delta)
+    starts = start_grid or StartGrid()
     n = _as_1d("n", n, positive=True)
     d = _as_1d("d", d, len(n), positive=True)
     loss = _as_1d("loss", loss, len(n), positive=True)
@@ -1073,21 +1184,31 @@ def fit_chinchilla(n, d, loss, seed=None, *, n_resamples: int = N_RESAMPLES, lev
         raise ValueError(f"n, d: the Chinchilla form needs 2 distinct N, 2 distinct D and 6 points, got "
                          f"{len(np.unique(n))}, {len(np.unique(d))} and {len(n)}")
     with single_threaded_blas():
-        params, boot, pred, _, _, n_failed = _fit_power_sum(
-            np.stack([n, d], axis=1), loss, seed, n_resamples, level, rng_seed, "Chinchilla form")
+        excluded = _outliers(np.stack([n, d], axis=1), loss, seed, exclude_outliers, huber_delta, starts,
+                             "Chinchilla form")
+        keep = np.setdiff1d(np.arange(len(n)), excluded)
+        n, d, loss, seed = n[keep], d[keep], loss[keep], seed[keep]
+        if len(np.unique(n)) < 2 or len(np.unique(d)) < 2 or len(n) < 6:
+            raise FitError(f"Chinchilla form: {len(excluded)} outliers excluded leave too few points")
+        params, boot, pred, _, _, dropped = _fit_power_sum(
+            np.stack([n, d], axis=1), loss, seed, n_resamples, level, _rng(rng), "Chinchilla form", huber_delta,
+            starts)
     names = ("E", "A", "alpha", "B", "beta")
-    return ChinchillaFit(**{k: _estimate(params[i], boot[:, i], level) for i, k in enumerate(names)},
-                         r2=_r2(loss, pred), bootstrap=Bootstrap(_scheme(seed), n_resamples, n_failed, level),
-                         residuals=loss - pred, boot=boot)
+    est = {k: _estimate(params[i], boot[:, i], level) for i, k in enumerate(names)}
+    r2 = _r2(loss, pred)
+    return ChinchillaFit(**est, r2=r2, bootstrap=Bootstrap(_scheme(seed), n_resamples, dropped, level),
+                         residuals=loss - pred, boot=boot, loss=loss, seed=seed,
+                         unidentified=_unidentified(est, r2), excluded=tuple(int(i) for i in excluded),
+                         huber_delta=huber_delta)
 
 
-def fit_chinchilla_table(table, *, n_col: str = "P_act", d_col: str = "tokens", loss_col: str = "final_val_loss",
-                         seed_col: str | None = "seed", **kwargs) -> ChinchillaFit:
-    """`fit_chinchilla` on any table (a pandas DataFrame) with those columns; not only our results store."""
-    _require_columns(table, [n_col, d_col, loss_col] + ([seed_col] if seed_col and seed_col in table else []))
-    seed = table[seed_col].to_numpy() if seed_col and seed_col in table else None
-    return fit_chinchilla(table[n_col].to_numpy(), table[d_col].to_numpy(), table[loss_col].to_numpy(), seed,
-                          **kwargs)
+def fit_chinchilla_table(table, *, n_col: str, d_col: str, loss_col: str, seed_col: str | None,
+                         **kwargs) -> ChinchillaFit:
+    """`fit_chinchilla` on any table (a pandas DataFrame). Every column is named by the caller, none assumed:
+    seed_col=None says the rows are independent; a named seed column that is missing is an error."""
+    _require_columns(table, [n_col, d_col, loss_col] + ([seed_col] if seed_col is not None else []))
+    return fit_chinchilla(table[n_col].to_numpy(), table[d_col].to_numpy(), table[loss_col].to_numpy(),
+                          None if seed_col is None else table[seed_col].to_numpy(), **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1120,27 +1241,30 @@ def fit_optimum_scaling(budgets, optima, boot_optima=None, *, level: float = LEV
                           exponent=_estimate(coef[1], boot_coef[:, 1], level), budgets=c, optima=opt)
 
 
-def fit_isoflop(compute, x, loss, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL,
-                rng_seed: int = 0) -> IsoFlopFit:
+def fit_isoflop(compute, x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL,
+                rng: np.random.Generator | int = 0) -> IsoFlopFit:
     """Chinchilla Approach 2 on any (compute budget, x, loss) points, x being tokens or parameters.
 
     Per budget a parabola of loss in log10 x; its vertex is the optimum x*. Budgets whose parabola opens
     downward or whose vertex falls outside the sampled x are marked not interior and left out of the
-    regression x* = A * C^b. Intervals: points resampled within each budget, vertices and regression redone.
+    regression x* = A * C^b. Intervals: points resampled within each budget (seeds first when `seed` is given),
+    vertices and regression redone. A resample in which any used budget loses its vertex is dropped and counted
+    in `bootstrap.dropped` with its reason; above DROP_WARN_SHARE `bootstrap.warning` says the interval is
+    conditional on the kept resamples.
     """
     _check_level(level, n_resamples)
     compute = _as_1d("compute", compute, positive=True)
     x = _as_1d("x", x, len(compute), positive=True)
     loss = _as_1d("loss", loss, len(compute))
-    rng = np.random.default_rng(rng_seed)
-    vertices, boot_cols = [], []
+    seed = _seeds(seed, len(compute))
+    gen = _rng(rng)
+    vertices, boot_cols, few_cols = [], [], []
     for budget in np.unique(compute):
         sel = compute == budget
         u = np.log10(x[sel])
         if len(np.unique(u)) < 3:
             raise ValueError(f"x: budget {budget:g} has {len(np.unique(u))} distinct x values; a parabola needs 3")
-        counts = rng.multinomial(sel.sum(), np.full(sel.sum(), 1.0 / sel.sum()), size=n_resamples)
-        w_Bn = np.vstack([np.ones(sel.sum()), counts]).astype(float)
+        w_Bn = np.vstack([np.ones(sel.sum()), bootstrap_counts(seed[sel], n_resamples, gen)]).astype(float)
         ok_B = _n_distinct_weighted(u, w_Bn) >= 3
         coef_B3 = _weighted_lstsq(_poly_basis(u), loss[sel], w_Bn, np.zeros((3, 3)), ok_B)
         c0, c1, c2 = coef_B3.T
@@ -1156,23 +1280,44 @@ def fit_isoflop(compute, x, loss, *, n_resamples: int = N_RESAMPLES, level: floa
             n_points=int(sel.sum()), interior=interior))
         if interior:
             boot_cols.append(10 ** ustar_B[1:])
+            few_cols.append(~ok_B[1:])
     used = [v for v in vertices if v.interior]
     if len(used) < 2:
         raise FitError(f"iso-FLOP: {len(used)} of {len(vertices)} budgets have an interior vertex; need 2")
     boot = np.stack(boot_cols, axis=1)
-    n_failed = int(np.sum(~np.all(np.isfinite(boot), axis=1)))
-    _check_failed(n_failed, n_resamples, "iso-FLOP")
+    lost_B = ~np.all(np.isfinite(boot), axis=1)
+    few_B = np.any(np.stack(few_cols, axis=1), axis=1)
+    _check_failed(int(lost_B.sum()), n_resamples, "iso-FLOP")
     scaling = fit_optimum_scaling([v.budget for v in used], [v.x_star for v in used], boot, level=level)
+    scheme = "points within budget" if len(np.unique(seed)) == 1 else "seeds+points within budget"
     return IsoFlopFit(vertices=tuple(vertices), scaling=scaling,
-                      bootstrap=Bootstrap("points within budget", n_resamples, n_failed, level))
+                      bootstrap=Bootstrap(scheme, n_resamples, _dropped(FEW_DISTINCT=int(np.sum(lost_B & few_B)),
+                                                                        NO_VERTEX=int(np.sum(lost_B & ~few_B))),
+                                          level),
+                      n_seeds=len(np.unique(seed)))
 
 
-def fit_isoflop_table(table, *, compute_col: str = "compute_budget", x_col: str = "training_tokens",
-                      loss_col: str = "validation_loss", **kwargs) -> IsoFlopFit:
-    """`fit_isoflop` on any table with those columns (defaults: the Llama 3 iso-FLOP extraction's names)."""
-    _require_columns(table, [compute_col, x_col, loss_col])
+def fit_isoflop_table(table, *, compute_col: str, x_col: str, loss_col: str, seed_col: str | None = None,
+                      **kwargs) -> IsoFlopFit:
+    """`fit_isoflop` on any table; the caller names every column (seed_col=None: the points carry no seeds).
+
+    On the public Llama 3 iso-FLOP points (`LLAMA3_ISOFLOPS`, see analysis/data/README.md), whose paper reports
+    D* = 0.29 * C^0.53:
+
+    >>> import pandas as pd
+    >>> from analysis.fits import LLAMA3_ISOFLOPS, fit_isoflop_table
+    >>> fit = fit_isoflop_table(pd.read_csv(LLAMA3_ISOFLOPS), compute_col="compute_budget",
+    ...                         x_col="training_tokens", loss_col="validation_loss", n_resamples=1000, rng=0)
+    >>> fit.n_budgets, fit.n_points, fit.n_seeds
+    (10, 133, 1)
+    >>> round(fit.scaling.coefficient.value, 2), round(fit.scaling.exponent.value, 3)
+    (0.3, 0.537)
+    >>> fit.bootstrap.warning is not None    # ~20% of resamples lose a budget's vertex: said, not hidden
+    True
+    """
+    _require_columns(table, [compute_col, x_col, loss_col] + ([seed_col] if seed_col is not None else []))
     return fit_isoflop(table[compute_col].to_numpy(), table[x_col].to_numpy(), table[loss_col].to_numpy(),
-                       **kwargs)
+                       None if seed_col is None else table[seed_col].to_numpy(), **kwargs)
 
 
 @dataclass(frozen=True)
@@ -1197,7 +1342,7 @@ class BudgetTrend:
 
 
 def fit_budget_trend(budgets: Sequence[float], fits: Sequence[UCurveFit], *, level: float = LEVEL,
-                     rng_seed: int = 0) -> BudgetTrend:
+                     rng: np.random.Generator | int = 0) -> BudgetTrend:
     """rho* and the best loss as functions of compute: per-budget optimum (the U-curve's), then a power law of
     the optimum in C (Approach 2's second stage). Intervals: the regression is redone on the per-budget
     bootstrap draws, paired at random across budgets (the budgets' trials are independent)."""
@@ -1207,7 +1352,7 @@ def fit_budget_trend(budgets: Sequence[float], fits: Sequence[UCurveFit], *, lev
     order = np.argsort(budgets)
     budgets, fits = budgets[order], tuple(fits[i] for i in order)
     notes = []
-    rng = np.random.default_rng(rng_seed)
+    rng = _rng(rng)
     loss_scaling = rho_scaling = None
     if len(np.unique(budgets)) >= 2:
         loss_draws = _paired_draws([f.boot_min_loss for f in fits], rng)

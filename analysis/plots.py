@@ -1,9 +1,11 @@
 """Matplotlib drawings of fitted results, each onto an `Axes` the caller owns; nothing here fits or estimates.
 
 - `plot_u_curve`: loss over rho with the points of each seed, the fit, its band and rho* with its interval
-  (the Engram paper's Figure 3, left).
+  (the Engram paper's Figure 3, left); for a concave, flat or too-noisy verdict the points and the reason only,
+  so that no figure shows a U the verdict does not claim.
 - `plot_power_laws`: loss over memory slots on a log axis, one power law (and its band) per memory kind, so
-  OverEncoding sits beside Engram (Figure 3, right).
+  OverEncoding sits beside Engram (Figure 3, right); a power law that is not identified is not drawn, its
+  log-linear form is.
 - `plot_training_curves`: validation (or training) loss over tokens, one line per trial, coloured by a value.
 - `plot_budget_trend`: rho* and the best loss over compute with their intervals and fitted scaling.
 - `plot_isoflop`: Approach 2 parabolas and their vertices, one colour per budget.
@@ -12,6 +14,7 @@ Figures are built with `matplotlib.figure.Figure` (no pyplot state), so this is 
 
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping
 from types import MappingProxyType
 
@@ -30,28 +33,36 @@ BAND_ALPHA = 0.2
 
 
 def plot_u_curve(ax: Axes, fit: UCurveFit, *, title: str | None = None, color: str = "tab:blue") -> None:
-    """Points per seed, the fitted curve with its bootstrap band, and rho* with its interval (or the edge)."""
+    """Points per seed; then, only when the verdict claims a shape (interior or boundary), the fitted curve with
+    its bootstrap band and rho* with its interval (or the edge). Otherwise the verdict and its reason as text."""
     for i, s in enumerate(np.unique(fit.seed)):
         sel = fit.seed == s
         ax.scatter(fit.rho[sel], fit.loss[sel], marker=SEED_MARKERS[i % len(SEED_MARKERS)], s=22,
                    facecolors="none", edgecolors="0.3", linewidths=0.9, label=f"seed {s}", zorder=3)
     level = int(round(100 * fit.bootstrap.level))
-    ax.plot(fit.grid, fit.curve, color=color, lw=1.8, label=f"{fit.method} fit")
-    ax.fill_between(fit.grid, fit.curve_lo, fit.curve_hi, color=color, alpha=BAND_ALPHA, lw=0,
-                    label=f"{level}% band")
+    if fit.draws_curve:
+        offsets = ", seed offsets" if fit.seed_offsets else ""
+        ax.plot(fit.grid, fit.curve, color=color, lw=1.8, label=f"{fit.method} fit{offsets}")
+        ax.fill_between(fit.grid, fit.curve_lo, fit.curve_hi, color=color, alpha=BAND_ALPHA, lw=0,
+                        label=f"{level}% band")
     if fit.rho_star is not None:
         ax.axvline(fit.rho_star.value, color="tab:red", lw=1.2, ls="--",
                    label=f"rho* = {fit.rho_star.value:.2f} [{fit.rho_star.lo:.2f}, {fit.rho_star.hi:.2f}]")
         ax.axvspan(fit.rho_star.lo, fit.rho_star.hi, color="tab:red", alpha=0.08, lw=0)
+    elif fit.verdict == "boundary":
+        i_edge = 0 if fit.edge == fit.grid[0] else -1
+        ax.plot([fit.edge], [fit.curve[i_edge]], marker="x", color="tab:red", ms=9, ls="none",
+                label=f"boundary: minimum at or beyond rho = {fit.edge:.2f} (no rho* claimed)")
     else:
-        ax.plot([fit.argmin.value], [fit.loss_at_optimum.value], marker="x", color="tab:red", ms=9, ls="none",
-                label=f"boundary minimum at rho = {fit.argmin.value:.2f} (no rho* claimed)")
+        ax.text(0.02, 0.98, f"{fit.verdict}: no curve drawn\n" + textwrap.fill(fit.reason, 70),
+                transform=ax.transAxes, va="top", ha="left", fontsize=7,
+                bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
     ax.set_xlabel("allocation ratio rho (share of sparse params in experts; 1 = pure MoE)")
     ax.set_ylabel("validation loss (nats/token)")
     seeds_note = "single seed: points-only bootstrap" if fit.single_seed else f"{fit.n_seeds} seeds"
-    ax.set_title(title or f"Loss vs rho ({seeds_note})", fontsize=10)
+    ax.set_title(title or f"Loss vs rho ({seeds_note}): {fit.verdict}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="lower right" if not fit.draws_curve else "best")
 
 
 def plot_power_laws(ax: Axes, fits: Mapping[str, PowerLawFit | LogLinearFit], *,
@@ -65,11 +76,19 @@ def plot_power_laws(ax: Axes, fits: Mapping[str, PowerLawFit | LogLinearFit], *,
         ax.scatter(fit.x, fit.loss, s=16, color=color, alpha=0.7, zorder=3)
         xs = np.geomspace(fit.x.min(), fit.x.max(), 200)
         lo, hi = fit.predict_band(xs)
-        ax.fill_between(xs, lo, hi, color=color, alpha=BAND_ALPHA, lw=0)
         if isinstance(fit, LogLinearFit):
+            ax.fill_between(xs, lo, hi, color=color, alpha=BAND_ALPHA, lw=0)
             ax.plot(xs, fit.predict(xs), color=color, lw=1.4, ls="--",
                     label=f"{label}: L = {fit.a.value:.3g} - {fit.b.value:.3g} ln {symbol} (log-linear only)")
             continue
+        if not fit.identified:   # no number, no curve: the log-linear form stands in, with its own band
+            ll = fit.loglinear
+            ax.fill_between(xs, *ll.predict_band(xs), color=color, alpha=BAND_ALPHA, lw=0)
+            ax.plot(xs, ll.predict(xs), color=color, lw=1.4, ls="--",
+                    label=f"{label}: L = {ll.a.value:.3g} - {ll.b.value:.3g} ln {symbol} "
+                          f"(power law not identified: {', '.join(n for n, _ in fit.unidentified)})")
+            continue
+        ax.fill_between(xs, lo, hi, color=color, alpha=BAND_ALPHA, lw=0)
         ax.plot(xs, fit.predict(xs), color=color, lw=1.8,
                 label=f"{label}: L = {fit.E.value:.3g} + {fit.A.value:.3g} {symbol}^-{fit.alpha.value:.3g} "
                       f"(R² {fit.r2:.3f})")
@@ -115,12 +134,14 @@ def plot_budget_trend(ax_rho: Axes, ax_loss: Axes, trend: BudgetTrend, *, title:
     for budget, fit in zip(trend.budgets, trend.fits):
         est = fit.argmin
         if fit.rho_star is not None:
-            ax_rho.errorbar([budget], [est.value], yerr=[[est.value - est.lo], [est.hi - est.value]], fmt="o",
+            ax_rho.errorbar([budget], [est.value], yerr=_yerr(est), fmt="o",
                             color="tab:blue", capsize=3)
-        else:
-            ax_rho.plot([budget], [est.value], marker="x", color="tab:red", ls="none", ms=8)
+        elif fit.verdict == "boundary":
+            ax_rho.plot([budget], [fit.edge], marker="x", color="tab:red", ls="none", ms=8)
+        else:   # no optimum claimed and no edge either: a grey mark at the curve's minimum, not an estimate
+            ax_rho.plot([budget], [est.value], marker="o", mfc="none", color="0.6", ls="none", ms=7)
         loss = fit.loss_at_optimum
-        ax_loss.errorbar([budget], [loss.value], yerr=[[loss.value - loss.lo], [loss.hi - loss.value]], fmt="o",
+        ax_loss.errorbar([budget], [loss.value], yerr=_yerr(loss), fmt="o",
                          color="tab:green", capsize=3)
     cs = np.geomspace(trend.budgets.min(), trend.budgets.max(), 100)
     if trend.rho_star_scaling is not None:
@@ -134,6 +155,9 @@ def plot_budget_trend(ax_rho: Axes, ax_loss: Axes, trend: BudgetTrend, *, title:
                      label=f"L* = {s.coefficient.value:.3g} C^{s.exponent.value:.3f} "
                            f"[{s.exponent.lo:.3f}, {s.exponent.hi:.3f}]")
     ax_rho.plot([], [], marker="x", color="tab:red", ls="none", label="boundary optimum (no rho*)")
+    if any(f.verdict not in ("interior", "boundary") for f in trend.fits):
+        ax_rho.plot([], [], marker="o", mfc="none", color="0.6", ls="none",
+                    label="concave / flat / too noisy (no rho*)")
     for ax, ylabel in ((ax_rho, "rho* (optimal allocation ratio)"), (ax_loss, "loss at the optimum (nats/token)")):
         ax.set_xscale("log")
         ax.set_xlabel("compute budget C (FLOPs)")
@@ -143,6 +167,11 @@ def plot_budget_trend(ax_rho: Axes, ax_loss: Axes, trend: BudgetTrend, *, title:
     ax_rho.set_ylim(-0.05, 1.05)
     ax_rho.set_title(f"{title}rho* vs compute", fontsize=10)
     ax_loss.set_title(f"{title}best loss vs compute", fontsize=10)
+
+
+def _yerr(est) -> list[list[float]]:
+    """Error-bar lengths of a percentile interval, which need not contain its point estimate (then 0 that side)."""
+    return [[max(est.value - est.lo, 0.0)], [max(est.hi - est.value, 0.0)]]
 
 
 def plot_isoflop(ax: Axes, fit: IsoFlopFit, compute, x, loss, *, xlabel: str = "training tokens") -> None:

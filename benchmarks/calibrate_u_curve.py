@@ -2,7 +2,7 @@
 (U_CASES), fitted with each U-curve method; prints per truth the coverage of the 90% and 95% rho* and gain
 intervals and the share of each verdict, the worst case, and how much per-seed offsets narrow the intervals.
 
-    python benchmarks/calibrate_u_curve.py [--draws 54] [--resamples 500] [--methods spline quadratic]
+    python benchmarks/calibrate_u_curve.py [--draws 54] [--resamples 500] [--methods cubic quadratic spline]
                                            [--csv OUT.csv]
 
 Targets (issue 8): rho* coverage within 5 points of nominal on the truths with an interior optimum, false
@@ -57,7 +57,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--draws", type=int, default=54, help="draws per (truth, case)")
     parser.add_argument("--resamples", type=int, default=500)
-    parser.add_argument("--methods", nargs="+", default=["spline", "quadratic"])
+    parser.add_argument("--methods", nargs="+", default=["cubic", "quadratic", "spline"])
     parser.add_argument("--offset-draws", type=int, default=12, help="draws per case for the offsets study")
     parser.add_argument("--csv", type=Path, default=None, help="write every draw here")
     args = parser.parse_args()
@@ -81,7 +81,7 @@ def main() -> None:
                   f"{worst['cover_rho_0.9'].min():.3f} / {worst['cover_rho_0.95'].min():.3f}")
         t0 = time.perf_counter()
         offsets = offsets_study(args.offset_draws, args.resamples)
-    print(f"\n## per-seed offsets vs none, symmetric truth, spline ({time.perf_counter() - t0:.0f} s): "
+    print(f"\n## per-seed offsets vs none, symmetric truth, cubic ({time.perf_counter() - t0:.0f} s): "
           "median ratio of interval widths (with / without)")
     print(offsets.round(3).to_string(index=False))
     if args.csv:
