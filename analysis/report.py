@@ -148,7 +148,9 @@ def analyse(runs: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, level: float 
                                          n_resamples=n_resamples, level=level, rng=0, **options)
             except (ValueError, FitError) as err:
                 not_fitted.append((f"{what} ({name})", str(err)))
-        if DEFAULT_U in fits:
+        if DEFAULT_U not in fits and "quadratic" in fits:
+            not_fitted.append((f"{what} ({DEFAULT_U})", "the parabola stands in as the default for this group"))
+        if fits:
             u_curves[(experiment, float(budget))] = fits
 
     trends: dict = {}
@@ -157,7 +159,7 @@ def analyse(runs: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, level: float 
         if len(keys) < 2:
             continue
         try:
-            trends[experiment] = fit_budget_trend([b for _, b in keys], [u_curves[k][DEFAULT_U] for k in keys],
+            trends[experiment] = fit_budget_trend([b for _, b in keys], [default_u(u_curves[k])[1] for k in keys],
                                                   level=level)
         except (ValueError, FitError) as err:
             not_fitted.append((f"trend over budgets of {experiment}", str(err)))
@@ -244,7 +246,7 @@ def draw_figures(result: SweepAnalysis, curves: pd.DataFrame, plot_dir: Path) ->
         keys = sorted(k for k in result.u_curves if k[0] == experiment)
         fig = _figure(len(keys))
         for ax, key in zip(fig.axes, keys):
-            fit = result.u_curves[key][DEFAULT_U]
+            fit = default_u(result.u_curves[key])[1]
             plot_u_curve(ax, fit, title=f"{experiment}: loss vs rho at C = {key[1]:.3g} FLOPs "
                                         f"({_seed_note(fit)})")
         fig.suptitle(f"{experiment}: validation loss vs allocation ratio rho, per compute budget")
@@ -364,7 +366,7 @@ def fits_document(store_dir: Path, spec: dict, result: SweepAnalysis) -> dict:
         "n_trials": len(result.runs), "n_usable": len(result.usable),
         "excluded": [{"trial_id": r.trial_id, "experiment": r.experiment, "status": r.status, "reason": r.reason}
                      for r in result.excluded.itertuples()],
-        "u_curves": [{"experiment": e, "budget": b, "default": DEFAULT_U,
+        "u_curves": [{"experiment": e, "budget": b, "default": default_u(fits)[0],
                       **{m: f.to_dict() for m, f in fits.items()}} for (e, b), fits in result.u_curves.items()],
         "budget_trends": [{"experiment": e, **t.to_dict()} for e, t in result.trends.items()],
         "power_laws": power_laws,
@@ -430,7 +432,7 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
             for name, fit in fits.items():
                 rows.append({
                     "experiment": experiment, "budget": _g(budget),
-                    "curve": name + (" (default)" if name == DEFAULT_U else ""),
+                    "curve": name + (" (default)" if name == default_u(fits)[0] else ""),
                     "points": fit.n_points, "seeds": fit.n_seeds, "verdict": fit.verdict,
                     "rho*": str(fit.rho_star) if fit.rho_star else "none claimed",
                     "curve minimum": str(fit.argmin),
@@ -445,9 +447,11 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                 })
         b.append(("table", pd.DataFrame(rows)))
         for (experiment, budget), fits in result.u_curves.items():
-            b.append(("p", f"**{experiment} @ {_g(budget)} FLOPs**: {_verdict_text(fits[DEFAULT_U])}"))
+            name, fit = default_u(fits)
+            fallback = "" if name == DEFAULT_U else f" (the {DEFAULT_U} could not be fitted; the {name} stands in)"
+            b.append(("p", f"**{experiment} @ {_g(budget)} FLOPs**{fallback}: {_verdict_text(fit)}"))
         blocks_rows = [_offsets_row(e, bud, fits) for (e, bud), fits in result.u_curves.items()
-                       if NO_OFFSETS_U in fits]
+                       if NO_OFFSETS_U in fits and DEFAULT_U in fits]
         if blocks_rows:
             b.append(("h3", "Seeds as blocks"))
             b.append(("p", "Interval widths of the default cubic with per-seed offsets divided by those of the same "
@@ -559,6 +563,12 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
         b.append(("p", "None."))
     return [(kind, *rest) if kind != "img" else ("img", rest[0].relative_to(out_dir), rest[1], rest[0])
             for kind, *rest in b]
+
+
+def default_u(fits: dict[str, UCurveFit]) -> tuple[str, UCurveFit]:
+    """(name, fit) whose verdict the report states: the cubic, or the parabola where the cubic failed (e.g. 5 rho
+    values of one seed, where most resamples keep fewer than the 4 distinct values a cubic needs)."""
+    return (DEFAULT_U, fits[DEFAULT_U]) if DEFAULT_U in fits else next(iter(fits.items()))
 
 
 def _verdict_text(fit: UCurveFit) -> str:

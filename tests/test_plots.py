@@ -78,3 +78,23 @@ def test_training_curves_and_budget_trend_and_isoflop_plots_draw():
     ax = _axes()
     plot_isoflop(ax, fit_isoflop(c, x, loss, n_resamples=20), c, x, loss)
     assert any("C^" in t for t in _legend_texts(ax))
+
+
+def test_no_u_is_drawn_for_a_concave_or_unresolved_fit():
+    cap = fit_u_curve(RHO, 3.0 - 0.2 * (RHO - 0.5) ** 2, SEED, n_resamples=100)   # a cap, as the search drew
+    assert cap.verdict == "concave"
+    ax = _axes()
+    plot_u_curve(ax, cap)
+    assert not ax.get_lines() and not any("band" in t for t in _legend_texts(ax))
+    assert any("concave: no curve drawn" in t.get_text() for t in ax.texts)
+    assert "concave" in ax.get_title()
+
+
+def test_power_law_plot_draws_the_log_linear_form_when_the_law_is_not_identified():
+    x = np.repeat([1e4, 1e5, 1e6, 1e7], 2)
+    flat = fit_power_law(x, 3.0 + np.random.default_rng(5).normal(0, 0.01, 8), np.tile([0, 1], 4), n_resamples=100)
+    assert not flat.identified
+    ax = _axes()
+    plot_power_laws(ax, {"engram": flat})
+    texts = _legend_texts(ax)
+    assert len(texts) == 1 and "power law not identified" in texts[0] and " ln x " in texts[0]
