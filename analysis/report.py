@@ -1,9 +1,10 @@
 """The report of one sweep: read its results store, fit every group, draw the plots, and write report.md, a
 self-contained report.html (plots embedded) and fits.json (every fitted parameter with its interval).
 
-Groups (docs/analysis.md): U-curves per (experiment, budget) for the allocation and search experiments (a verdict
-that holds its error rates, docs/analysis.md), their trend over budgets per experiment, power laws over slots per (experiment, memory kind, budget)
-for the memory experiments, and the Chinchilla form when the sweep varies both active parameters and tokens.
+Groups: U-curves per (experiment, budget) for the allocation and search experiments (with a verdict that holds
+its error rates, docs/analysis.md), their trend over budgets per experiment, power laws over slots per
+(experiment, memory kind, budget) for the memory experiments, and the Chinchilla form when the sweep varies both
+active parameters and tokens.
 Trials that failed, diverged or have a non-finite loss are excluded from every fit and listed with the reason.
 Entry point: `write_report(store_dir, out_dir=None) -> Path` (`engram-sweep report results/<sweep>`).
 """
@@ -419,10 +420,10 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
         b.append(("p", "Default curve: a cubic in rho (it follows a lopsided U, where a parabola's vertex is "
                        "biased) with one additive offset per seed: trials sharing a seed share their data order "
                        "across rho, so their level differences are taken out before the shape is judged. Checks "
-                       "beside it: a parabola, and the cubic without seed offsets. Verdict (rule fixed before any real sweep, calibrated on planted truths: "
-                       "docs/analysis.md): 'interior' only when the curve falls away from both edges of the "
-                       "sampled range in at least 95% of resamples; 'boundary' when the loss still falls at an edge "
-                       "in 95%; 'concave' when the curve bends down in 95%; 'flat' when its whole range is surely "
+                       "beside it: a parabola, and the cubic without seed offsets. Verdict (rule fixed before any "
+                       "real sweep, calibrated on planted truths: docs/analysis.md): 'interior' only when the curve "
+                       "falls away from both edges of the sampled range in at least 95% of resamples; 'boundary' "
+                       "when the loss still falls at an edge in 95%; 'concave' when the curve bends down in 95%; 'flat' when its whole range is surely "
                        "below 0.005 nats; otherwise 'too noisy', with the smallest gain the sweep could detect (80% "
                        f"power) and the seeds that would resolve the paper's {REFERENCE_GAIN} nats. Gain = "
                        "loss(rho=1) - loss at the minimum (positive: moving sparse parameters into Engram memory "

@@ -2,17 +2,17 @@
 their nominal rate, Approach 2 reproduces the published Llama 3 fit, and edge cases behave as documented."""
 
 import ctypes
+import doctest
 
 import numpy as np
 import pandas as pd
 import pytest
 
-import doctest
-
 import analysis.fits
-from analysis.fits import (LLAMA3_ISOFLOPS, DropReason, FitError, StartGrid, bootstrap_counts, fit_budget_trend, fit_chinchilla, fit_chinchilla_table,
-                           fit_isoflop, fit_isoflop_table, fit_loglinear, fit_optimum_scaling, fit_power_law,
-                           fit_power_law_table, fit_u_curve, fit_u_curve_table, single_threaded_blas)
+from analysis.fits import (LLAMA3_ISOFLOPS, DropReason, FitError, StartGrid, bootstrap_counts, fit_budget_trend,
+                           fit_chinchilla, fit_chinchilla_table, fit_isoflop, fit_isoflop_table, fit_loglinear,
+                           fit_optimum_scaling, fit_power_law, fit_power_law_table, fit_u_curve, fit_u_curve_table,
+                           single_threaded_blas)
 from analysis.synthetic import planted_u_curve, summarise_calibration, u_curve_calibration
 from analysis.fits import _loaded_openblas  # the libraries whose setting the context manager changes
 
