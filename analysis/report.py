@@ -423,8 +423,8 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                        "beside it: a parabola, and the cubic without seed offsets. Verdict (rule fixed before any "
                        "real sweep, calibrated on planted truths: docs/analysis.md): 'interior' only when the curve "
                        "falls away from both edges of the sampled range in at least 95% of resamples; 'boundary' "
-                       "when the loss still falls at an edge in 95%; 'concave' when the curve bends down in 95%; 'flat' when its whole range is surely "
-                       "below 0.005 nats; otherwise 'too noisy', with the smallest gain the sweep could detect (80% "
+                       "when the loss still falls at an edge in 95%; 'concave' when the curve bends down in 95%; "
+                       "'flat' when its whole range is surely below 0.005 nats; otherwise 'too noisy', with the smallest gain the sweep could detect (80% "
                        f"power) and the seeds that would resolve the paper's {REFERENCE_GAIN} nats. Gain = "
                        "loss(rho=1) - loss at the minimum (positive: moving sparse parameters into Engram memory "
                        "helps)."))
