@@ -420,14 +420,14 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
         b.append(("p", "Default curve: a cubic in rho (it follows a lopsided U, where a parabola's vertex is "
                        "biased) with one additive offset per seed: trials sharing a seed share their data order "
                        "across rho, so their level differences are taken out before the shape is judged. Checks "
-                       "beside it: a parabola, and the cubic without seed offsets. Verdict (rule fixed before any "
-                       "real sweep, calibrated on planted truths: docs/analysis.md): 'interior' only when the curve "
-                       "falls away from both edges of the sampled range in at least 95% of resamples; 'boundary' "
-                       "when the loss still falls at an edge in 95%; 'concave' when the curve bends down in 95%; "
-                       "'flat' when its whole range is surely below 0.005 nats; otherwise 'too noisy', with the smallest gain the sweep could detect (80% "
-                       f"power) and the seeds that would resolve the paper's {REFERENCE_GAIN} nats. Gain = "
-                       "loss(rho=1) - loss at the minimum (positive: moving sparse parameters into Engram memory "
-                       "helps)."))
+                       "beside it: a parabola, and the cubic without seed offsets. Verdict (rule fixed before "
+                       "any real sweep, calibrated on planted truths: docs/analysis.md): 'interior' only when "
+                       "the curve falls away from both edges of the sampled range in at least 95% of resamples; "
+                       "'boundary' when the loss still falls at an edge in 95%; 'concave' when the curve bends "
+                       "down in 95%; 'flat' when its whole range is surely below 0.005 nats; otherwise 'too "
+                       "noisy', with the smallest gain the sweep could detect (80% power) and the seeds that "
+                       f"would resolve the paper's {REFERENCE_GAIN} nats. Gain = loss(rho=1) - loss at the "
+                       "minimum (positive: moving sparse parameters into Engram memory helps)."))
         rows = []
         for (experiment, budget), fits in result.u_curves.items():
             for name, fit in fits.items():
