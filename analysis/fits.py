@@ -787,8 +787,8 @@ def _u_verdict(p_lo, p_hi, p_cap, range_hi, curve, lo_x, hi_x, q, flat_tolerance
     if range_hi < flat_tolerance:
         return "flat", None, (f"the whole curve varies by less than {flat_tolerance:g} nats (upper "
                               f"{level:.0%} bound of its range {range_hi:.3g})")
-    seeds = "" if seeds_ref is None else (f"; about {seeds_ref}{'+' if seeds_ref >= MAX_SEEDS_QUOTED else ''} "
-                                          f"seeds would resolve the paper's {REFERENCE_GAIN} nats")
+    seeds = "" if seeds_ref is None else (f"; a gain of the paper's {REFERENCE_GAIN} nats would be detected with "
+                                          f"about {seeds_ref}{'+' if seeds_ref >= MAX_SEEDS_QUOTED else ''} seeds")
     return "too noisy", None, (f"neither an interior minimum nor an edge is resolved (slope < 0 at the low edge "
                                f"in {p_lo:.0%}, > 0 at the high edge in {p_hi:.0%} of resamples; rule: {pct}); "
                                f"smallest gain this sweep could detect ~{detect:.3g} nats{seeds}")

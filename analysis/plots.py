@@ -53,7 +53,10 @@ def plot_u_curve(ax: Axes, fit: UCurveFit, *, title: str | None = None, color: s
         i_edge = 0 if fit.edge == fit.grid[0] else -1
         ax.plot([fit.edge], [fit.curve[i_edge]], marker="x", color="tab:red", ms=9, ls="none",
                 label=f"boundary: minimum at or beyond rho = {fit.edge:.2f} (no rho* claimed)")
-    else:
+    else:   # the reason sits in headroom above the points, so it hides none of them
+        lo, hi = float(fit.loss.min()), float(fit.loss.max())
+        span = max(hi - lo, 1e-3 * max(abs(hi), 1.0))
+        ax.set_ylim(lo - 0.08 * span, hi + 0.75 * span)
         ax.text(0.02, 0.98, f"{fit.verdict}: no curve drawn\n" + textwrap.fill(fit.reason, 70),
                 transform=ax.transAxes, va="top", ha="left", fontsize=7,
                 bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
@@ -62,7 +65,7 @@ def plot_u_curve(ax: Axes, fit: UCurveFit, *, title: str | None = None, color: s
     seeds_note = "single seed: points-only bootstrap" if fit.single_seed else f"{fit.n_seeds} seeds"
     ax.set_title(title or f"Loss vs rho ({seeds_note}): {fit.verdict}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right" if not fit.draws_curve else "best")
+    ax.legend(fontsize=7, loc="upper right" if not fit.draws_curve else "best")   # no curve: the headroom
 
 
 def plot_power_laws(ax: Axes, fits: Mapping[str, PowerLawFit | LogLinearFit], *,
