@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import yaml
 from matplotlib.figure import Figure
 
+from analysis.contract import read_folder
 from analysis.fits import (LEVEL, N_RESAMPLES, BudgetTrend, ChinchillaFit, FitError, LogLinearFit, PowerLawFit,
                            UCurveFit,
                            fit_budget_trend, fit_chinchilla, fit_loglinear, fit_power_law, fit_u_curve,
@@ -77,13 +77,8 @@ def read_store(store_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 
 
 def _read_folder(folder: Path) -> pd.DataFrame:
-    files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
-    if not files:
-        return pd.DataFrame()
-    try:
-        return pd.read_parquet(files)
-    except (pa.ArrowException, ValueError):   # files written with drifting types (e.g. an all-null column)
-        return pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+    # Damaged files are skipped (the CLI names them); files with drifting types (an all-null column) still read.
+    return read_folder(folder).table
 
 
 def split_usable(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

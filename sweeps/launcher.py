@@ -43,6 +43,7 @@ from typing import Any, Callable, Iterator, NamedTuple, TextIO
 
 import ray
 from ray import tune
+from ray.exceptions import AuthenticationError
 from ray.tune.search import Searcher
 from ray.tune.search.optuna import OptunaSearch
 
@@ -52,7 +53,8 @@ from engram.data import corpus_fingerprint
 from engram.trial import TrialResult
 from sweeps.plan import PlannedTrial, Throughput, calibrate_throughput, plan_search_trial
 from sweeps.spec import FailAttempts, SpecError, SweepSpec
-from sweeps.store import ResultStore, curve_frame, result_row
+from sweeps.footprint import check_trials_fit
+from sweeps.store import COMPLETE_STATUSES, ResultStore, curve_frame, result_row
 
 TUNE_DIR = ".tune"  # under the store root; git-ignored with results/
 RESUME_DIR = "resume"  # under TUNE_DIR: the latest checkpoint of each unfinished trial, for driver-kill resume
@@ -63,6 +65,9 @@ METRIC = "val_loss"  # what the search minimises (final validation loss)
 # (besides every change in the done/failed counts).
 MAX_RESUGGESTIONS = 50  # Optuna suggestions tried for one search trial before its experiment counts as exhausted
 REFRESH_TTY_S = 1.0
+LAUNCH_MARK = "=== launch"  # opens each launch's part of Ray's log
+AUTH_HINT = ("With token auth, every node and the driver need RAY_AUTH_MODE=token and the cluster's token "
+             "(RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token); see docs/cluster.md")
 REFRESH_PIPE_S = 60.0
 
 
@@ -96,17 +101,23 @@ class LaunchSummary:
         return self.tune_seconds / (self.trial_seconds / self.n_slots)
 
 
+class ClusterError(RuntimeError):
+    """Ray could not be started or joined (unreachable head, refused token): one line for the user."""
+
+
 def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, address: str | None,
            log_path: Path, cache_dir: Path | None = None, storage_path: str | None = None,
-           stream: TextIO | None = None) -> LaunchSummary:
+           stream: TextIO | None = None, spec_text: str | None = None) -> LaunchSummary:
     """Run `trials` (the grid) and the spec's `search` experiments on Ray; record each finished trial in `store`.
 
     Trials already complete in the store are skipped. `address`: None starts an embedded local Ray, otherwise
     the cluster to join ("auto", "ray://...", "host:port"). `cache_dir`: the data/tokenizer cache each trial
     uses (default: engram.data's per-user cache on each node). `storage_path`: where Tune keeps
     checkpoints (default <store>/.tune; on a multi-node cluster give shared or cloud storage, docs/cluster.md).
-    `stream`: where the progress line goes (default: the terminal's stderr).
-    Ray's output goes to `log_path` (appended).
+    `stream`: where the progress line goes (default: the terminal's stderr). `spec_text`: the resolved spec,
+    written to the store once Ray is up and there is something to run (a re-run of a finished sweep writes
+    nothing). Ray's output goes to `log_path` (appended).
+    Raises ClusterError when Ray cannot be joined, SpecError when a trial cannot fit the cluster.
     """
     t_start = time.perf_counter()
     log_path = Path(log_path).resolve()
@@ -123,8 +134,8 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
         if t.kind != "search" and t.trial_id not in done_ids and t.trial_id not in seen:
             grid.append(t)
             seen.add(t.trial_id)
-    n_skipped = len({t.trial_id for t in trials if t.kind != "search"} & done_ids)
     searches = _pending_searches(spec, store)
+    n_skipped = len({t.trial_id for t in trials if t.kind != "search"} & done_ids) + _n_search_done(spec, store)
     if not grid and not searches:  # nothing to run: no need to start Ray
         return LaunchSummary(
             n_requested=0, n_skipped=n_skipped, n_ok=0, n_diverged=0, n_failed=0, n_unrecorded=0, n_resumed=0,
@@ -145,9 +156,13 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
         # Joining a cluster can take minutes (Ray retries an unreachable address): say what is happening.
         out.write(f"[{spec.name}] {where} (Ray's log: {log_path})\n")
         out.flush()
-        with _ray_session(address):
+        with _ray_session(address, log_path):
             if address is None:
                 _check_fits(spec)
+            else:  # the driver's machine was checked by the CLI; a cluster's nodes are known only now
+                check_trials_fit(spec, grid, _largest_node_memory(), "the largest node's")
+            if spec_text is not None:
+                store.write_spec(spec_text)
             recorder.attach(out, log, _n_slots(spec))
             _prepare_data(spec, grid, searches, cache_dir)
             payload = _Payload(spec=spec, configs={t.trial_id: (t.experiment, to_dict(t.config)) for t in grid},
@@ -164,7 +179,7 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
                     points_to_evaluate=pending.points or None, evaluated_rewards=pending.rewards or None)
             n_left = {name: pending.n_left for name, pending in searches.items()}
             stored = store.runs()
-            stored = stored[stored["status"].isin(("ok", "diverged"))]
+            stored = stored[stored["status"].isin(COMPLETE_STATUSES)]
             searcher = _SweepSearcher([t.trial_id for t in grid], optuna, n_left, recorder.resolve_search,
                                       dict(zip(stored["trial_id"], stored["final_val_loss"].astype(float))))
             t_tune = time.perf_counter()
@@ -186,10 +201,24 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
 
 
 @contextlib.contextmanager
-def _ray_session(address: str | None) -> Iterator[None]:
-    """The one place Ray is started or joined; disconnects (and stops an embedded Ray) on the way out."""
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, configure_logging=True,
-             logging_level=logging.WARNING)
+def _ray_session(address: str | None, log_path: Path) -> Iterator[None]:
+    """The one place Ray is started or joined; disconnects (and stops an embedded Ray) on the way out.
+
+    No address means a NEW local Ray ("local"): left to None, ray.init joins whatever cluster this machine's
+    Ray temp folder names, even a dead one (measured: 5+ minutes of retries after a head was killed).
+    Ray's connection and token-authentication failures become one ClusterError line (details in the log).
+    """
+    try:
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 configure_logging=True, logging_level=logging.WARNING)
+    except AuthenticationError as err:
+        raise ClusterError(f"Ray token authentication failed: {_first_sentence(err)} {AUTH_HINT}") from None
+    except ConnectionError as err:
+        if _log_mentions_auth(log_path):
+            raise ClusterError(f"Ray at {address} refused this driver's token (InvalidAuthToken). {AUTH_HINT}; "
+                               f"Ray's log: {log_path}") from None
+        raise ClusterError(f"could not join Ray at {address} ({_first_sentence(err)}); Ray's log: {log_path}") \
+            from None
     try:
         yield
     finally:
@@ -210,7 +239,7 @@ def _quiet(log_path: Path) -> Iterator[tuple[TextIO, TextIO]]:
     terminal = os.fdopen(os.dup(saved_err), "w", buffering=1)
     py_streams = (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__)
     with open(log_path, "a", buffering=1) as log:
-        log.write(f"\n=== launch at {_now()} (pid {os.getpid()}) ===\n")
+        log.write(f"\n{LAUNCH_MARK} at {_now()} (pid {os.getpid()}) ===\n")
         log.flush()
         os.dup2(log.fileno(), 1)
         os.dup2(log.fileno(), 2)
@@ -246,6 +275,25 @@ def _check_fits(spec: SweepSpec) -> None:
         have = total.get(key, 0.0)
         if need > have:
             raise SpecError(f"resources.{field}: {need:g} per trial, but this machine's Ray has {have:g} {key}s")
+
+
+def _largest_node_memory() -> int:
+    """Bytes of Ray's "memory" resource on the largest live node (what Ray lets tasks use there)."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    return int(max((n.get("Resources", {}).get("memory", 0.0) for n in nodes), default=0.0))
+
+
+def _log_mentions_auth(log_path: Path) -> bool:
+    """Whether this launch's part of Ray's log shows a refused token (Ray says so only there)."""
+    with contextlib.suppress(OSError):
+        text = log_path.read_text(errors="replace")
+        return "InvalidAuthToken" in text[text.rfind(LAUNCH_MARK):]
+    return False
+
+
+def _first_sentence(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return text.split(". ")[0].rstrip(".") + "."
 
 
 def _n_slots(spec: SweepSpec) -> int:
@@ -374,7 +422,7 @@ def _pending_searches(spec: SweepSpec, store: ResultStore) -> dict[str, _Pending
     for exp in spec.experiments:
         if exp.kind != "search":
             continue
-        mine = runs[(runs["experiment"] == exp.name) & runs["status"].isin(("ok", "diverged"))]
+        mine = runs[(runs["experiment"] == exp.name) & runs["status"].isin(COMPLETE_STATUSES)]
         ok = mine[(mine["status"] == "ok") & mine["final_val_loss"].notna()]
         points = [{"rho": float(r)} for r in ok["rho"]]
         rewards = [float(v) for v in ok["final_val_loss"]]
@@ -382,6 +430,14 @@ def _pending_searches(spec: SweepSpec, store: ResultStore) -> dict[str, _Pending
         if n_left:
             out[exp.name] = _PendingSearch(n_left, len(mine), points, rewards)
     return out
+
+
+def _n_search_done(spec: SweepSpec, store: ResultStore) -> int:
+    """Complete search trials stored (at most n_trials per experiment): the search part of a re-run's skips."""
+    runs = store.runs()
+    complete = runs[runs["status"].isin(COMPLETE_STATUSES)]
+    return sum(min(exp.n_trials, int((complete["experiment"] == exp.name).sum()))
+               for exp in spec.experiments if exp.kind == "search")
 
 
 def _prepare_data(spec: SweepSpec, grid: list[PlannedTrial], searches: dict[str, _PendingSearch],

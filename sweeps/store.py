@@ -1,13 +1,15 @@
 """The results store of one sweep: Parquet files under results/<sweep>/, written atomically as trials finish.
 
-Layout (the contract with analysis/, see ../shared/DESIGN.md "Results store"):
+Layout (the contract with analysis/: analysis/contract.py, docs/results-contract.md):
     runs/<trial_id>.parquet     one row per finished trial (RUN_SCHEMA); a re-run of a failed trial replaces it
     curves/<trial_id>.parquet   its training curve (CURVE_SCHEMA)
-    spec.yaml                   the resolved spec of the latest run
+    spec.yaml                   the resolved spec of the latest run that trained something
+    damaged/                    unreadable files moved aside by `run` (their trials run again)
 Every file is written to a '.'-prefixed temporary name in the same folder and then `os.replace`d, so a crash at
 any moment leaves whole files plus, at worst, a temp file that readers ignore (pyarrow skips names starting with
 '.' or '_'). The curve is written before the row: a row never points at a missing curve. Everything is readable
-with plain `pandas.read_parquet(root / "runs")`, without Ray; reading is safe while a sweep writes.
+with plain `pandas.read_parquet(root / "runs")`, without Ray; reading is safe while a sweep writes. A damaged
+file (truncated by a full disk, a copy cut short) is skipped by the readers here and named by `damaged()`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.contract import (CURVES_DIR, DAMAGED_DIR, RUNS_DIR, SPEC_FILE, TEMP_PREFIX, Damaged, damaged_files,
+                               read_folder)
+
 if TYPE_CHECKING:
     from engram.trial import TrialResult
     from sweeps.plan import PlannedTrial
@@ -33,7 +38,6 @@ if TYPE_CHECKING:
 COMPLETE_STATUSES = ("ok", "diverged")  # skipped on re-run; "failed" rows are re-run
 STATUSES = ("ok", "failed", "diverged")
 VERSIONED_PACKAGES = ("torch", "ray", "numpy", "pandas", "pyarrow", "optuna", "engram-sweeps")
-TEMP_PREFIX = "."
 
 RUN_SCHEMA = pa.schema([
     ("trial_id", pa.string()), ("sweep", pa.string()), ("experiment", pa.string()), ("kind", pa.string()),
@@ -58,9 +62,10 @@ class ResultStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.runs_dir = self.root / "runs"
-        self.curves_dir = self.root / "curves"
-        self.spec_path = self.root / "spec.yaml"
+        self.runs_dir = self.root / RUNS_DIR
+        self.curves_dir = self.root / CURVES_DIR
+        self.spec_path = self.root / SPEC_FILE
+        self.damaged_dir = self.root / DAMAGED_DIR
 
     def __repr__(self) -> str:
         return f"ResultStore({str(self.root)!r})"
@@ -80,13 +85,34 @@ class ResultStore:
         """All curve points of all trials (CURVE_SCHEMA columns)."""
         return self._read(self.curves_dir, CURVE_SCHEMA)
 
+    def damaged(self) -> list[Damaged]:
+        """The store's unreadable data files (the readers above skip them)."""
+        return damaged_files(self.root)
+
+    def move_damaged_aside(self) -> list[Path]:
+        """Move every unreadable file, with the other file of its trial, into damaged/runs|curves/ (never delete):
+        the trial then counts as not stored and a run trains it again. Returns the files' new paths. Call only
+        when no other process writes this store."""
+        ids = {d.path.stem for d in self.damaged()}
+        moved = []
+        for trial_id in sorted(ids):
+            for folder in (self.runs_dir, self.curves_dir):
+                src = folder / f"{trial_id}.parquet"
+                if not src.exists():
+                    continue
+                dest = self.damaged_dir / folder.name / src.name
+                n = 1
+                while dest.exists():  # an earlier damaged copy of the same trial stays too
+                    dest = dest.with_name(f"{trial_id}.{n}.parquet")
+                    n += 1
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+                moved.append(dest)
+        return moved
+
     def _read(self, folder: Path, schema: pa.Schema, columns: list[str] | None = None) -> pd.DataFrame:
-        files = _data_files(folder)
-        if not files:
-            return schema.empty_table().select(columns or schema.names).to_pandas()
-        # Read the listed files (not the folder) so that a temp file appearing mid-read is never touched.
-        table = pq.ParquetDataset(files, schema=schema).read(columns=columns)
-        return table.to_pandas()
+        # Reads the listed files (not the folder), so that a temp file appearing mid-read is never touched.
+        return read_folder(folder, schema, columns).table
 
     # -- writing ------------------------------------------------------------------------------------------------
 
@@ -128,13 +154,6 @@ class ResultStore:
         for p in files:
             p.unlink(missing_ok=True)
         return len(files)
-
-
-def _data_files(folder: Path) -> list[str]:
-    if not folder.is_dir():
-        return []
-    return sorted(str(p) for p in folder.iterdir()
-                  if p.suffix == ".parquet" and not p.name.startswith((TEMP_PREFIX, "_")))
 
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
