@@ -1,7 +1,7 @@
 """The report of one sweep: read its results store, fit every group, draw the plots, and write report.md, a
 self-contained report.html (plots embedded) and fits.json (every fitted parameter with its interval).
 
-Groups (see ../shared/DESIGN.md "Analysis"): U-curves per (experiment, budget) for the allocation and search
+Groups (docs/paper.md, "Allocation"): U-curves per (experiment, budget) for the allocation and search
 experiments, their trend over budgets per experiment, power laws over slots per (experiment, memory kind, budget)
 for the memory experiments, and the Chinchilla form when the sweep varies both active parameters and tokens.
 Trials that failed, diverged or have a non-finite loss are excluded from every fit and listed with the reason.

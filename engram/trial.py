@@ -4,7 +4,7 @@ Holds the optimisers, the learning-rate schedule, the fixed validation set, dive
 checkpoint/resume of one trial. Knows nothing of Ray or YAML; a launcher calls `run_trial` and receives typed
 records (`Progress` at each evaluation, a `TrialResult` at the end).
 
-Optimisation (DESIGN.md "Optimiser"; Engram paper arXiv 2601.07372 §2):
+Optimisation (docs/paper.md "Engram", item 7; Engram paper arXiv 2601.07372 §2):
 - backbone: AdamW; weight decay on matrices only (ndim >= 2), NOT on norms, biases or embeddings (the token
   embedding, hence a tied LM head, and any other `nn.Embedding`), following nanoGPT / DeepSeek practice;
 - memory tables (`model.table_parameters()`, sparse gradients): `torch.optim.SparseAdam` at

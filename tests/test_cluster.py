@@ -22,15 +22,9 @@ from sweeps.plan import plan_sweep
 from sweeps.spec import parse_spec
 from sweeps.store import ResultStore
 
-BASE = {
-    "data": {"corpus": "stdlib", "max_bytes": 300_000},
-    "model": {"vocab_size": 512, "seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
-              "d_ff_dense": 64, "d_expert": 16, "n_routed": 4, "top_k": 2,
-              "memory": {"layers": [1], "max_ngram": 3, "n_heads": 2, "d_head": 8}},
-    "train": {"batch_size": 8, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 50, "eval_tokens": 1024,
-              "checkpoint_interval": 25, "device": "cpu"},
-    "resources": {"cpus_per_trial": 1, "max_retries": 2},
-}
+from conftest import tiny_sweep  # tests/ is on sys.path (pytest's default rootdir-less import)
+
+BASE = tiny_sweep(train={"eval_interval": 50, "checkpoint_interval": 25}, resources={"max_retries": 2})
 pytestmark = pytest.mark.slow  # ~40-60 s on 2 shared cores: two Ray nodes and six real trials
 WAIT_S = 120  # the longest the worker-loss test waits for a trial to be under way on the worker
 
@@ -56,11 +50,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
             c.shutdown()  # stops exactly the processes this fixture started
     tempfile.tempdir = None
     shutil.rmtree(tmp, ignore_errors=True)  # Ray's session logs
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("token_cache")
 
 
 def make_spec(tmp: Path, name: str, budget: float, seeds: list[int]):

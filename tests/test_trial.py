@@ -49,11 +49,6 @@ def trial(**train: object) -> TrialConfig:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("token_cache")
-
-
 def losses(result: TrialResult) -> list[tuple[int, float, float | None]]:
     return [(p.step, p.train_loss, p.val_loss) for p in result.curve]
 
