@@ -285,13 +285,13 @@ def result_text(result: TrialResult) -> str:
 
 def summary_text(summary: LaunchSummary, store: ResultStore) -> str:
     """The end of `engram-sweep run` (a sweeps.launcher.LaunchSummary)."""
-    from sweeps.plan import format_seconds
+    from engram.util import format_duration
 
     ratio = summary.overhead_ratio
     lines = [f"{summary.n_requested} trial(s) run, {summary.n_skipped} already complete: {summary.n_ok} ok, "
              f"{summary.n_diverged} diverged, {summary.n_failed} failed"
              + (f", {summary.n_unrecorded} unrecorded" if summary.n_unrecorded else ""),
-             f"wall {format_seconds(summary.wall_seconds)} ({summary.n_slots} trial(s) at once"
+             f"wall {format_duration(summary.wall_seconds)} ({summary.n_slots} trial(s) at once"
              + (f", scheduling overhead {ratio:.2f}x the ideal" if ratio is not None else "") + ")",
              f"results in {store.root}; Ray's log in {summary.log_path}"]
     if summary.n_failed:
@@ -302,6 +302,7 @@ def summary_text(summary: LaunchSummary, store: ResultStore) -> str:
 
 def status_text(store: ResultStore, spec: SweepSpec | None = None) -> str:
     """Per-experiment progress from the store; with the spec, also how many planned trials remain."""
+    from engram.util import format_table
     from sweeps.plan import plan_sweep
     from sweeps.spec import SearchExperiment
 
@@ -342,9 +343,7 @@ def status_text(store: ResultStore, spec: SweepSpec | None = None) -> str:
     if not rows:
         lines.append("no trials stored yet")
         return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines += format_table(header, rows)
     if spec is not None:
         left = sum(int(r[5]) for r in rows if r[5].isdigit())
         lines.append(f"{left} planned trial(s) remain" if left else "all planned trials complete")

@@ -51,6 +51,7 @@ from engram.accounting import AllocationError
 from engram.config import TrialConfig, from_dict, to_dict
 from engram.data import corpus_fingerprint
 from engram.trial import TrialResult
+from engram.util import format_duration
 from sweeps.plan import PlannedTrial, Throughput, calibrate_throughput, plan_search_trial
 from sweeps.spec import FailAttempts, SpecError, SweepSpec
 from sweeps.footprint import check_trials_fit
@@ -744,7 +745,7 @@ class _Recorder(tune.Callback):
                  f"{n_failed} failed", f"{n_div} diverged"]
         if self._retries:
             parts.append(f"{self._retries} retried")
-        parts.append("ETA " + _duration(eta))
+        parts.append("ETA " + format_duration(eta))
         return " | ".join(parts)
 
     def _draw(self, force: bool = False) -> None:
@@ -791,7 +792,3 @@ def _error_text(trial) -> str:
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
 
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"

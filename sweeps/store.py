@@ -5,11 +5,12 @@ Layout (the contract with analysis/: analysis/contract.py, docs/results-contract
     curves/<trial_id>.parquet   its training curve (CURVE_SCHEMA)
     spec.yaml                   the resolved spec of the latest run that trained something
     damaged/                    unreadable files moved aside by `run` (their trials run again)
-Every file is written to a '.'-prefixed temporary name in the same folder and then `os.replace`d, so a crash at
-any moment leaves whole files plus, at worst, a temp file that readers ignore (pyarrow skips names starting with
-'.' or '_'). The curve is written before the row: a row never points at a missing curve. Everything is readable
-with plain `pandas.read_parquet(root / "runs")`, without Ray; reading is safe while a sweep writes. A damaged
-file (truncated by a full disk, a copy cut short) is skipped by the readers here and named by `damaged()`.
+Every file is written with `engram.util.atomic_write` (a '.'-prefixed temporary name in the same folder, fsync,
+then `os.replace`), so a crash at any moment leaves whole files plus, at worst, a temp file that readers ignore
+(pyarrow skips names starting with '.' or '_'). The curve is written before the row: a row never points at a
+missing curve. Everything is readable with plain `pandas.read_parquet(root / "runs")`, without Ray; reading is
+safe while a sweep writes. A damaged file (truncated by a full disk, a copy cut short) is skipped by the readers
+here and named by `damaged()`.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from engram.util import atomic_write
 from analysis.contract import (CURVES_DIR, DAMAGED_DIR, RUNS_DIR, SPEC_FILE, TEMP_PREFIX, Damaged, damaged_files,
                                read_folder)
 
@@ -138,10 +140,7 @@ class ResultStore:
 
     def write_spec(self, text: str) -> None:
         """Write the resolved spec (YAML text from sweeps.spec.dump_spec) beside the results."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{TEMP_PREFIX}spec.yaml.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.spec_path)
+        atomic_write(self.spec_path, text.encode())
 
     def temp_files(self) -> list[Path]:
         """Leftovers of writers that died mid-write."""
@@ -157,12 +156,7 @@ class ResultStore:
 
 
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:  # the bytes reach the disk before the name is published
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -312,7 +312,7 @@ def test_format_progress_is_one_line_with_the_figures() -> None:
     line = format_progress(Progress(step=120, total_steps=400, tokens=245_760, train_loss=4.1234, val_loss=None,
                                     lr=2.7e-3, elapsed=12.4))
     assert "\n" not in line
-    assert "120/400" in line and "30%" in line and "4.123" in line and "245.8k" in line
+    assert "120/400" in line and "30%" in line and "4.123" in line and "246k" in line
     assert "4.456" in format_progress(Progress(1, 2, 3, 4.0, 4.456, 1e-3, 0.0))
     assert "eta 29s" in line and "eta 1m40s" in format_progress(Progress(100, 200, 1, 4.0, None, 1e-3, 100.0))
 
