@@ -1,4 +1,5 @@
-"""The results-store contract: the layout of results/<sweep>/ and how to read it, for writers and readers alike.
+"""The results-store contract: the layout of results/<sweep>/, its columns (RUN_SCHEMA, CURVE_SCHEMA), the trial
+statuses, and how to read a store, for the writer (sweeps/store.py) and the readers (analysis/) alike.
 
 sweeps/ (which writes a store) and analysis/ (which reads one) both import this module; it imports neither, nor
 engram, nor Ray. The layout and columns are described for readers in docs/results-contract.md.
@@ -22,6 +23,27 @@ CURVES_DIR = "curves"  # one <trial_id>.parquet per trial: its training curve
 SPEC_FILE = "spec.yaml"  # the resolved spec of the latest run that trained something
 DAMAGED_DIR = "damaged"  # unreadable files moved aside by `run`, under damaged/runs/ and damaged/curves/
 TEMP_PREFIX = "."  # writers' temporary names start with it; readers ignore such files (and '_' ones)
+COMPLETE_STATUSES = ("ok", "diverged")  # skipped on re-run; "failed" rows are re-run
+STATUSES = ("ok", "failed", "diverged")
+# The columns of a run row and of a curve point (docs/results-contract.md describes each). Adding a column: add it
+# here, fill it in sweeps/store.py's `result_row`, describe it in docs/results-contract.md; older files read on,
+# with the new column missing.
+RUN_SCHEMA = pa.schema([
+    ("trial_id", pa.string()), ("sweep", pa.string()), ("experiment", pa.string()), ("kind", pa.string()),
+    ("memory", pa.string()), ("rho", pa.float64()), ("rho_achieved", pa.float64()), ("slots", pa.int64()),
+    ("n_routed", pa.int64()), ("top_k", pa.int64()), ("seed", pa.int64()), ("budget", pa.float64()),
+    ("P_tot", pa.int64()), ("P_act", pa.int64()), ("P_sparse", pa.int64()), ("P_engram", pa.int64()),
+    ("flops_per_token", pa.float64()), ("tokens", pa.int64()), ("compute", pa.float64()), ("steps", pa.int64()),
+    ("final_val_loss", pa.float64()), ("best_val_loss", pa.float64()), ("train_loss", pa.float64()),
+    ("status", pa.string()), ("error", pa.string()), ("attempts", pa.int64()), ("wall_seconds", pa.float64()),
+    ("tokens_per_second", pa.float64()), ("device", pa.string()), ("host", pa.string()),
+    ("versions", pa.string()), ("git_commit", pa.string()), ("started_at", pa.string()),
+    ("finished_at", pa.string()),
+])
+CURVE_SCHEMA = pa.schema([
+    ("trial_id", pa.string()), ("step", pa.int64()), ("tokens", pa.int64()), ("train_loss", pa.float64()),
+    ("val_loss", pa.float64()), ("lr", pa.float64()), ("elapsed", pa.float64()),
+])
 # What a reader may meet when a file is damaged: pyarrow's own errors, and OSError for unreadable bytes.
 READ_ERRORS = (pa.ArrowException, OSError, ValueError)
 

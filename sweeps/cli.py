@@ -302,6 +302,7 @@ def summary_text(summary: LaunchSummary, store: ResultStore) -> str:
 
 def status_text(store: ResultStore, spec: SweepSpec | None = None) -> str:
     """Per-experiment progress from the store; with the spec, also how many planned trials remain."""
+    from analysis.contract import COMPLETE_STATUSES, STATUSES
     from engram.util import format_table
     from sweeps.plan import plan_sweep
     from sweeps.spec import SearchExperiment
@@ -321,8 +322,8 @@ def status_text(store: ResultStore, spec: SweepSpec | None = None) -> str:
     rows = []
     for name in experiments:
         sub = runs[runs["experiment"] == name]
-        n = {s: int((sub["status"] == s).sum()) for s in ("ok", "diverged", "failed")}
-        complete_ids = set(sub.loc[sub["status"].isin(["ok", "diverged"]), "trial_id"])
+        n = {s: int((sub["status"] == s).sum()) for s in STATUSES}
+        complete_ids = set(sub.loc[sub["status"].isin(COMPLETE_STATUSES), "trial_id"])
         n_planned, remaining = "-", "-"
         if spec is not None:
             exp = next((e for e in spec.experiments if e.name == name), None)

@@ -1,7 +1,8 @@
 """The results store of one sweep: Parquet files under results/<sweep>/, written atomically as trials finish.
 
 Layout (the contract with analysis/: analysis/contract.py, docs/results-contract.md):
-    runs/<trial_id>.parquet     one row per finished trial (RUN_SCHEMA); a re-run of a failed trial replaces it
+    runs/<trial_id>.parquet     one row per finished trial (RUN_SCHEMA, in analysis/contract.py); a re-run of a
+                                failed trial replaces it
     curves/<trial_id>.parquet   its training curve (CURVE_SCHEMA)
     spec.yaml                   the resolved spec of the latest run that trained something
     damaged/                    unreadable files moved aside by `run` (their trials run again)
@@ -29,34 +30,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.contract import (COMPLETE_STATUSES, CURVE_SCHEMA, CURVES_DIR, DAMAGED_DIR, RUN_SCHEMA, RUNS_DIR,
+                               SPEC_FILE, STATUSES, TEMP_PREFIX, Damaged, damaged_files, read_folder)
 from engram.util import atomic_write
-from analysis.contract import (CURVES_DIR, DAMAGED_DIR, RUNS_DIR, SPEC_FILE, TEMP_PREFIX, Damaged, damaged_files,
-                               read_folder)
 
 if TYPE_CHECKING:
     from engram.trial import TrialResult
     from sweeps.plan import PlannedTrial
 
-COMPLETE_STATUSES = ("ok", "diverged")  # skipped on re-run; "failed" rows are re-run
-STATUSES = ("ok", "failed", "diverged")
 VERSIONED_PACKAGES = ("torch", "ray", "numpy", "pandas", "pyarrow", "optuna", "engram-sweeps")
-
-RUN_SCHEMA = pa.schema([
-    ("trial_id", pa.string()), ("sweep", pa.string()), ("experiment", pa.string()), ("kind", pa.string()),
-    ("memory", pa.string()), ("rho", pa.float64()), ("rho_achieved", pa.float64()), ("slots", pa.int64()),
-    ("n_routed", pa.int64()), ("top_k", pa.int64()), ("seed", pa.int64()), ("budget", pa.float64()),
-    ("P_tot", pa.int64()), ("P_act", pa.int64()), ("P_sparse", pa.int64()), ("P_engram", pa.int64()),
-    ("flops_per_token", pa.float64()), ("tokens", pa.int64()), ("compute", pa.float64()), ("steps", pa.int64()),
-    ("final_val_loss", pa.float64()), ("best_val_loss", pa.float64()), ("train_loss", pa.float64()),
-    ("status", pa.string()), ("error", pa.string()), ("attempts", pa.int64()), ("wall_seconds", pa.float64()),
-    ("tokens_per_second", pa.float64()), ("device", pa.string()), ("host", pa.string()),
-    ("versions", pa.string()), ("git_commit", pa.string()), ("started_at", pa.string()),
-    ("finished_at", pa.string()),
-])
-CURVE_SCHEMA = pa.schema([
-    ("trial_id", pa.string()), ("step", pa.int64()), ("tokens", pa.int64()), ("train_loss", pa.float64()),
-    ("val_loss", pa.float64()), ("lr", pa.float64()), ("elapsed", pa.float64()),
-])
 
 
 class ResultStore:

@@ -149,6 +149,7 @@ def test_at_least_twenty_malformed_cases_are_documented() -> None:
     assert not missing, f"cases missing from docs/sweep-spec.md: {missing}"
 
 
+@pytest.mark.slow
 def test_malformed_spec_in_a_real_process_has_no_traceback(spec_dir: Path) -> None:
     spec = copy.deepcopy(BASE_SPEC)
     spec["experiments"][0]["rho"] = [0.2, -0.1]
@@ -223,6 +224,7 @@ def test_status_and_report_of_a_missing_folder_exit_2(tmp_path: Path, capsys: py
     assert len(err) == 2 and all("nowhere: no such results folder" in line for line in err)
 
 
+@pytest.mark.slow
 def test_train_runs_one_trial_with_progress_lines(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
     config = {"model": {**TINY_MODEL, "memory": {"kind": "engram", "slots": 500, "n_heads": 2, "d_head": 4}},
               "data": {"corpus": "corpus", "val_fraction": 0.2},
@@ -270,6 +272,7 @@ def test_run_records_every_trial_and_the_resolved_spec(ray_env: str, spec_dir: P
     assert load_spec(store.spec_path) == load_spec(path)  # the resolved copy reads back as the same spec
 
 
+@pytest.mark.slow
 def test_report_writes_report_md_for_a_store(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
     spec = load_spec(write_spec(spec_dir, BASE_SPEC))
     store = ResultStore(spec.store_dir)
@@ -330,6 +333,7 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 def test_a_damaged_store_is_named_by_plan_status_and_report_which_go_on(spec_dir: Path,
                                                                        capsys: pytest.CaptureFixture) -> None:
     path, store = store_every_trial(spec_dir, BASE_SPEC)

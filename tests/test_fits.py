@@ -141,6 +141,7 @@ def test_power_law_recovers_planted_parameters():
     assert abs(far.value - truth_far) < 0.01
 
 
+@pytest.mark.slow
 def test_power_law_intervals_cover_truth_at_about_nominal_rate():
     """90% intervals over 30 draws: each parameter covered in at least 75% (binomial sd ~0.055)."""
     hits = np.zeros(3)

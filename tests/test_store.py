@@ -132,6 +132,7 @@ def test_spec_copy_is_written_beside_the_results(tmp_path: Path) -> None:
     assert store.spec_path.read_text() == "name: s2\n" and store.temp_files() == []
 
 
+@pytest.mark.slow
 def test_reader_sees_only_whole_files_while_a_writer_writes(tmp_path: Path, trials: list[PlannedTrial]) -> None:
     store = ResultStore(tmp_path / "sweep")
     reader = ResultStore(tmp_path / "sweep")

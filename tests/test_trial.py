@@ -61,6 +61,7 @@ class Interrupt(Exception):
 # A whole trial
 
 
+@pytest.mark.slow
 def test_tiny_trial_learns_well_below_uniform(cache_dir: Path) -> None:
     config = trial(steps=400, eval_interval=200, warmup_steps=10, lr=1e-2)
     seen: list[Progress] = []
@@ -76,6 +77,7 @@ def test_tiny_trial_learns_well_below_uniform(cache_dir: Path) -> None:
     assert result.counts.total == sum(p.numel() for p in EngramMoE(MODEL).parameters())
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bitwise_same_losses_and_another_seed_differs(cache_dir: Path) -> None:
     a = run_trial(trial(steps=8), cache_dir=cache_dir)
     b = run_trial(trial(steps=8), cache_dir=cache_dir)
@@ -134,6 +136,7 @@ def test_train_batches_are_seeded_random_windows() -> None:
 # Checkpoint / resume
 
 
+@pytest.mark.slow
 def test_resume_after_interrupted_progress_equals_uninterrupted_run(cache_dir: Path, tmp_path: Path) -> None:
     config = trial(steps=20, eval_interval=4, checkpoint_interval=5)
     straight = run_trial(config, cache_dir=cache_dir)
@@ -153,6 +156,7 @@ def test_resume_after_interrupted_progress_equals_uninterrupted_run(cache_dir: P
     assert resumed.final_val_loss == straight.final_val_loss and resumed.steps == straight.steps
 
 
+@pytest.mark.slow
 def test_resume_after_interrupted_checkpoint_callback_equals_uninterrupted_run(cache_dir: Path,
                                                                                tmp_path: Path) -> None:
     config = trial(steps=12, eval_interval=3, checkpoint_interval=4)
