@@ -417,3 +417,27 @@ def test_rerun_of_a_finished_sweep_writes_nothing_and_counts_every_stored_row(sp
     out = capsys.readouterr().out
     assert "0 trial(s) run, 13 already complete: 0 ok, 0 diverged, 0 failed" in out
     assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.root.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_run_moves_damaged_files_aside_and_trains_their_trials_again(ray_env: str, spec_dir: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    spec = copy.deepcopy(BASE_SPEC)
+    spec["experiments"] = [
+        {"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [0.0, 1.0], "budgets": [1.5e8]}]
+    spec["resources"] = {"cpus_per_trial": 1, "max_retries": 0}
+    path, store = store_every_trial(spec_dir, spec)
+    victim = sorted(store.curves_dir.iterdir())[0]  # a damaged curve: its row goes aside with it
+    damaged_bytes = victim.read_bytes()[:60]
+    victim.write_bytes(damaged_bytes)
+    capsys.readouterr()
+
+    assert main(["run", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert f"moved 2 damaged file(s) aside into {store.damaged_dir}" in err and victim.name in err
+    assert "1 trial(s) run, 1 already complete: 1 ok, 0 diverged, 0 failed" in out
+    assert (store.damaged_dir / "curves" / victim.name).read_bytes() == damaged_bytes  # kept, not deleted
+    assert (store.damaged_dir / "runs" / victim.name).is_file()
+    runs = store.runs()
+    assert len(runs) == 2 and set(runs["status"]) == {"ok"} and store.damaged() == []
+    assert "/node-" in runs.set_index("trial_id").loc[victim.stem, "host"]  # trained on Ray this time, not faked

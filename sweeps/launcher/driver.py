@@ -278,11 +278,11 @@ def _n_slots(spec: SweepSpec) -> int:
 def _run_tune(spec: SweepSpec, payload: Payload, storage: str, recorder: Recorder, searcher: SweepSearcher,
               num_samples: int) -> None:
     res = spec.resources
-    trainable = tune.with_resources(tune.with_parameters(trainable, payload=payload),
+    resourced = tune.with_resources(tune.with_parameters(trainable, payload=payload),
                                     {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     run_name = f"sweep-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
     tuner = tune.Tuner(
-        trainable, param_space={},
+        resourced, param_space={},
         tune_config=tune.TuneConfig(
             search_alg=searcher, metric=METRIC, mode="min", num_samples=num_samples,
             max_concurrent_trials=res.max_concurrent,

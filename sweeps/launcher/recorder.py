@@ -184,20 +184,20 @@ class Recorder(tune.Callback):
     def _draw(self, force: bool = False) -> None:
         if self.stream is None:
             return
-        now = time.monotonic()
+        t_now = time.monotonic()
         line = self._line()
         # A terminal redraws on any change; a log or pipe gets a line when a trial ends (and now and then).
         cut = " | ETA" if self._tty else " | "
         changed = line.split(cut)[0] != self._last_line.split(cut)[0]
         wait = REFRESH_TTY_S if self._tty else REFRESH_PIPE_S
-        if not (changed or now - self._last_draw >= wait or (force and line != self._last_line)):
+        if not (changed or t_now - self._last_draw >= wait or (force and line != self._last_line)):
             return
         if self._tty:
             self.stream.write("\r\x1b[K" + line)
         else:
             self.stream.write(line + "\n")
         self.stream.flush()
-        self._last_line, self._last_draw = line, now
+        self._last_line, self._last_draw = line, t_now
 
 
 def _error_text(trial) -> str:
