@@ -1,10 +1,10 @@
 """The report of one sweep: read its results store, fit every group, draw the plots, and write report.md, a
 self-contained report.html (plots embedded) and fits.json (every fitted parameter with its interval).
 
-Groups: U-curves per (experiment, budget) for the allocation and search experiments (with a verdict that holds
-its error rates, docs/analysis.md), their trend over budgets per experiment, power laws over slots per
-(experiment, memory kind, budget) for the memory experiments, and the Chinchilla form when the sweep varies both
-active parameters and tokens.
+Groups (docs/paper.md, "Allocation"): U-curves per (experiment, budget) for the allocation and search
+experiments (with a verdict that holds its error rates, docs/analysis.md), their trend over budgets per
+experiment, power laws over slots per (experiment, memory kind, budget) for the memory experiments, and the
+Chinchilla form when the sweep varies both active parameters and tokens.
 Trials that failed, diverged or have a non-finite loss are excluded from every fit and listed with the reason.
 Entry point: `write_report(store_dir, out_dir=None) -> Path` (`engram-sweep report results/<sweep>`).
 """
@@ -22,10 +22,10 @@ from types import MappingProxyType
 
 import numpy as np
 import pandas as pd
-import pyarrow as pa
 import yaml
 from matplotlib.figure import Figure
 
+from analysis.contract import read_folder
 from analysis.fits import (DROP_WARN_SHARE, LEVEL, N_RESAMPLES, REFERENCE_GAIN, Bootstrap, BudgetTrend, ChinchillaFit,
                            FitError, LogLinearFit, PowerLawFit, UCurveFit, fit_budget_trend, fit_chinchilla,
                            fit_loglinear, fit_power_law, fit_u_curve, single_threaded_blas)
@@ -84,13 +84,8 @@ def read_store(store_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
 
 
 def _read_folder(folder: Path) -> pd.DataFrame:
-    files = sorted(p for p in folder.glob("*.parquet") if not p.name.startswith((".", "_")))
-    if not files:
-        return pd.DataFrame()
-    try:
-        return pd.read_parquet(files)
-    except (pa.ArrowException, ValueError):   # files written with drifting types (e.g. an all-null column)
-        return pd.concat([pd.read_parquet(p) for p in files], ignore_index=True)
+    # Damaged files are skipped (the CLI names them); files with drifting types (an all-null column) still read.
+    return read_folder(folder).table
 
 
 def split_usable(runs: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:

@@ -3,7 +3,7 @@ baseline, and their parameter counts (the one home of those formulas; `engram.ac
 
 References: DeepSeek / PKU, "Conditional Memory via Scalable Lookup" (arXiv 2601.07372, section 2) and its demo
 code (deepseek-ai/Engram, engram_demo_v1.py); Huang et al., "Over-Tokenized Transformer" (arXiv 2501.16975) for
-the OverEncoding baseline. /work/shared/DESIGN.md lists the facts followed here.
+the OverEncoding baseline. docs/paper.md ("Engram", "OverEncoding") lists the facts followed here.
 
 Hashing. Token ids are first mapped through the compression P (or used as they are), giving ids x' < PAD_ID;
 positions before the start of the sequence read PAD_ID. For a layer with odd multipliers m_0..m_{N-1},

@@ -4,7 +4,7 @@ Holds the optimisers, the learning-rate schedule, the fixed validation set, dive
 checkpoint/resume of one trial. Knows nothing of Ray or YAML; a launcher calls `run_trial` and receives typed
 records (`Progress` at each evaluation, a `TrialResult` at the end).
 
-Optimisation (DESIGN.md "Optimiser"; Engram paper arXiv 2601.07372 §2):
+Optimisation (docs/paper.md "Engram", item 7; Engram paper arXiv 2601.07372 §2):
 - backbone: AdamW; weight decay on matrices only (ndim >= 2), NOT on norms, biases or embeddings (the token
   embedding, hence a tied LM head, and any other `nn.Embedding`), following nanoGPT / DeepSeek practice;
 - memory tables (`model.table_parameters()`, sparse gradients): `torch.optim.SparseAdam` at
@@ -26,8 +26,6 @@ import ctypes
 import dataclasses
 import json
 import math
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +40,7 @@ from engram.config import TrainConfig, TrialConfig, config_hash
 from engram.data import prepare_data
 from engram.memory import build_compression
 from engram.model import EngramMoE
+from engram.util import atomic_write, format_duration, format_si
 
 # Part of every trial id and checkpoint key: bump it whenever a change to the model, data or training code makes
 # new losses incomparable with stored ones, so a sweep re-runs those trials instead of mixing two code versions.
@@ -135,8 +134,8 @@ def format_progress(p: Progress) -> str:
     val = "  -  " if p.val_loss is None else f"{p.val_loss:.3f}"
     eta = p.elapsed / p.step * (p.total_steps - p.step) if p.step else float("nan")
     return (f"step {p.step}/{p.total_steps} ({100 * p.step / max(p.total_steps, 1):.0f}%) | "
-            f"{_si(p.tokens)} tok | train {p.train_loss:.3f} | val {val} | lr {p.lr:.2e} | "
-            f"{_duration(p.elapsed)}, eta {_duration(eta)}")
+            f"{format_si(p.tokens)} tok | train {p.train_loss:.3f} | val {val} | lr {p.lr:.2e} | "
+            f"{format_duration(p.elapsed)}, eta {format_duration(eta)}")
 
 
 def horizon_steps(train: TrainConfig, flops_per_token: float, seq_len: int) -> int:
@@ -456,15 +455,7 @@ class _Trial:
             "curve": [dataclasses.asdict(p) for p in self.curve], "loss_sum": self.loss_sum, "loss_n": self.loss_n,
             "best_val": self.best_val, "elapsed": self.elapsed, "train_seconds": self.train_seconds,
         }
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=self.checkpoint_dir, prefix=f".{STATE_FILE}.")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                torch.save(state, f)
-            os.replace(tmp, self.checkpoint_dir / STATE_FILE)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        atomic_write(self.checkpoint_dir / STATE_FILE, lambda f: torch.save(state, f))
         if notify and self.on_checkpoint is not None:
             self.on_checkpoint(self.checkpoint_dir)
 
@@ -492,35 +483,10 @@ def _check_key(state: dict[str, Any], key: str, path: Path) -> None:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(path, data)
 
 
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
     return "cpu"
-
-
-def _duration(seconds: float) -> str:
-    if not math.isfinite(seconds):
-        return "?"
-    if seconds < 60:
-        return f"{seconds:.0f}s"
-    if seconds < 3600:
-        return f"{seconds // 60:.0f}m{seconds % 60:02.0f}s"
-    return f"{seconds // 3600:.0f}h{seconds % 3600 // 60:02.0f}m"
-
-
-def _si(n: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f}{unit}"
-    return f"{n:.0f}"

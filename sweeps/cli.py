@@ -6,8 +6,10 @@
     engram-sweep report RESULTS_DIR          fits, plots and report.md (analysis.report.write_report)
     engram-sweep train --config TRIAL.yaml   one trial in this process, progress lines, then the result
 
-A mistake in the user's input (spec, trial config, paths) prints one line on stderr naming the field or file
-and exits with status 2; nothing is written. `RAY_ADDRESS` is read here, at the boundary, and nowhere else.
+A mistake in the user's input (spec, trial config, paths, a trial no machine can hold, a Ray cluster that cannot
+be joined) prints one line on stderr naming the field or file and exits with status 2; nothing is written.
+Damaged store files are named on one warning line by every command; `run` moves them aside (docs/reliability.md).
+`RAY_ADDRESS` is read here, at the boundary, and nowhere else.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from typing import TYPE_CHECKING, Sequence
 if TYPE_CHECKING:
     from engram.trial import TrialResult
     from sweeps.launcher import LaunchSummary
+    from sweeps.plan import PlannedTrial, Throughput
     from sweeps.spec import SweepSpec
     from sweeps.store import ResultStore
 
@@ -42,6 +45,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return args.func(args)
     except (SpecError, ConfigError, DataError, AllocationError, UserError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
+        return USER_ERROR
+    except Exception as err:
+        # Ray could not be joined: the launcher (imported by `run` alone, it imports Ray) says why in one line.
+        launcher = sys.modules.get("sweeps.launcher")
+        if launcher is None or not isinstance(err, launcher.ClusterError):
+            raise
+        print(f"{PROG}: error: {args.address_source}: {err}", file=sys.stderr)
         return USER_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
@@ -96,7 +106,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
     from sweeps.store import COMPLETE_STATUSES, ResultStore
 
     spec = load_spec(args.spec)
+    check_store_location(spec.store_dir)
     store = ResultStore(spec.store_dir)
+    warn_damaged(store)
     runs = store.runs()
     throughput = calibrate_throughput(spec, runs)
     trials = plan_sweep(spec, throughput=throughput)
@@ -108,23 +120,33 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    from sweeps.footprint import check_trials_fit, machine_memory_bytes
     from sweeps.plan import calibrate_throughput, plan_sweep
     from sweeps.spec import dump_spec, load_spec
     from sweeps.store import ResultStore
 
     spec = load_spec(args.spec)
     address = args.address or os.environ.get("RAY_ADDRESS") or None
+    args.address_source = "--address" if args.address else "RAY_ADDRESS"
     if address is not None:
-        check_ray_address(address, "--address" if args.address else "RAY_ADDRESS")
+        check_ray_address(address, args.address_source)
+    check_store_location(spec.store_dir)
     store = ResultStore(spec.store_dir)
-    trials = plan_sweep(spec, throughput=calibrate_throughput(spec, store.runs()))
+    throughput = calibrate_throughput(spec, store.runs())
+    trials = plan_sweep(spec, throughput=throughput)
+    if address is None:  # a cluster's nodes are checked by the launcher once it has joined
+        check_trials_fit(spec, trials + search_probes(spec, throughput), machine_memory_bytes(),
+                         "this machine's")
     # Nothing is written before this point, so a bad spec leaves no trace. This driver is the store's only
-    # writer: leftovers of a killed predecessor can go.
+    # writer: leftovers of a killed predecessor can go, and damaged files move aside (their trials run again).
     store.remove_temp_files()
-    store.write_spec(dump_spec(spec))
+    moved = store.move_damaged_aside()
+    if moved:
+        print(f"{PROG}: moved {len(moved)} damaged file(s) aside into {store.damaged_dir} (their trials run "
+              f"again): {', '.join(p.name for p in moved)}", file=sys.stderr)
     from sweeps.launcher import launch  # imports Ray: only once the spec is known to be good
     summary = launch(spec, trials, store, address=address, log_path=store.root / "ray.log",
-                     storage_path=_storage(args.storage))
+                     storage_path=_storage(args.storage), spec_text=dump_spec(spec))
     print(summary_text(summary, store))
     # Failed trials are recorded and the rest completed, but the sweep is not whole: say so in the exit status.
     return 0 if summary.n_failed == 0 and summary.n_unrecorded == 0 else 1
@@ -151,6 +173,43 @@ def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None
         raise UserError(f"{source}: no Ray head answers at {address} ({err.strerror or err})") from None
 
 
+def search_probes(spec: SweepSpec, throughput: Throughput) -> list[PlannedTrial]:
+    """The largest-table end (rho = 0, else the smallest realisable rho) of each search experiment, for checks."""
+    from engram.accounting import AllocationError
+    from sweeps.plan import plan_search_trial
+
+    probes = []
+    for exp in spec.experiments:
+        if exp.kind == "search":
+            for rho in (0.0, 0.25, 0.5, 0.75, 1.0):
+                try:
+                    probes.append(plan_search_trial(spec, exp.name, rho, exp.seed, throughput=throughput))
+                    break
+                except AllocationError:
+                    continue
+    return probes
+
+
+def check_store_location(store_dir: Path) -> None:
+    """The store folder, or the nearest of its parents that exists, must be a folder (not a file)."""
+    for p in (store_dir, *store_dir.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise UserError(f"results_dir: {p} is a file, expected a folder (results go to {store_dir})")
+            return
+
+
+def warn_damaged(store: ResultStore) -> list:
+    """One warning line naming the store's damaged files (skipped by every reader); returns them."""
+    damaged = store.damaged()
+    if damaged:
+        shown = "; ".join(f"{d.path.relative_to(store.root)} ({d.reason})" for d in damaged[:3])
+        more = f"; and {len(damaged) - 3} more" if len(damaged) > 3 else ""
+        print(f"{PROG}: warning: {len(damaged)} damaged file(s) skipped, their trials count as not stored: "
+              f"{shown}{more}; `{PROG} run` moves them aside into {store.damaged_dir}", file=sys.stderr)
+    return damaged
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from sweeps.store import ResultStore
 
@@ -161,22 +220,31 @@ def cmd_status(args: argparse.Namespace) -> int:
 
         spec = load_spec(target)
         root = spec.store_dir
+        check_store_location(root)
     elif target.is_dir():
         root = target
     else:
         raise UserError(f"{target}: no such results folder or spec file")
     store = ResultStore(root)
+    warn_damaged(store)
     print(status_text(store, spec))
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
+    from sweeps.store import ResultStore
 
     if not args.results_dir.is_dir():
         raise UserError(f"{args.results_dir}: no such results folder")
     if not (args.results_dir / "runs").is_dir():
         raise UserError(f"{args.results_dir}: no runs/ folder (not a results folder, or no trial finished yet)")
+    store = ResultStore(args.results_dir)
+    damaged = warn_damaged(store)
+    if store.runs().empty:
+        raise UserError(f"{store.runs_dir}: no readable trial rows"
+                        + (f" ({len(damaged)} damaged)" if damaged else " (no trial finished yet)")
+                        + ": nothing to report")
     path = write_report(args.results_dir, args.out)
     print(path)
     return 0
@@ -217,13 +285,13 @@ def result_text(result: TrialResult) -> str:
 
 def summary_text(summary: LaunchSummary, store: ResultStore) -> str:
     """The end of `engram-sweep run` (a sweeps.launcher.LaunchSummary)."""
-    from sweeps.plan import format_seconds
+    from engram.util import format_duration
 
     ratio = summary.overhead_ratio
     lines = [f"{summary.n_requested} trial(s) run, {summary.n_skipped} already complete: {summary.n_ok} ok, "
              f"{summary.n_diverged} diverged, {summary.n_failed} failed"
              + (f", {summary.n_unrecorded} unrecorded" if summary.n_unrecorded else ""),
-             f"wall {format_seconds(summary.wall_seconds)} ({summary.n_slots} trial(s) at once"
+             f"wall {format_duration(summary.wall_seconds)} ({summary.n_slots} trial(s) at once"
              + (f", scheduling overhead {ratio:.2f}x the ideal" if ratio is not None else "") + ")",
              f"results in {store.root}; Ray's log in {summary.log_path}"]
     if summary.n_failed:
@@ -234,6 +302,8 @@ def summary_text(summary: LaunchSummary, store: ResultStore) -> str:
 
 def status_text(store: ResultStore, spec: SweepSpec | None = None) -> str:
     """Per-experiment progress from the store; with the spec, also how many planned trials remain."""
+    from analysis.contract import COMPLETE_STATUSES, STATUSES
+    from engram.util import format_table
     from sweeps.plan import plan_sweep
     from sweeps.spec import SearchExperiment
 
@@ -252,8 +322,8 @@ def status_text(store: ResultStore, spec: SweepSpec | None = None) -> str:
     rows = []
     for name in experiments:
         sub = runs[runs["experiment"] == name]
-        n = {s: int((sub["status"] == s).sum()) for s in ("ok", "diverged", "failed")}
-        complete_ids = set(sub.loc[sub["status"].isin(["ok", "diverged"]), "trial_id"])
+        n = {s: int((sub["status"] == s).sum()) for s in STATUSES}
+        complete_ids = set(sub.loc[sub["status"].isin(COMPLETE_STATUSES), "trial_id"])
         n_planned, remaining = "-", "-"
         if spec is not None:
             exp = next((e for e in spec.experiments if e.name == name), None)
@@ -274,9 +344,7 @@ def status_text(store: ResultStore, spec: SweepSpec | None = None) -> str:
     if not rows:
         lines.append("no trials stored yet")
         return "\n".join(lines)
-    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
-    lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)).rstrip())
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows]
+    lines += format_table(header, rows)
     if spec is not None:
         left = sum(int(r[5]) for r in rows if r[5].isdigit())
         lines.append(f"{left} planned trial(s) remain" if left else "all planned trials complete")

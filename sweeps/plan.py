@@ -29,6 +29,8 @@ from engram.accounting import ParamCounts, flops_per_token, param_counts, solve_
 from engram.config import ModelConfig, TrialConfig
 from engram.data import corpus_fingerprint
 from engram.trial import horizon_steps, trial_id
+from engram.util import format_duration, format_si, format_table
+from sweeps.footprint import format_bytes, limits_text, trial_footprint
 from sweeps.spec import (AllocationExperiment, MemoryExperiment, SearchExperiment, SweepSpec, engram_shape,
                          target_p_tot)
 
@@ -197,18 +199,8 @@ def parallel_slots(spec: SweepSpec) -> int:
 # The printed plan
 
 
-def _si(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def format_seconds(s: float) -> str:
-    s = int(round(s))
-    if s < 3600:
-        return f"{s // 60}m{s % 60:02d}s"
-    return f"{s // 3600}h{s % 3600 // 60:02d}m"
+_si = format_si  # the plan's names for the shared formatters (engram.util)
+format_seconds = format_duration
 
 
 def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], throughput: Throughput,
@@ -216,7 +208,7 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
     """The text `engram-sweep plan` prints: one row per trial, then deviations from targets and the ETA.
     `search_done`: complete trials already stored per search experiment (they are not run again)."""
     header = ["experiment", "memory", "rho", "rho_ach", "slots", "n_routed", "P_tot", "dP_tot", "P_act",
-              "P_sparse", "seed", "tokens", "FLOPs", "ETA", "stored"]
+              "P_sparse", "seed", "tokens", "FLOPs", "ETA", "peak mem", "stored"]
     rows, max_dp, max_drho, dp_act = [], 0.0, 0.0, []
     targets = {e.name: target_p_tot(spec, e) for e in spec.experiments if not isinstance(e, MemoryExperiment)}
     # P_act of each allocation/search experiment's rho = 1 model: the fixed P_act the other rhos deviate from.
@@ -234,10 +226,9 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
                      "-" if rho_ach is None or t.rho is None else f"{rho_ach:.3f}", str(t.slots),
                      str(t.config.model.n_routed), _si(c.p_tot), "-" if dp is None else f"{100 * dp:+.1f}%",
                      _si(c.p_act), _si(c.p_sparse), str(t.seed), _si(t.tokens), f"{t.flops_per_token * t.tokens:.2e}",
-                     format_seconds(t.est_seconds), "yes" if t.trial_id in stored else "no"])
-    widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]
+                     format_seconds(t.est_seconds), format_bytes(trial_footprint(t.config, t.counts).total),
+                     "yes" if t.trial_id in stored else "no"])
+    lines = format_table(header, rows)
 
     pending = [t for t in trials if t.trial_id not in stored]
     eta = sum(t.est_seconds for t in pending)
@@ -250,6 +241,7 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
                          f"{exp.budget:.2e} FLOPs ({n_done} stored), ~{format_seconds(probe.est_seconds)} each "
                          f"(rho=1 estimate)")
     slots = parallel_slots(spec)
+    lines.append(limits_text(spec, trials, slots))
     lines += [
         f"{len(trials)} grid trials: {len(trials) - len(pending)} stored, {len(pending)} to run",
         f"deviation from targets: max |P_tot/target - 1| = {100 * max_dp:.2f}%, max |rho_ach - rho| = {max_drho:.3f}",

@@ -1,13 +1,17 @@
 """The results store of one sweep: Parquet files under results/<sweep>/, written atomically as trials finish.
 
-Layout (the contract with analysis/, see ../shared/DESIGN.md "Results store"):
-    runs/<trial_id>.parquet     one row per finished trial (RUN_SCHEMA); a re-run of a failed trial replaces it
+Layout (the contract with analysis/: analysis/contract.py, docs/results-contract.md):
+    runs/<trial_id>.parquet     one row per finished trial (RUN_SCHEMA, in analysis/contract.py); a re-run of a
+                                failed trial replaces it
     curves/<trial_id>.parquet   its training curve (CURVE_SCHEMA)
-    spec.yaml                   the resolved spec of the latest run
-Every file is written to a '.'-prefixed temporary name in the same folder and then `os.replace`d, so a crash at
-any moment leaves whole files plus, at worst, a temp file that readers ignore (pyarrow skips names starting with
-'.' or '_'). The curve is written before the row: a row never points at a missing curve. Everything is readable
-with plain `pandas.read_parquet(root / "runs")`, without Ray; reading is safe while a sweep writes.
+    spec.yaml                   the resolved spec of the latest run that trained something
+    damaged/                    unreadable files moved aside by `run` (their trials run again)
+Every file is written with `engram.util.atomic_write` (a '.'-prefixed temporary name in the same folder, fsync,
+then `os.replace`), so a crash at any moment leaves whole files plus, at worst, a temp file that readers ignore
+(pyarrow skips names starting with '.' or '_'). The curve is written before the row: a row never points at a
+missing curve. Everything is readable with plain `pandas.read_parquet(root / "runs")`, without Ray; reading is
+safe while a sweep writes. A damaged file (truncated by a full disk, a copy cut short) is skipped by the readers
+here and named by `damaged()`.
 """
 
 from __future__ import annotations
@@ -26,31 +30,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from analysis.contract import (COMPLETE_STATUSES, CURVE_SCHEMA, CURVES_DIR, DAMAGED_DIR, RUN_SCHEMA, RUNS_DIR,
+                               SPEC_FILE, STATUSES, TEMP_PREFIX, Damaged, damaged_files, read_folder)
+from engram.util import atomic_write
+
 if TYPE_CHECKING:
     from engram.trial import TrialResult
     from sweeps.plan import PlannedTrial
 
-COMPLETE_STATUSES = ("ok", "diverged")  # skipped on re-run; "failed" rows are re-run
-STATUSES = ("ok", "failed", "diverged")
 VERSIONED_PACKAGES = ("torch", "ray", "numpy", "pandas", "pyarrow", "optuna", "engram-sweeps")
-TEMP_PREFIX = "."
-
-RUN_SCHEMA = pa.schema([
-    ("trial_id", pa.string()), ("sweep", pa.string()), ("experiment", pa.string()), ("kind", pa.string()),
-    ("memory", pa.string()), ("rho", pa.float64()), ("rho_achieved", pa.float64()), ("slots", pa.int64()),
-    ("n_routed", pa.int64()), ("top_k", pa.int64()), ("seed", pa.int64()), ("budget", pa.float64()),
-    ("P_tot", pa.int64()), ("P_act", pa.int64()), ("P_sparse", pa.int64()), ("P_engram", pa.int64()),
-    ("flops_per_token", pa.float64()), ("tokens", pa.int64()), ("compute", pa.float64()), ("steps", pa.int64()),
-    ("final_val_loss", pa.float64()), ("best_val_loss", pa.float64()), ("train_loss", pa.float64()),
-    ("status", pa.string()), ("error", pa.string()), ("attempts", pa.int64()), ("wall_seconds", pa.float64()),
-    ("tokens_per_second", pa.float64()), ("device", pa.string()), ("host", pa.string()),
-    ("versions", pa.string()), ("git_commit", pa.string()), ("started_at", pa.string()),
-    ("finished_at", pa.string()),
-])
-CURVE_SCHEMA = pa.schema([
-    ("trial_id", pa.string()), ("step", pa.int64()), ("tokens", pa.int64()), ("train_loss", pa.float64()),
-    ("val_loss", pa.float64()), ("lr", pa.float64()), ("elapsed", pa.float64()),
-])
 
 
 class ResultStore:
@@ -58,9 +46,10 @@ class ResultStore:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self.runs_dir = self.root / "runs"
-        self.curves_dir = self.root / "curves"
-        self.spec_path = self.root / "spec.yaml"
+        self.runs_dir = self.root / RUNS_DIR
+        self.curves_dir = self.root / CURVES_DIR
+        self.spec_path = self.root / SPEC_FILE
+        self.damaged_dir = self.root / DAMAGED_DIR
 
     def __repr__(self) -> str:
         return f"ResultStore({str(self.root)!r})"
@@ -80,13 +69,34 @@ class ResultStore:
         """All curve points of all trials (CURVE_SCHEMA columns)."""
         return self._read(self.curves_dir, CURVE_SCHEMA)
 
+    def damaged(self) -> list[Damaged]:
+        """The store's unreadable data files (the readers above skip them)."""
+        return damaged_files(self.root)
+
+    def move_damaged_aside(self) -> list[Path]:
+        """Move every unreadable file, with the other file of its trial, into damaged/runs|curves/ (never delete):
+        the trial then counts as not stored and a run trains it again. Returns the files' new paths. Call only
+        when no other process writes this store."""
+        ids = {d.path.stem for d in self.damaged()}
+        moved = []
+        for trial_id in sorted(ids):
+            for folder in (self.runs_dir, self.curves_dir):
+                src = folder / f"{trial_id}.parquet"
+                if not src.exists():
+                    continue
+                dest = self.damaged_dir / folder.name / src.name
+                n = 1
+                while dest.exists():  # an earlier damaged copy of the same trial stays too
+                    dest = dest.with_name(f"{trial_id}.{n}.parquet")
+                    n += 1
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(src, dest)
+                moved.append(dest)
+        return moved
+
     def _read(self, folder: Path, schema: pa.Schema, columns: list[str] | None = None) -> pd.DataFrame:
-        files = _data_files(folder)
-        if not files:
-            return schema.empty_table().select(columns or schema.names).to_pandas()
-        # Read the listed files (not the folder) so that a temp file appearing mid-read is never touched.
-        table = pq.ParquetDataset(files, schema=schema).read(columns=columns)
-        return table.to_pandas()
+        # Reads the listed files (not the folder), so that a temp file appearing mid-read is never touched.
+        return read_folder(folder, schema, columns).table
 
     # -- writing ------------------------------------------------------------------------------------------------
 
@@ -112,10 +122,7 @@ class ResultStore:
 
     def write_spec(self, text: str) -> None:
         """Write the resolved spec (YAML text from sweeps.spec.dump_spec) beside the results."""
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = self.root / f"{TEMP_PREFIX}spec.yaml.{os.getpid()}.tmp"
-        tmp.write_text(text)
-        os.replace(tmp, self.spec_path)
+        atomic_write(self.spec_path, text.encode())
 
     def temp_files(self) -> list[Path]:
         """Leftovers of writers that died mid-write."""
@@ -130,20 +137,8 @@ class ResultStore:
         return len(files)
 
 
-def _data_files(folder: Path) -> list[str]:
-    if not folder.is_dir():
-        return []
-    return sorted(str(p) for p in folder.iterdir()
-                  if p.suffix == ".parquet" and not p.name.startswith((TEMP_PREFIX, "_")))
-
-
 def _atomic_write_table(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f"{TEMP_PREFIX}{path.name}.{os.getpid()}.tmp"
-    pq.write_table(table, tmp)
-    with open(tmp, "rb") as f:  # the bytes reach the disk before the name is published
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: pq.write_table(table, f))
 
 
 # ---------------------------------------------------------------------------------------------------------------

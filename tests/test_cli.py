@@ -149,6 +149,7 @@ def test_at_least_twenty_malformed_cases_are_documented() -> None:
     assert not missing, f"cases missing from docs/sweep-spec.md: {missing}"
 
 
+@pytest.mark.slow
 def test_malformed_spec_in_a_real_process_has_no_traceback(spec_dir: Path) -> None:
     spec = copy.deepcopy(BASE_SPEC)
     spec["experiments"][0]["rho"] = [0.2, -0.1]
@@ -223,6 +224,7 @@ def test_status_and_report_of_a_missing_folder_exit_2(tmp_path: Path, capsys: py
     assert len(err) == 2 and all("nowhere: no such results folder" in line for line in err)
 
 
+@pytest.mark.slow
 def test_train_runs_one_trial_with_progress_lines(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
     config = {"model": {**TINY_MODEL, "memory": {"kind": "engram", "slots": 500, "n_heads": 2, "d_head": 4}},
               "data": {"corpus": "corpus", "val_fraction": 0.2},
@@ -270,6 +272,7 @@ def test_run_records_every_trial_and_the_resolved_spec(ray_env: str, spec_dir: P
     assert load_spec(store.spec_path) == load_spec(path)  # the resolved copy reads back as the same spec
 
 
+@pytest.mark.slow
 def test_report_writes_report_md_for_a_store(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
     spec = load_spec(write_spec(spec_dir, BASE_SPEC))
     store = ResultStore(spec.store_dir)
@@ -292,3 +295,149 @@ def test_unreachable_ray_address_is_one_line_and_writes_nothing(spec_dir: Path, 
     assert err.startswith(f"engram-sweep: error: --address: no Ray head answers at 127.0.0.1:{port}"), err
     assert "\n" not in err
     assert not load_spec(path).store_dir.exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Hard edges: each one clear line, nothing written or lost
+
+
+def store_every_trial(spec_dir: Path, spec_dict: dict[str, Any], n_search: int = 0) -> tuple[Path, ResultStore]:
+    """Write the spec and a fake finished row (and curve) for each of its grid trials and `n_search` search
+    trials (at rhos whose models the grid does not have). Returns the spec path and the store."""
+    from sweeps.plan import plan_search_trial
+
+    path = write_spec(spec_dir, spec_dict)
+    spec = load_spec(path)
+    store = ResultStore(spec.store_dir)
+    trials = plan_sweep(spec)
+    seen = {t.trial_id for t in trials}
+    for rho in [i / 20 for i in range(21)]:
+        if n_search == 0:
+            break
+        t = plan_search_trial(spec, "search", rho, 0)
+        if t.trial_id not in seen:
+            trials.append(t)
+            seen.add(t.trial_id)
+            n_search -= 1
+    assert n_search == 0
+    for t in trials:
+        result = fake_result(t, loss=3.0 + 0.1 * t.seed + (0.05 * (t.rho - 0.6) ** 2 if t.rho is not None else 0))
+        store.write_trial(result_row(t, result, error=None, attempts=1, started_at="a", finished_at="b"),
+                          curve_frame(result))
+    return path, store
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_a_damaged_store_is_named_by_plan_status_and_report_which_go_on(spec_dir: Path,
+                                                                       capsys: pytest.CaptureFixture) -> None:
+    path, store = store_every_trial(spec_dir, BASE_SPEC)
+    victim = sorted(store.runs_dir.iterdir())[0]
+    victim.write_bytes(victim.read_bytes()[:50])  # truncated, as by a full disk
+    n_rows = len(list(store.runs_dir.iterdir()))
+    capsys.readouterr()
+
+    assert main(["plan", str(path)]) == 0
+    out, err = capsys.readouterr()
+    line = one_line(err)
+    assert line.startswith("engram-sweep: warning: 1 damaged file(s) skipped") and f"runs/{victim.name}" in line
+    assert sum(row.rstrip().endswith("yes") for row in out.splitlines()) == n_rows - 1  # not stored any more
+
+    assert main(["status", str(store.root)]) == 0
+    out, err = capsys.readouterr()
+    assert f"runs/{victim.name}" in one_line(err) and f"{n_rows - 1} trial row(s)" in out
+
+    assert main(["report", str(store.root), "--out", str(spec_dir / "rep")]) == 0
+    out, err = capsys.readouterr()
+    assert f"runs/{victim.name}" in one_line(err) and (spec_dir / "rep" / "report.md").is_file()
+    assert victim.exists() and not store.damaged_dir.exists()  # only `run` moves files
+
+
+def test_report_of_an_empty_runs_folder_is_one_line(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    (tmp_path / "sweep" / "runs").mkdir(parents=True)
+    assert main(["report", str(tmp_path / "sweep")]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line == (f"engram-sweep: error: {tmp_path / 'sweep' / 'runs'}: no readable trial rows (no trial "
+                    f"finished yet): nothing to report")
+    assert sorted(p.name for p in (tmp_path / "sweep").iterdir()) == ["runs"]
+
+
+@pytest.mark.parametrize("command", ["plan", "run", "status"])
+def test_results_dir_pointing_at_a_file_is_one_line(spec_dir: Path, capsys: pytest.CaptureFixture,
+                                                    command: str) -> None:
+    (spec_dir / "notes.txt").write_text("my notes\n")
+    path = write_spec(spec_dir, {**BASE_SPEC, "results_dir": "notes.txt"})
+    assert main([command, str(path)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith(f"engram-sweep: error: results_dir: {spec_dir / 'notes.txt'} is a file, expected a "
+                           f"folder"), line
+    assert (spec_dir / "notes.txt").read_text() == "my notes\n"
+
+
+def test_run_refuses_a_trial_no_machine_can_hold_and_plan_warns(spec_dir: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    spec = copy.deepcopy(BASE_SPEC)
+    spec["experiments"][1]["slots"] = [200, 1e12]
+    path = write_spec(spec_dir, spec)
+    assert main(["run", str(path)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("engram-sweep: error: experiments[1].slots[1]: 1e+12 memory slots need ~"), line
+    assert "TB per trial" in line and "more than this machine's" in line
+    assert not (spec_dir / "results").exists()
+
+    assert main(["plan", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "peak mem" in out.splitlines()[1]
+    assert "warning: `run` on this machine would refuse: experiments[1].slots[1]" in out
+
+
+def test_run_refuses_an_absurd_budget(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    spec = copy.deepcopy(BASE_SPEC)
+    spec["experiments"][0]["budgets"] = [1.5e8, 1e30]
+    path = write_spec(spec_dir, spec)
+    assert main(["run", str(path)]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("engram-sweep: error: experiments[0].budgets[1]: 1e+30 FLOPs would take ~"), line
+    assert not (spec_dir / "results").exists()
+
+
+def test_rerun_of_a_finished_sweep_writes_nothing_and_counts_every_stored_row(spec_dir: Path,
+                                                                             capsys: pytest.CaptureFixture) -> None:
+    path, store = store_every_trial(spec_dir, BASE_SPEC, n_search=3)
+    store.write_spec("name: tiny  # the resolved spec of the run that trained these\n")
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.root.rglob("*") if p.is_file()}
+    assert len(before) == 2 * 13 + 1  # 10 grid + 3 search trials, each a row and a curve; the spec
+
+    assert main(["run", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "0 trial(s) run, 13 already complete: 0 ok, 0 diverged, 0 failed" in out
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in store.root.rglob("*") if p.is_file()} == before
+
+
+@pytest.mark.slow
+def test_run_moves_damaged_files_aside_and_trains_their_trials_again(ray_env: str, spec_dir: Path,
+                                                                    capsys: pytest.CaptureFixture) -> None:
+    spec = copy.deepcopy(BASE_SPEC)
+    spec["experiments"] = [
+        {"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [0.0, 1.0], "budgets": [1.5e8]}]
+    spec["resources"] = {"cpus_per_trial": 1, "max_retries": 0}
+    path, store = store_every_trial(spec_dir, spec)
+    victim = sorted(store.curves_dir.iterdir())[0]  # a damaged curve: its row goes aside with it
+    damaged_bytes = victim.read_bytes()[:60]
+    victim.write_bytes(damaged_bytes)
+    capsys.readouterr()
+
+    assert main(["run", str(path)]) == 0
+    out, err = capsys.readouterr()
+    assert f"moved 2 damaged file(s) aside into {store.damaged_dir}" in err and victim.name in err
+    assert "1 trial(s) run, 1 already complete: 1 ok, 0 diverged, 0 failed" in out
+    assert (store.damaged_dir / "curves" / victim.name).read_bytes() == damaged_bytes  # kept, not deleted
+    assert (store.damaged_dir / "runs" / victim.name).is_file()
+    runs = store.runs()
+    assert len(runs) == 2 and set(runs["status"]) == {"ok"} and store.damaged() == []
+    assert "/node-" in runs.set_index("trial_id").loc[victim.stem, "host"]  # trained on Ray this time, not faked

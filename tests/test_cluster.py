@@ -6,9 +6,14 @@ of a sweep must cost nothing but a retry: every trial still ends up in the store
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -22,15 +27,10 @@ from sweeps.plan import plan_sweep
 from sweeps.spec import parse_spec
 from sweeps.store import ResultStore
 
-BASE = {
-    "data": {"corpus": "stdlib", "max_bytes": 300_000},
-    "model": {"vocab_size": 512, "seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
-              "d_ff_dense": 64, "d_expert": 16, "n_routed": 4, "top_k": 2,
-              "memory": {"layers": [1], "max_ngram": 3, "n_heads": 2, "d_head": 8}},
-    "train": {"batch_size": 8, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 50, "eval_tokens": 1024,
-              "checkpoint_interval": 25, "device": "cpu"},
-    "resources": {"cpus_per_trial": 1, "max_retries": 2},
-}
+from conftest import tiny_sweep  # tests/ is on sys.path (pytest's default rootdir-less import)
+
+BASE = tiny_sweep(train={"eval_interval": 50, "checkpoint_interval": 25}, resources={"max_retries": 2})
+ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow  # ~40-60 s on 2 shared cores: two Ray nodes and six real trials
 WAIT_S = 120  # the longest the worker-loss test waits for a trial to be under way on the worker
 
@@ -56,11 +56,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
             c.shutdown()  # stops exactly the processes this fixture started
     tempfile.tempdir = None
     shutil.rmtree(tmp, ignore_errors=True)  # Ray's session logs
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("token_cache")
 
 
 def make_spec(tmp: Path, name: str, budget: float, seeds: list[int]):
@@ -136,3 +131,50 @@ def test_losing_the_worker_mid_sweep_is_survived(cluster, cache_dir, tmp_path):
     # Both trials finished on the head: the one that was on the worker moved over.
     assert all(node_tag(c.head_node) in h for h in runs["host"])
     assert not store.temp_files()
+
+
+def test_a_head_with_token_auth_refusing_the_driver_is_one_line(tmp_path):
+    """A head started with token auth (as Ray 2.60 does once ~/.ray/auth_token exists) and a driver without
+    RAY_AUTH_MODE=token: Ray only retries and raises ConnectionError; `run` says why in one line."""
+    ray_tmp = tempfile.mkdtemp(prefix="ra-", dir="/tmp")  # private: the head's processes are found by this path
+    head_env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HOME": str(tmp_path), "RAY_AUTH_MODE": "token",
+                "RAY_AUTH_TOKEN": "a-test-token-the-driver-does-not-have", "RAY_USAGE_STATS_ENABLED": "0"}
+    ray_bin = Path(sys.executable).parent / "ray"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    try:
+        started = subprocess.run([str(ray_bin), "start", "--head", "--num-cpus", "1", "--port", str(port),
+                                  "--include-dashboard", "false"], env=head_env, capture_output=True, text=True,
+                                 timeout=120)
+        assert started.returncode == 0, started.stderr[-2000:]
+        spec = {"name": "auth", **BASE, "experiments": [
+            {"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [1.0], "budgets": [1.0e9]}]}
+        (tmp_path / "sweep.yaml").write_text(yaml.safe_dump(spec))
+        driver_env = {**os.environ, "RAY_TMPDIR": ray_tmp, "HOME": str(tmp_path), "RAY_AUTH_MODE": "disabled",
+                      "PYTHONPATH": str(ROOT)}
+        out = subprocess.run([sys.executable, "-m", "sweeps.cli", "run", str(tmp_path / "sweep.yaml"),
+                              "--address", f"127.0.0.1:{port}"], env=driver_env, cwd=ROOT, capture_output=True,
+                             text=True, timeout=300)
+    finally:
+        for pid in _pids_using(ray_tmp):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    assert out.returncode == 2, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"engram-sweep: error: --address: Ray at 127.0.0.1:{port} refused this driver's token "
+                           f"(InvalidAuthToken). With token auth, every node and the driver need RAY_AUTH_MODE=token"), last
+    assert not (tmp_path / "results" / "auth" / "spec.yaml").exists()
+
+
+def _pids_using(path: str) -> list[int]:
+    """Processes whose command line names `path` (the Ray processes of a head started with that temp folder)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and int(entry) != os.getpid():
+            with contextlib.suppress(OSError):
+                if path.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
+                    found.append(int(entry))
+    return found

@@ -162,6 +162,7 @@ def test_hash_indices_in_range_below_each_prime():
     assert bool((idx_BTH.amax(dim=(0, 1)) > hasher.primes // 2).all())
 
 
+@pytest.mark.slow
 def test_hash_is_deterministic_in_a_fresh_process():
     cfg = _engram_cfg(slots=50_000, max_ngram=3, n_heads=4, hash_seed=7)
     ids_BT = torch.arange(3 * 50).reshape(3, 50) * 37 % 5000

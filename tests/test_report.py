@@ -19,6 +19,7 @@ def synthetic_report(tmp_path_factory):
     return root, write_report(root, n_resamples=200)
 
 
+@pytest.mark.slow
 def test_report_files_exist_and_html_is_self_contained(synthetic_report):
     root, md_path = synthetic_report
     out = root / "report"
@@ -31,6 +32,7 @@ def test_report_files_exist_and_html_is_self_contained(synthetic_report):
     assert {"u_curves_alloc", "trend_alloc", "memory", "compute_alloc", "curves_alloc"} <= set(pngs)
 
 
+@pytest.mark.slow
 def test_fits_json_holds_every_fit_with_intervals(synthetic_report):
     root, _ = synthetic_report
     doc = json.loads((root / "report" / "fits.json").read_text())   # strict JSON: no NaN
@@ -58,6 +60,7 @@ def test_fits_json_holds_every_fit_with_intervals(synthetic_report):
     assert doc["not_fitted"] == []
 
 
+@pytest.mark.slow
 def test_excluded_trials_are_listed_with_reasons(synthetic_report):
     root, md_path = synthetic_report
     runs = pd.read_parquet(root / "runs")
@@ -83,6 +86,7 @@ def _row(trial_id, experiment, rho, seed, loss, *, kind="allocation", status="ok
             "git_commit": None, "started_at": "2026-11-29T00:00:00Z", "finished_at": "2026-11-29T00:00:01Z"}
 
 
+@pytest.mark.slow
 def test_report_over_the_real_store_states_boundary_and_unfitted_groups(tmp_path):
     store = ResultStore(tmp_path / "tiny")
     curve = pd.DataFrame({"step": [0, 10], "tokens": [0, 1000], "train_loss": [5.0, 3.0],

@@ -132,6 +132,7 @@ def test_spec_copy_is_written_beside_the_results(tmp_path: Path) -> None:
     assert store.spec_path.read_text() == "name: s2\n" and store.temp_files() == []
 
 
+@pytest.mark.slow
 def test_reader_sees_only_whole_files_while_a_writer_writes(tmp_path: Path, trials: list[PlannedTrial]) -> None:
     store = ResultStore(tmp_path / "sweep")
     reader = ResultStore(tmp_path / "sweep")
@@ -159,3 +160,54 @@ def test_reader_sees_only_whole_files_while_a_writer_writes(tmp_path: Path, tria
     assert not errors
     assert seen == sorted(seen)  # rows only ever appear
     assert len(reader.runs()) == len(trials) and set(reader.runs()["final_val_loss"]) == {3.0 + n_rounds - 1}
+
+
+def truncate(path: Path, keep: int = 40) -> bytes:
+    """What a full disk or a copy cut short leaves: the file's first bytes only. Returns what was there."""
+    data = path.read_bytes()
+    path.write_bytes(data[:keep])
+    return data
+
+
+def test_a_damaged_file_is_skipped_named_and_moved_aside_never_deleted(tmp_path: Path,
+                                                                       trials: list[PlannedTrial]) -> None:
+    store = ResultStore(tmp_path / "sweep")
+    for t in trials[:3]:
+        store_trial(store, t)
+    bad_row, bad_curve = trials[0].trial_id, trials[1].trial_id
+    truncate(store.runs_dir / f"{bad_row}.parquet")
+    truncate(store.curves_dir / f"{bad_curve}.parquet")
+
+    # Readers go on without the damaged files; damaged() names them with pyarrow's reason.
+    assert set(store.runs()["trial_id"]) == {trials[1].trial_id, trials[2].trial_id}
+    assert set(store.curves()["trial_id"]) == {trials[0].trial_id, trials[2].trial_id}
+    assert store.completed_ids() == {trials[1].trial_id, trials[2].trial_id}
+    damaged = store.damaged()
+    assert sorted(d.path.name for d in damaged) == sorted([f"{bad_row}.parquet", f"{bad_curve}.parquet"])
+    assert all(d.reason for d in damaged)
+
+    # Moving aside takes both files of each damaged trial (a row never points at a missing curve), keeps bytes.
+    kept = {p: p.read_bytes() for p in (store.runs_dir / f"{bad_row}.parquet",
+                                        store.curves_dir / f"{bad_row}.parquet",
+                                        store.runs_dir / f"{bad_curve}.parquet",
+                                        store.curves_dir / f"{bad_curve}.parquet")}
+    moved = store.move_damaged_aside()
+    assert len(moved) == 4 and all(p.is_relative_to(store.damaged_dir) for p in moved)
+    assert {p.read_bytes() for p in moved} == set(kept.values())
+    assert store.damaged() == [] and store.completed_ids() == {trials[2].trial_id}
+    assert set(store.curves()["trial_id"]) == {trials[2].trial_id}
+
+    # A second damaged copy of the same trial does not overwrite the first.
+    store_trial(store, trials[0])
+    truncate(store.runs_dir / f"{bad_row}.parquet", keep=10)
+    (again,) = [p for p in store.move_damaged_aside() if p.parent.name == "runs"]
+    assert again.name == f"{bad_row}.1.parquet" and (store.damaged_dir / "runs" / f"{bad_row}.parquet").exists()
+
+
+def test_a_store_of_only_damaged_files_reads_as_empty_with_the_contract_columns(tmp_path: Path,
+                                                                                trials: list[PlannedTrial]) -> None:
+    store = ResultStore(tmp_path / "sweep")
+    store_trial(store, trials[0])
+    truncate(store.runs_dir / f"{trials[0].trial_id}.parquet")
+    assert list(store.runs().columns) == RUN_SCHEMA.names and store.runs().empty
+    assert len(store.damaged()) == 1

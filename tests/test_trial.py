@@ -49,11 +49,6 @@ def trial(**train: object) -> TrialConfig:
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("token_cache")
-
-
 def losses(result: TrialResult) -> list[tuple[int, float, float | None]]:
     return [(p.step, p.train_loss, p.val_loss) for p in result.curve]
 
@@ -66,6 +61,7 @@ class Interrupt(Exception):
 # A whole trial
 
 
+@pytest.mark.slow
 def test_tiny_trial_learns_well_below_uniform(cache_dir: Path) -> None:
     config = trial(steps=400, eval_interval=200, warmup_steps=10, lr=1e-2)
     seen: list[Progress] = []
@@ -81,6 +77,7 @@ def test_tiny_trial_learns_well_below_uniform(cache_dir: Path) -> None:
     assert result.counts.total == sum(p.numel() for p in EngramMoE(MODEL).parameters())
 
 
+@pytest.mark.slow
 def test_same_seed_gives_bitwise_same_losses_and_another_seed_differs(cache_dir: Path) -> None:
     a = run_trial(trial(steps=8), cache_dir=cache_dir)
     b = run_trial(trial(steps=8), cache_dir=cache_dir)
@@ -139,6 +136,7 @@ def test_train_batches_are_seeded_random_windows() -> None:
 # Checkpoint / resume
 
 
+@pytest.mark.slow
 def test_resume_after_interrupted_progress_equals_uninterrupted_run(cache_dir: Path, tmp_path: Path) -> None:
     config = trial(steps=20, eval_interval=4, checkpoint_interval=5)
     straight = run_trial(config, cache_dir=cache_dir)
@@ -158,6 +156,7 @@ def test_resume_after_interrupted_progress_equals_uninterrupted_run(cache_dir: P
     assert resumed.final_val_loss == straight.final_val_loss and resumed.steps == straight.steps
 
 
+@pytest.mark.slow
 def test_resume_after_interrupted_checkpoint_callback_equals_uninterrupted_run(cache_dir: Path,
                                                                                tmp_path: Path) -> None:
     config = trial(steps=12, eval_interval=3, checkpoint_interval=4)
@@ -317,7 +316,7 @@ def test_format_progress_is_one_line_with_the_figures() -> None:
     line = format_progress(Progress(step=120, total_steps=400, tokens=245_760, train_loss=4.1234, val_loss=None,
                                     lr=2.7e-3, elapsed=12.4))
     assert "\n" not in line
-    assert "120/400" in line and "30%" in line and "4.123" in line and "245.8k" in line
+    assert "120/400" in line and "30%" in line and "4.123" in line and "246k" in line
     assert "4.456" in format_progress(Progress(1, 2, 3, 4.0, 4.456, 1e-3, 0.0))
     assert "eta 29s" in line and "eta 1m40s" in format_progress(Progress(100, 200, 1, 4.0, None, 1e-3, 100.0))
 
