@@ -720,8 +720,9 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "cubic", seed_offsets: bo
         rho=rho, loss=loss, seed=seed, grid=grid, curve=curves_BG[0], curve_lo=band[0], curve_hi=band[1],
         boot_argmin=argmin_B[boot], boot_min_loss=min_loss_B[boot],
         boot_gain=gain_B[boot] if has_moe else np.zeros(0), r2=_r2(loss, fitted),
-        coefficients=tuple((f"c{i}", _estimate(c[0], c[boot], level))
-                           for i, c in enumerate(_quadratic_in_rho(coef_Bk[:, :3], lo_x, hi_x).T))
+        coefficients=tuple((f"c{i}", _estimate(c[0], c[boot], level))   # c0 at the seeds' average level
+                           for i, c in enumerate((_quadratic_in_rho(coef_Bk[:, :3], lo_x, hi_x)
+                                                  + np.outer(mean_offset_B, [1.0, 0.0, 0.0])).T))
         if method == "quadratic" else (),
     )
 

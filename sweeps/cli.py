@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Sequence
 
 if TYPE_CHECKING:
+    from analysis.contract import Damaged
     from engram.trial import TrialResult
     from sweeps.launcher import LaunchSummary
     from sweeps.plan import PlannedTrial, Throughput
@@ -199,7 +200,7 @@ def check_store_location(store_dir: Path) -> None:
             return
 
 
-def warn_damaged(store: ResultStore) -> list:
+def warn_damaged(store: ResultStore) -> list[Damaged]:
     """One warning line naming the store's damaged files (skipped by every reader); returns them."""
     damaged = store.damaged()
     if damaged:
