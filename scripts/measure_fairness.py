@@ -1,0 +1,62 @@
+"""Issue 7 measurements: one default-size trial per case, printing its loss and diagnostics as one JSON line.
+
+    PYTHONPATH=$PWD nice -n 10 python -m scripts.measure_fairness CASE [CASE ...]
+
+A CASE is `name:key=value,key=value` over: rho (allocation trial of the default sweep at P_tot/P_act 4),
+slots / memory (memory-experiment trial on the default backbone), balance_rate, seed, init_std, lr_mult,
+flops (default 2e12). Uses the default sweep's model, data and train settings (sweep.yaml), one thread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+
+import torch
+
+from engram.trial import keep_large_buffers_in_heap, run_trial
+from sweeps.plan import Throughput, plan_search_trial, plan_sweep
+from sweeps.spec import engram_shape, load_spec
+
+
+def main(argv: list[str]) -> None:
+    torch.set_num_threads(1)
+    keep_large_buffers_in_heap()
+    spec = load_spec("sweep.yaml")
+    for case in argv:
+        name, _, rest = case.partition(":")
+        kw = dict(item.split("=") for item in rest.split(",") if item)
+        seed = int(kw.get("seed", 0))
+        flops = float(kw.get("flops", 2e12))
+        if "rho" in kw:
+            trial = plan_search_trial(spec, "search", float(kw["rho"]), seed, throughput=Throughput(1e9, 0, "-"))
+            config = trial.config
+            if flops != 2e12:
+                config = dataclasses.replace(config, train=dataclasses.replace(
+                    config.train, tokens=int(config.train.tokens * flops / 2e12)))
+        else:
+            trials = [t for t in plan_sweep(spec, throughput=Throughput(1e9, 0, "-")) if t.experiment == "memory"]
+            config = trials[0].config
+            memory = engram_shape(spec, int(float(kw.get("slots", 1e5))), kw.get("memory", "engram"))
+            config = dataclasses.replace(config, model=dataclasses.replace(config.model, memory=memory),
+                                         train=dataclasses.replace(config.train, seed=seed))
+        model, train = config.model, config.train
+        if "balance_rate" in kw:
+            model = dataclasses.replace(model, balance_rate=float(kw["balance_rate"]))
+        if "init_std" in kw:
+            model = dataclasses.replace(model, memory=dataclasses.replace(model.memory,
+                                                                          table_init_std=float(kw["init_std"])))
+        if "lr_mult" in kw:
+            train = dataclasses.replace(train, engram_lr_mult=float(kw["lr_mult"]))
+        config = dataclasses.replace(config, model=model, train=train)
+        t0 = time.perf_counter()
+        result = run_trial(config)
+        print(json.dumps({"case": name, **kw, "val": result.final_val_loss, "tokens": result.tokens,
+                          "steps": result.steps, "n_routed": model.n_routed, "slots": model.memory.slots,
+                          "seconds": round(time.perf_counter() - t0, 1), **result.diagnostics}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
