@@ -21,6 +21,18 @@ from sweeps.plan import Throughput, plan_search_trial, plan_sweep
 from sweeps.spec import engram_shape, load_spec
 
 
+def _proportional_update(self) -> None:
+    """Experiment only: bias step proportional to the clipped relative load error (instead of its sign)."""
+    with torch.no_grad():
+        self.eval_counts.zero_()
+        if int(self.counts.sum()) == 0:
+            return
+        load_E = self.counts.float()
+        err_E = ((load_E.mean() - load_E) / load_E.mean()).clamp(-1, 1)
+        self.bias += self.balance_rate * (err_E - err_E.mean())
+        self.counts.zero_()
+
+
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     keep_large_buffers_in_heap()
@@ -43,6 +55,9 @@ def main(argv: list[str]) -> None:
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, memory=memory),
                                          train=dataclasses.replace(config.train, seed=seed))
         model, train = config.model, config.train
+        if kw.get("update") == "proportional":
+            from engram.moe import MoE
+            MoE.update_bias = _proportional_update
         if "balance_rate" in kw:
             model = dataclasses.replace(model, balance_rate=float(kw["balance_rate"]))
         if "init_std" in kw:
