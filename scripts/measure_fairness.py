@@ -33,6 +33,32 @@ def _proportional_update(self) -> None:
         self.counts.zero_()
 
 
+def _run_per_row(config):
+    """run_trial's work, keeping the trial object to print, per read-count bin, the rows' mean RMS update
+    relative to their init RMS (one JSON line per bin)."""
+    import numpy as np
+
+    from engram.config import config_hash
+    from engram.trial import RESULTS_VERSION, _Trial, resolve_device
+
+    device = resolve_device(config.train.device)
+    trial = _Trial(config, device, config_hash(config, f"v{RESULTS_VERSION}"), None, None, None, None)
+    result = trial.run()
+    usage = trial.usage
+    for module, reads, w0 in zip(usage.modules, usage.reads, usage.init):
+        w = module.tables.table.weight.detach().cpu()
+        rel = ((w - w0).square().mean(1).sqrt() / w0.square().mean(1).sqrt()).numpy()
+        n = reads.cpu().numpy()
+        edges = [0, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 4096, 1 << 40]
+        for lo, hi in zip(edges[:-1], edges[1:]):
+            sel = (n >= lo) & (n < hi)
+            if sel.any():
+                print(json.dumps({"bin": [lo, hi], "rows": int(sel.sum()), "reads_share": float(n[sel].sum() / n.sum()),
+                                  "rel_update_mean": float(rel[sel].mean()),
+                                  "rel_update_median": float(np.median(rel[sel]))}), flush=True)
+    return result
+
+
 def main(argv: list[str]) -> None:
     torch.set_num_threads(1)
     keep_large_buffers_in_heap()
@@ -67,7 +93,10 @@ def main(argv: list[str]) -> None:
             train = dataclasses.replace(train, engram_lr_mult=float(kw["lr_mult"]))
         config = dataclasses.replace(config, model=model, train=train)
         t0 = time.perf_counter()
-        result = run_trial(config)
+        if kw.get("perrow"):
+            result = _run_per_row(config)
+        else:
+            result = run_trial(config)
         print(json.dumps({"case": name, **kw, "val": result.final_val_loss, "tokens": result.tokens,
                           "steps": result.steps, "n_routed": model.n_routed, "slots": model.memory.slots,
                           "seconds": round(time.perf_counter() - t0, 1), **result.diagnostics}), flush=True)

@@ -54,7 +54,7 @@ class PlannedTrial:
     kind: str  # "allocation" | "memory" | "search"
     memory: str  # "engram" | "overencoding" | "none"
     rho: float | None  # target rho (grid value) for allocation/search; None for memory
-    slots: int
+    slots: int  # table rows; in a memory experiment the grid value (Engram rows of the same table parameters)
     seed: int
     budget: float | None
     config: TrialConfig  # resolved and concrete (solver applied, horizon set, seed set)
@@ -126,7 +126,7 @@ def plan_sweep(spec: SweepSpec, *, throughput: Throughput | None = None) -> list
                     model = dataclasses.replace(spec.model, memory=engram_shape(spec, slots, kind))
                     for seed in exp.seeds:
                         trials.append(_planned(spec, exp.name, exp.kind, model, None, exp.budget, seed,
-                                               fingerprint, throughput, tokens))
+                                               fingerprint, throughput, tokens, slots=int(slots)))
     # Equal configs are one trial (content-addressed): e.g. rho = 0.99 and 1.0 can both round to the pure MoE,
     # or two experiments can share a point. It runs once and is recorded under its first occurrence.
     unique: dict[str, PlannedTrial] = {}
@@ -177,13 +177,17 @@ def reference_tokens(spec: SweepSpec, reference: ModelConfig, budget: float) -> 
 
 
 def _planned(spec: SweepSpec, experiment: str, kind: str, model: ModelConfig, rho: float | None,
-             budget: float, seed: int, fingerprint: str, throughput: Throughput, tokens: int) -> PlannedTrial:
+             budget: float, seed: int, fingerprint: str, throughput: Throughput, tokens: int,
+             slots: int | None = None) -> PlannedTrial:
+    """`slots`: the grid value of a memory experiment (Engram rows; OverEncoding's table gets the rows of equal
+    table parameters, sweeps.spec.engram_shape); by default the model's table rows."""
     config = TrialConfig(model=model, data=spec.data, train=spec.trial_train(budget, seed, tokens))
     fpt = flops_per_token(model)
     steps = horizon_steps(config.train, fpt, model.seq_len)
     return PlannedTrial(
         trial_id=trial_id(config, fingerprint), sweep=spec.name, experiment=experiment, kind=kind,
-        memory=model.memory.kind, rho=rho, slots=model.memory.slots if model.memory.kind != "none" else 0,
+        memory=model.memory.kind, rho=rho,
+        slots=0 if model.memory.kind == "none" else (model.memory.slots if slots is None else slots),
         seed=seed, budget=float(budget), config=config, counts=param_counts(model), flops_per_token=fpt,
         tokens=steps * config.train.batch_size * model.seq_len,
         est_seconds=throughput.seconds(config, fpt, steps))
