@@ -98,6 +98,10 @@ class ModelConfig:
     n_routed: int = 16
     top_k: int = 2
     balance_rate: float = 1e-3
+    # Bias travel the balancing may make over a whole trial: the per-step rate is max(balance_rate,
+    # balance_travel / steps), so a short trial balances too (engram.moe.effective_balance_rate); None: the fixed
+    # balance_rate alone (DeepSeek-V3's setting for long runs).
+    balance_travel: float | None = 1.0
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -116,6 +120,7 @@ class ModelConfig:
             raise ConfigError(f"n_routed: expected at least top_k={self.top_k}, got {self.n_routed}")
         if self.balance_rate < 0:
             raise ConfigError(f"balance_rate: expected >= 0, got {self.balance_rate}")
+        _positive("balance_travel", self.balance_travel, allow_none=True)
         n_slices = (self.memory.max_ngram - 1) * self.memory.n_heads
         if self.memory.kind == "overencoding" and self.d_model % n_slices:
             raise ConfigError(f"d_model: expected a multiple of (memory.max_ngram - 1) * memory.n_heads = "

@@ -42,6 +42,7 @@ from engram.config import TrainConfig, TrialConfig, config_hash
 from engram.data import prepare_data
 from engram.memory import build_compression
 from engram.model import EngramMoE
+from engram.moe import effective_balance_rate
 
 # Part of every trial id and checkpoint key: bump it whenever a change to the model, data or training code makes
 # new losses incomparable with stored ones, so a sweep re-runs those trials instead of mixing two code versions.
@@ -380,6 +381,14 @@ class TableUsage:
         }
 
 
+def set_balance_rate(model: EngramMoE, total_steps: int) -> float:
+    """Give every MoE layer the per-step bias rate that follows the trial's length; returns it."""
+    rate = effective_balance_rate(model.cfg.balance_rate, model.cfg.balance_travel, total_steps)
+    for moe in model.moe_layers():
+        moe.balance_rate = rate
+    return rate
+
+
 def router_diagnostics_empty() -> dict[str, None]:
     return {"expert_load_max": None, "expert_load_min": None, "experts_starved": None}
 
@@ -454,6 +463,7 @@ class _Trial:
         self.fpt = flops_per_token(mcfg)
         self.tokens_per_step = tcfg.batch_size * mcfg.seq_len
         self.total_steps = horizon_steps(tcfg, self.fpt, mcfg.seq_len)
+        self.balance_rate = set_balance_rate(self.model, self.total_steps)
         self.log_every = max(1, math.ceil(self.total_steps / N_CURVE_POINTS))
 
         self.step = 0  # optimiser steps completed
@@ -537,7 +547,8 @@ class _Trial:
 
     def _diagnostics(self, status: str) -> dict[str, float | int | None]:
         router = router_diagnostics(self.model) if status == "ok" else router_diagnostics_empty()
-        return {**self.usage.summary(), **router}
+        rate = self.balance_rate if self.model.moe_layers() else None
+        return {**self.usage.summary(), **router, "balance_rate": rate}
 
     # -- checkpoints ------------------------------------------------------------------------------------------
 

@@ -84,6 +84,8 @@ def main(argv: list[str]) -> None:
         if kw.get("update") == "proportional":
             from engram.moe import MoE
             MoE.update_bias = _proportional_update
+        if "travel" in kw:
+            model = dataclasses.replace(model, balance_travel=None if kw["travel"] == "none" else float(kw["travel"]))
         if "balance_rate" in kw:
             model = dataclasses.replace(model, balance_rate=float(kw["balance_rate"]))
         if "init_std" in kw:

@@ -101,7 +101,7 @@ MALFORMED: list[tuple[str, Callable[[dict], None] | str, str]] = [
     ("slots-not-positive", _set("experiments.1.slots", [0, 2000]), "experiments[1].slots[0]: expected a positive"),
     ("slots-below-table-floor", _set("experiments.1.slots", [10]), "experiments[1].slots[0]: expected at least"),
     ("unknown-memory-kind", _set("experiments.1.memory", ["engram", "ram"]),
-     "experiments[1].memory[1]: expected one of engram, overencoding"),
+     "experiments[1].memory[1]: expected one of engram, overencoding, none"),
     ("search-no-trials", _set("experiments.2.n_trials", 0), "experiments[2].n_trials: expected an integer in 1.."),
     ("missing-corpus", _set("data.corpus", "no/such/folder"), "data.corpus: no such file or folder"),
     ("glob-matches-nothing", _set("data.corpus", "corpus/*.md"), "data.corpus: no file matches"),
