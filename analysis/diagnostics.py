@@ -13,10 +13,11 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-# Reads per table row below which a row stays near its random init at the default init std and learning-rate
-# multiplier. Measured (LOG.md, 2026-11-30, issue 7): in default-budget trials the mean RMS update of a read row
-# reaches half its init RMS only where rows are read ~100 times or more; see docs/fairness.md.
-TRAINED_LOOKUPS_PER_ROW = 100.0
+# Reads per table row below which a row's movement is limited by how often it was read. Measured (LOG.md,
+# 2026-11-30, issue 7; docs/fairness.md): in a default-budget Engram trial (1e5 slots, rows binned by reads) the
+# mean RMS update of a row grows with its reads and levels off at ~0.25 of its init RMS above ~512 reads; rows
+# read 128-255 times reach 0.16, rows read 64-127 times 0.095. 128 is where a row gets half the plateau's update.
+TRAINED_LOOKUPS_PER_ROW = 128.0
 # The bound the issue sets for aux-loss-free balancing at the end of a trial (max / mean expert load).
 BALANCED_MAX_LOAD = 1.5
 
