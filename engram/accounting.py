@@ -164,12 +164,13 @@ class Allocation:
 
     @property
     def p_act_deviation(self) -> float:
-        """(P_act - P_act of the rho = 1 model) / the latter: the memory's dense parameters plus router changes."""
+        """(P_act - P_act of the rho = 1 model) / the latter: what is left of the memory's dense parameters and
+        the router change once the dense FFN has paid for them (within half a unit of its width)."""
         return (self.counts.p_act - self.moe_counts.p_act) / self.moe_counts.p_act
 
     @property
     def p_act_engram_dense(self) -> int:
-        """Part of the P_act deviation from the memory's projections, norms and conv."""
+        """Active parameters of the memory's projections, norms and conv (paid for by a narrower dense FFN)."""
         return self.counts.engram_dense
 
     @property

@@ -13,6 +13,10 @@ Optimisation (DESIGN.md "Optimiser"; Engram paper arXiv 2601.07372 §2):
 - one schedule for both: linear warmup, then cosine (or warmup-stable-decay) down to `min_lr_ratio` x lr;
 - gradient clipping by the global norm over ALL gradients, sparse ones included (norm of coalesced values).
 
+Diagnostics (`TrialResult.diagnostics`, docs/fairness.md): reads per memory-table row and how far read rows moved
+(`TableUsage`), the expert load of the last validation pass (`router_diagnostics`), the balance rate used.
+OverEncoding tables train at the base learning rate (`table_lr_mult`).
+
 Horizon: exactly one of train.steps / tokens / flops (`horizon_steps`). Validation: the first
 `train.eval_tokens` tokens of the validation split cut into non-overlapping windows, the same for every trial
 of a corpus. Train batches: random windows drawn by a generator seeded with `train.seed`. On CPU a seed gives

@@ -2,7 +2,12 @@
 
 `plan_sweep` lists the grid trials (allocation and memory experiments); a search experiment's trials exist only
 once Optuna suggests a rho, and the launcher builds each with `plan_search_trial`. `plan_table` renders what
-`engram-sweep plan` prints.
+`engram-sweep plan` prints, `PlannedTrial.as_row` what `plan --json` prints.
+
+Fairness (docs/fairness.md): every trial of one experiment and budget trains on the same tokens
+(`reference_tokens`), P_tot and P_act are held by the solver, and `check_plan_fair` refuses a plan off by more
+than FAIR_TOLERANCE. Each trial's expected reads per memory-table row are shown, with a warning where a memory
+experiment's slots get fewer than analysis.diagnostics.TRAINED_LOOKUPS_PER_ROW.
 
 Time estimates (ETA) use a deliberately simple model, stated here and printed with the plan:
     seconds(trial) = STARTUP_SECONDS + (training FLOPs + evaluation FLOPs) / effective FLOP/s
