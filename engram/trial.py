@@ -120,7 +120,8 @@ class TrialResult:
     counts: ParamCounts
     curve: tuple[CurvePoint, ...]
     error: str | None
-    # What the trial's tables and routers went through (`trial_diagnostics`); {} for results stored before them.
+    # What the trial's tables and routers went through (TableUsage.summary, router_diagnostics, the balance
+    # rate); {} for results stored before them.
     diagnostics: dict[str, float | int | None] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -200,8 +201,6 @@ def build_optimizers(model: EngramMoE, train: TrainConfig) -> tuple[torch.optim.
     # fused: one kernel over all tensors, ~2.5x faster than foreach on CPU for our many small tensors.
     dense = torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(train.beta1, train.beta2),
                               fused=True)
-    for group in dense.param_groups:
-        group["lr_mult"] = 1.0
     tables = model.table_parameters()
     sparse = None
     if tables:
@@ -332,15 +331,16 @@ class TableUsage:
     """Reads of every memory-table row over the trial's training batches, and the tables' initial values.
 
     Off the hot path: per step, the batch's row indices are recomputed (hashing is a few integer ops per
-    position) and added into a per-row counter with one index_add; measured at ~1% of a default step (LOG.md,
-    issue 7). The initial values are copied when the model is built, before any checkpoint is loaded: init is
-    seeded, so a resumed trial copies the same values. The counters travel in checkpoints (`state`).
+    position) and added into a per-row counter with one index_add; measured at under 1% of a default step
+    (benchmarks/bench_diagnostics.py, LOG.md issue 7). The initial values are copied when the model is built,
+    before any checkpoint is loaded: init is seeded, so a resumed trial copies the same values. The counters
+    travel in checkpoints (`state`).
     """
 
     def __init__(self, model: EngramMoE) -> None:
         self.modules = model.memory_modules()
-        self.reads = [torch.zeros(m.tables.table.num_embeddings, dtype=torch.int64, device=m.tables.table.weight.device)
-                      for m in self.modules]
+        self.reads = [torch.zeros(m.tables.table.num_embeddings, dtype=torch.int64,
+                                  device=m.tables.table.weight.device) for m in self.modules]
         self.init = [m.tables.table.weight.detach().to("cpu", copy=True) for m in self.modules]
 
     @torch.no_grad()

@@ -31,7 +31,8 @@ from typing import Mapping
 import pandas as pd
 
 from analysis.diagnostics import TRAINED_LOOKUPS_PER_ROW
-from engram.accounting import FAIR_TOLERANCE, AllocationError, ParamCounts, flops_per_token, param_counts, solve_allocation
+from engram.accounting import (FAIR_TOLERANCE, AllocationError, ParamCounts, flops_per_token, param_counts,
+                               solve_allocation)
 from engram.config import MemoryConfig, ModelConfig, TrialConfig
 from engram.data import corpus_fingerprint
 from engram.memory import expected_lookups_per_row
