@@ -39,6 +39,14 @@ RUN_SCHEMA = pa.schema([
     ("tokens_per_second", pa.float64()), ("device", pa.string()), ("host", pa.string()),
     ("versions", pa.string()), ("git_commit", pa.string()), ("started_at", pa.string()),
     ("finished_at", pa.string()),
+    # Fairness and trial diagnostics (issue 7; analysis/diagnostics.py reads them). Planned: the dense FFN width
+    # that holds P_act, the table parameters, the expected reads per table row. Recorded by the trial: share of
+    # rows read, median and 10th percentile of reads per read row, mean RMS update (and init RMS) of a read row,
+    # expert load of the last validation pass (max / mean, min / mean, experts below 10% of the mean).
+    ("d_ff_dense", pa.int64()), ("table_params", pa.int64()), ("lookups_per_row", pa.float64()),
+    ("rows_read_share", pa.float64()), ("lookups_median", pa.float64()), ("lookups_p10", pa.float64()),
+    ("table_update_rms", pa.float64()), ("table_init_rms", pa.float64()), ("expert_load_max", pa.float64()),
+    ("expert_load_min", pa.float64()), ("experts_starved", pa.int64()),
 ])
 CURVE_SCHEMA = pa.schema([
     ("trial_id", pa.string()), ("step", pa.int64()), ("tokens", pa.int64()), ("train_loss", pa.float64()),

@@ -9,6 +9,7 @@
 - `plot_training_curves`: validation (or training) loss over tokens, one line per trial, coloured by a value.
 - `plot_budget_trend`: rho* and the best loss over compute with their intervals and fitted scaling.
 - `plot_isoflop`: Approach 2 parabolas and their vertices, one colour per budget.
+- `plot_memory_comparison`: no memory, Engram and OverEncoding on one axis of table parameters.
 Figures are built with `matplotlib.figure.Figure` (no pyplot state), so this is safe in any process.
 """
 
@@ -199,3 +200,34 @@ def plot_isoflop(ax: Axes, fit: IsoFlopFit, compute, x, loss, *, xlabel: str = "
     ax.figure.colorbar(_scalar_mappable(norm, cmap), ax=ax).set_label("compute budget (FLOPs)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
+
+
+def plot_memory_comparison(ax: Axes, points: pd.DataFrame, *, title: str = "No memory, Engram and OverEncoding",
+                           ) -> None:
+    """Loss over table parameters for each memory kind with tables, and the memory-free model as a level line.
+
+    `points`: one row per trial with columns memory, table_params, loss and untrained (bool). Seed means are
+    joined by a line; single trials are dots, hollow where the trial's tables stayed outside the trained regime
+    (analysis.diagnostics). kind "none" (table_params 0) is drawn as its mean (line) and seed range (band).
+    """
+    none = points[points["memory"] == "none"]
+    if len(none):
+        ax.axhspan(none["loss"].min(), none["loss"].max(), color="0.5", alpha=BAND_ALPHA, lw=0)
+        ax.axhline(none["loss"].mean(), color="0.3", lw=1.4, ls="--",
+                   label=f"no memory: {none['loss'].mean():.3f} ({len(none)} trial(s), band = range)")
+    for i, (kind, rows) in enumerate(sorted((k, r) for k, r in points.groupby("memory") if k != "none")):
+        color = KIND_COLORS.get(kind, f"C{i + 2}")
+        trained = rows[~rows["untrained"].astype(bool)]
+        untrained = rows[rows["untrained"].astype(bool)]
+        ax.scatter(trained["table_params"], trained["loss"], s=18, color=color, zorder=3)
+        ax.scatter(untrained["table_params"], untrained["loss"], s=18, facecolors="none", edgecolors=color,
+                   zorder=3)
+        means = rows.groupby("table_params")["loss"].mean()
+        ax.plot(means.index, means.to_numpy(), color=color, lw=1.6, marker="_", label=f"{kind} (seed mean)")
+    if len(points[points["memory"] != "none"]):
+        ax.set_xscale("log")
+    ax.set_xlabel("memory table parameters (log scale); hollow: outside the trained regime")
+    ax.set_ylabel("validation loss (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=7, loc="best")

@@ -29,7 +29,10 @@ from analysis.contract import read_folder
 from analysis.fits import (DROP_WARN_SHARE, LEVEL, N_RESAMPLES, REFERENCE_GAIN, Bootstrap, BudgetTrend, ChinchillaFit,
                            FitError, LogLinearFit, PowerLawFit, UCurveFit, fit_budget_trend, fit_chinchilla,
                            fit_loglinear, fit_power_law, fit_u_curve, single_threaded_blas)
-from analysis.plots import plot_budget_trend, plot_power_laws, plot_training_curves, plot_u_curve
+from analysis.diagnostics import (BALANCED_MAX_LOAD, TRAINED_LOOKUPS_PER_ROW, diagnostics_summary,
+                                  diagnostics_table)
+from analysis.plots import (plot_budget_trend, plot_memory_comparison, plot_power_laws, plot_training_curves,
+                            plot_u_curve)
 
 U_KINDS = ("allocation", "search")
 MEMORY_KIND = "memory"
@@ -161,7 +164,7 @@ def analyse(runs: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, level: float 
             not_fitted.append((f"trend over budgets of {experiment}", str(err)))
 
     power_laws: dict = {}
-    mem_rows = usable[kind == MEMORY_KIND]
+    mem_rows = usable[(kind == MEMORY_KIND) & (usable["memory"] != "none")]  # none: one point, no slots
     for (experiment, memory, budget), group in mem_rows.groupby(["experiment", "memory", "budget"], sort=True):
         what = f"power law {experiment} / {memory} @ {budget:.3g} FLOPs"
         group = group[group["slots"] > 0]
@@ -264,6 +267,7 @@ def draw_figures(result: SweepAnalysis, curves: pd.DataFrame, plot_dir: Path) ->
             plot_power_laws(ax, fits, title=f"Loss vs memory slots at C = {budget:.3g} FLOPs")
         fig.suptitle("Validation loss vs memory slots (power law solid, log-linear dashed)")
         out["memory"] = _save(fig, plot_dir, "memory")
+    out.update(draw_memory_comparison(result, plot_dir))
     for experiment in sorted({e for e, _ in result.compute_laws}):
         fits = {f"rho = {r:g}": f for (e, r), f in sorted(result.compute_laws.items()) if e == experiment}
         fig = _figure(1)
@@ -287,6 +291,83 @@ def draw_figures(result: SweepAnalysis, curves: pd.DataFrame, plot_dir: Path) ->
             fig.suptitle(f"{experiment}: training curves (usable trials)")
             out[f"curves_{experiment}"] = _save(fig, plot_dir, f"curves_{experiment}")
     return out
+
+
+def memory_comparison_points(usable: pd.DataFrame) -> dict[float, pd.DataFrame]:
+    """Per budget, every usable memory-experiment trial as (experiment, memory, table_params, seed, loss,
+    untrained): the points of the none / Engram / OverEncoding figure. Table parameters are the stored
+    `table_params` (P_engram for stores written before that column); untrained from analysis.diagnostics."""
+    if "kind" not in usable.columns or "memory" not in usable.columns:
+        return {}
+    rows = usable[usable["kind"] == MEMORY_KIND]
+    if rows.empty:
+        return {}
+    diag = diagnostics_table(rows)
+    params = rows["table_params"] if "table_params" in rows.columns else rows.get("P_engram")
+    frame = pd.DataFrame({"experiment": rows["experiment"].to_numpy(), "memory": rows["memory"].to_numpy(),
+                          "table_params": pd.to_numeric(params, errors="coerce").to_numpy(float),
+                          "seed": rows["seed"].to_numpy(), "loss": rows[LOSS_COL].to_numpy(float),
+                          "untrained": diag["untrained"].to_numpy(bool),
+                          "budget": rows["budget"].to_numpy(float)})
+    frame.loc[frame["memory"] == "none", "table_params"] = 0.0
+    return {float(b): g.drop(columns="budget").reset_index(drop=True)
+            for b, g in frame.groupby("budget", sort=True)}
+
+
+def draw_memory_comparison(result: SweepAnalysis, plot_dir: Path) -> dict[str, Path]:
+    """The none / Engram / OverEncoding figure (one panel per budget) when a budget has a memory-free point or
+    two kinds of memory."""
+    groups = {b: g for b, g in memory_comparison_points(result.usable).items() if g["memory"].nunique() >= 2}
+    if not groups:
+        return {}
+    fig = _figure(len(groups))
+    for ax, (budget, points) in zip(fig.axes, groups.items()):
+        plot_memory_comparison(ax, points, title=f"No memory, Engram and OverEncoding at C = {budget:.3g} FLOPs")
+    fig.suptitle("Validation loss vs memory table parameters (memory experiments)")
+    return {"memory_comparison": _save(fig, plot_dir, "memory_comparison")}
+
+
+def _diagnostics_blocks(result: SweepAnalysis, figures: dict[str, Path]) -> list:
+    """The report's trial-diagnostics section: did the tables train, did the routers balance."""
+    table = diagnostics_table(result.usable)
+    has_any = table[["lookups_median", "expert_load_max"]].notna().any(axis=None)
+    b: list = []
+    if "memory_comparison" in figures:
+        b.append(("h2", "Memory: none, Engram and OverEncoding"))
+        b.append(("p", "Every memory-experiment trial over its table parameters (equal table parameters put "
+                       "Engram and OverEncoding at the same x); the memory-free model is the dashed level with "
+                       "its seed range. Hollow points: tables outside the trained regime (below)."))
+        b.append(("img", figures["memory_comparison"], "loss vs table parameters, no memory / Engram / OverEncoding"))
+    if not has_any:
+        return b
+    n = diagnostics_summary(table)
+    b.append(("h2", "Trial diagnostics: trained tables, balanced routers"))
+    b.append(("p", f"Tables: reads per row over the training tokens (expected = tokens x tables / rows; measured: "
+                   f"share of rows read at least once, median and 10th percentile of reads per read row) and how "
+                   f"far a read row moved from its init (mean RMS update / mean RMS at init). A trial whose median "
+                   f"read row was read fewer than {TRAINED_LOOKUPS_PER_ROW:g} times is marked **untrained**: its "
+                   f"tables stay near their random init, so its slot count says little (threshold measured, "
+                   f"docs/fairness.md). Routers: expert load in the last validation pass, worst MoE layer; "
+                   f"**unbalanced** when max / mean > {BALANCED_MAX_LOAD:g} or an expert gets under 10% of the mean. "
+                   f"{n['untrained']} of {n['with_tables']} trials with tables untrained; {n['unbalanced']} of "
+                   f"{n['with_router']} MoE trials unbalanced."))
+    shown = pd.DataFrame({
+        "experiment": table["experiment"], "memory": table.get("memory", "-"),
+        "rho": [_cell(v) for v in table.get("rho", pd.Series(np.nan, index=table.index))],
+        "slots": table.get("slots", "-"), "seed": table.get("seed", "-"),
+        "lookups/row (expected)": [_cell(v) for v in table["lookups_per_row"]],
+        "rows read": [f"{v:.0%}" if np.isfinite(v) else "-" for v in table["rows_read_share"]],
+        "median reads": [_cell(v) for v in table["lookups_median"]],
+        "p10 reads": [_cell(v) for v in table["lookups_p10"]],
+        "update / init": [f"{v:.3f}" if np.isfinite(v) else "-" for v in table["update_rel"]],
+        "load max/mean": [f"{v:.2f}" if np.isfinite(v) else "-" for v in table["expert_load_max"]],
+        "load min/mean": [f"{v:.2f}" if np.isfinite(v) else "-" for v in table["expert_load_min"]],
+        "starved": [_cell(v) for v in table["experts_starved"]],
+        "flags": [", ".join(f for f, on in (("untrained", u), ("unbalanced", ub)) if on)
+                  for u, ub in zip(table["untrained"], table["unbalanced"])],
+    })
+    b.append(("table", shown))
+    return b
 
 
 def _same(a: float, b: float) -> bool:
@@ -534,6 +615,7 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
         for name, path in curve_figs.items():
             b.append(("img", path, f"training curves, {name[len('curves_'):]}"))
 
+    b.extend(_diagnostics_blocks(result, figures))
     b.append(("h2", "Excluded trials"))
     if result.excluded.empty:
         b.append(("p", "None: every recorded trial finished with a finite loss."))

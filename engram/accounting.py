@@ -5,6 +5,9 @@
 - `flops_per_token(cfg)`: training FLOPs per token, 6 * (P_act + LM head) + an attention term.
 - `solve_allocation(base, p_tot, rho)`: P_tot and P_act held fixed, the sparse budget split between inactive
   routed experts (share rho) and Engram table rows (the rest), rounded to whole experts and prime table sizes.
+  P_act is held by taking the memory's dense parameters (and the router columns the experts gave back) out of
+  the dense FFN's width (docs/fairness.md says why); `check_fair` refuses an allocation off by more than
+  FAIR_TOLERANCE.
 
 Formulas follow the modules: attention is qkv + out projection (4 D^2), every FFN a bias-free SwiGLU
 (3 * D * hidden), RMSNorms carry a weight vector, the router a D x n_routed matrix (its selection bias is a buffer,
@@ -18,10 +21,13 @@ import math
 from dataclasses import dataclass
 
 from engram.config import MemoryConfig, ModelConfig
-from engram.memory import memory_param_counts, memory_primes, n_memory_tables
+from engram.memory import memory_param_counts, memory_table_sizes, n_memory_tables
 
 # MemoryConfig's lower bound on table size.
 MIN_ROWS_PER_TABLE = 16
+# Largest relative deviation of P_tot (from its target), P_act (from the rho = 1 model's) and tokens (between
+# the trials of one experiment and budget) that an allocation experiment accepts (DESIGN: "within 0.5%").
+FAIR_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True)
@@ -158,18 +164,25 @@ class Allocation:
 
     @property
     def p_act_deviation(self) -> float:
-        """(P_act - P_act of the rho = 1 model) / the latter: the memory's dense parameters plus router changes."""
+        """(P_act - P_act of the rho = 1 model) / the latter: what is left of the memory's dense parameters and
+        the router change once the dense FFN has paid for them (within half a unit of its width)."""
         return (self.counts.p_act - self.moe_counts.p_act) / self.moe_counts.p_act
 
     @property
     def p_act_engram_dense(self) -> int:
-        """Part of the P_act deviation from the memory's projections, norms and conv."""
+        """Active parameters of the memory's projections, norms and conv (paid for by a narrower dense FFN)."""
         return self.counts.engram_dense
 
     @property
     def p_act_router_delta(self) -> int:
-        """Part of the P_act deviation from the router (fewer routed experts, smaller router); <= 0."""
+        """Router parameters given back with the routed experts (fewer experts, smaller router); <= 0."""
         return self.counts.router - self.moe_counts.router
+
+    @property
+    def d_ff_dense_delta(self) -> int:
+        """Change of the dense FFN's width that holds P_act (< 0 where the memory's dense part is paid for)."""
+        unit = self.config.n_dense_layers * 3 * self.config.d_model
+        return (self.counts.dense_ffn - self.moe_counts.dense_ffn) // unit if unit else 0
 
 
 def _pure_moe(base: ModelConfig, n_routed: int) -> ModelConfig:
@@ -241,10 +254,15 @@ def solve_allocation(base: ModelConfig, p_tot: float, rho: float) -> Allocation:
     The rho = 1 model is the pure MoE whose P_tot is nearest `p_tot` (whole experts); its P_tot and P_act are
     the fixed budget of every rho, so the models of one U-curve share P_tot exactly (up to prime rounding of the
     tables) and all deviate from `p_tot` alike, by at most half an expert (`Allocation.p_tot_deviation`).
-    n_routed(rho) = top_k + round(rho * P_sparse / P_expert_all_layers); the table rows take what is left after
-    the experts, their router columns and the memory's dense parameters, as distinct primes
-    (engram.memory.table_primes) near an equal share per table. Where rounding gives back every expert of the
-    rho = 1 model (rho within half an expert of 1), the result is that pure-MoE model, achieved rho 1.0.
+    n_routed(rho) = top_k + round(rho * P_sparse / P_expert_all_layers).
+
+    P_act held: the memory's dense parameters (W_K, W_V, norms, conv) are active, and fewer routed experts give
+    back router columns; their net is taken out of the dense FFN's width (whole units of 3 * D * n_dense_layers
+    parameters), so P_act matches the rho = 1 model's within half such a unit (docs/fairness.md). The table rows
+    take what is left of P_tot after the experts, their router columns, the narrower dense FFN and the memory's
+    dense parameters, as distinct primes (engram.memory.table_primes) near an equal share per table. Where
+    rounding gives back every expert of the rho = 1 model (rho within half an expert of 1), the result is that
+    pure-MoE model, achieved rho 1.0.
     """
     if not 0.0 <= rho <= 1.0:
         raise ValueError(f"rho: expected a number in [0, 1], got {rho}")
@@ -260,7 +278,8 @@ def solve_allocation(base: ModelConfig, p_tot: float, rho: float) -> Allocation:
     shape = _memory_shape(base)  # at its smallest valid slot count
     # Dense memory parameters do not depend on the slot count; table parameters are rows x a fixed row width.
     min_tables, mem_dense = memory_param_counts(shape, base.d_model)
-    row_width = min_tables // sum(memory_primes(shape))
+    row_width = min_tables // sum(memory_table_sizes(shape))
+    experts_cfg = _hold_p_act(experts_cfg, param_counts(experts_cfg).p_act + mem_dense - moe_counts.p_act, rho)
     budget = moe_counts.p_tot - param_counts(experts_cfg).p_tot - mem_dense
     rows = budget // row_width
     if rows < shape.slots:
@@ -270,3 +289,30 @@ def solve_allocation(base: ModelConfig, p_tot: float, rho: float) -> Allocation:
             f"{row_width} = {shape.slots * row_width} ({MIN_ROWS_PER_TABLE} rows per table)")
     cfg = dataclasses.replace(experts_cfg, memory=dataclasses.replace(shape, slots=rows))
     return Allocation(cfg, param_counts(cfg), float(p_tot), float(rho), moe_counts)
+
+
+def _hold_p_act(cfg: ModelConfig, excess: int, rho: float) -> ModelConfig:
+    """`cfg` with the dense FFN narrowed by `excess` active parameters (rounded to whole width units)."""
+    unit = cfg.n_dense_layers * 3 * cfg.d_model  # one unit of dense FFN width in every dense layer
+    if unit == 0:
+        raise AllocationError(f"rho {rho}: n_dense_layers=0, no dense FFN to pay for the memory's {excess} active "
+                              f"parameters out of; P_act cannot be held (set n_dense_layers >= 1)")
+    d_ff = cfg.d_ff_dense - round(excess / unit)
+    if d_ff < 1:
+        raise AllocationError(f"rho {rho}: the memory's dense parameters ({excess} net active) exceed the dense FFN "
+                              f"({cfg.n_dense_layers} x 3 x {cfg.d_model} x {cfg.d_ff_dense}); P_act cannot be held")
+    return dataclasses.replace(cfg, d_ff_dense=d_ff)
+
+
+def check_fair(alloc: Allocation, tolerance: float = FAIR_TOLERANCE) -> None:
+    """Raise AllocationError (naming the numbers) when the allocation misses P_tot's target or the rho = 1
+    model's P_act by more than `tolerance` (relative)."""
+    if abs(alloc.p_tot_deviation) > tolerance:
+        nearest = alloc.moe_counts.p_tot
+        raise AllocationError(f"P_tot target {alloc.p_tot_target:.6g} is missed by {100 * alloc.p_tot_deviation:+.2f}% "
+                              f"(whole experts: nearest realisable P_tot {nearest}); tolerance "
+                              f"{100 * tolerance:.1f}%: use p_tot: {nearest} or p_tot_ratio")
+    if abs(alloc.p_act_deviation) > tolerance:
+        raise AllocationError(f"rho {alloc.rho_target:g}: P_act {alloc.counts.p_act} is "
+                              f"{100 * alloc.p_act_deviation:+.2f}% off the rho = 1 model's "
+                              f"{alloc.moe_counts.p_act}; tolerance {100 * tolerance:.1f}%")

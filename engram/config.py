@@ -55,9 +55,13 @@ class MemoryConfig:
     signed_sqrt: bool = True
     conv_kernel: int = 4
     hash_seed: int = 0
+    # Std of the tables' N(0, std) init; None: the paper's value for the kind (Engram 1.0, as the demo code's
+    # nn.Embedding; OverEncoding 0.02, the token embedding's). engram.memory holds both defaults.
+    table_init_std: float | None = None
 
     def __post_init__(self) -> None:
         _choice("kind", self.kind, MEMORY_KINDS)
+        _positive("table_init_std", self.table_init_std, allow_none=True)
         if self.kind == "none":
             return
         _positive("slots", self.slots)
@@ -73,6 +77,9 @@ class MemoryConfig:
         n_tables = len(self.layers if self.kind == "engram" else (0,)) * (self.max_ngram - 1) * self.n_heads
         if self.slots < 16 * n_tables:
             raise ConfigError(f"slots: expected at least {16 * n_tables} (16 rows per table), got {self.slots}")
+        if self.kind == "overencoding" and self.slots < n_tables * (n_tables + 2):
+            raise ConfigError(f"slots: expected at least {n_tables * (n_tables + 2)} (tables of m + 2 * index rows, "
+                              f"m >= 1), got {self.slots}")
 
 
 @dataclass(frozen=True)
@@ -91,6 +98,10 @@ class ModelConfig:
     n_routed: int = 16
     top_k: int = 2
     balance_rate: float = 1e-3
+    # Bias travel the balancing may make over a whole trial: the per-step rate is max(balance_rate,
+    # balance_travel / steps), so a short trial balances too (engram.moe.effective_balance_rate); None: the fixed
+    # balance_rate alone (DeepSeek-V3's setting for long runs).
+    balance_travel: float | None = 1.0
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -109,6 +120,11 @@ class ModelConfig:
             raise ConfigError(f"n_routed: expected at least top_k={self.top_k}, got {self.n_routed}")
         if self.balance_rate < 0:
             raise ConfigError(f"balance_rate: expected >= 0, got {self.balance_rate}")
+        _positive("balance_travel", self.balance_travel, allow_none=True)
+        n_slices = (self.memory.max_ngram - 1) * self.memory.n_heads
+        if self.memory.kind == "overencoding" and self.d_model % n_slices:
+            raise ConfigError(f"d_model: expected a multiple of (memory.max_ngram - 1) * memory.n_heads = "
+                              f"{n_slices} (OverEncoding rows are d_model / that wide), got {self.d_model}")
         if self.memory.kind == "engram" and max(self.memory.layers) >= self.n_layers:
             raise ConfigError(f"memory.layers: expected indices below n_layers={self.n_layers}, "
                               f"got {list(self.memory.layers)}")

@@ -14,8 +14,9 @@ and device (no reliance on two's-complement wrap-around, no negative remainders)
 PCG64 bit generator, whose raw output is stable across numpy versions and machines (unlike Generator methods),
 seeded by (memory.hash_seed, stream, layer id); never Python's `hash()`.
 
-Tables. Every memory table is a distinct prime number of rows near slots / n_tables (`memory_primes`), the primes
-of all Engram layers together are distinct (as in the demo code), and the tables of one module live in ONE
+Tables. Every Engram table is a distinct prime number of rows near slots / n_tables (`memory_primes`), the primes
+of all Engram layers together are distinct (as in the demo code); OverEncoding's are m + 2 * index rows
+(Algorithm 1, `overencoding_table_sizes`). The tables of one module live in ONE
 `nn.Embedding(sum(primes), width, sparse=True)` addressed through per-table offsets, so the optimiser (SparseAdam
 or a lazy Adam) pays for the rows touched, not for the table size.
 
@@ -39,13 +40,15 @@ from engram.config import MemoryConfig
 HASH_ID_LIMIT = 1 << 20  # compressed ids (and the pad id) must be below this: products stay below 2**60
 PAD_ID = HASH_ID_LIMIT - 1  # read at positions before the sequence start; no real (compressed) id may equal it
 MULTIPLIER_BITS = 40  # multipliers are odd and below 2**40
-ENGRAM_TABLE_INIT_STD = 1.0  # rows feed W_K / W_V like a normalised activation (demo: nn.Embedding default)
-OVERENCODING_TABLE_INIT_STD = 0.02  # rows enter the residual stream directly, at the token-embedding scale
+# Defaults of memory.table_init_std (None). Engram: rows feed W_K / W_V like a normalised activation (the demo
+# code's nn.Embedding default, N(0, 1)). OverEncoding: its tables extend the token embedding, so they start at the
+# token embedding's init.
+ENGRAM_TABLE_INIT_STD = 1.0
+OVERENCODING_TABLE_INIT_STD = 0.02
 PROJ_INIT_STD = 0.02
 
-# Streams of the multiplier generator, so Engram layer 0 and OverEncoding never share multipliers.
+# Stream of the multiplier generator (a second stream, 1, was OverEncoding's before it read exact n-gram ids).
 _ENGRAM_STREAM = 0
-_OVERENCODING_STREAM = 1
 
 _REPLACEMENT_CHAR = "\ufffd"
 _WHITESPACE_RUN = re.compile(r"[ \t\r\n]+")  # as the reference normaliser; NFKC maps other spaces to " "
@@ -131,7 +134,7 @@ def n_memory_tables(cfg: MemoryConfig) -> int:
     if cfg.kind == "none":
         return 0
     n_modules = len(cfg.layers) if cfg.kind == "engram" else 1
-    return n_modules * (cfg.max_ngram - 1) * cfg.n_heads
+    return n_modules * (cfg.max_ngram - 1) * cfg.n_heads  # OverEncoding: k(N-1) slices
 
 
 def table_primes(cfg: MemoryConfig, n_tables: int, rows_per_table: int) -> list[int]:
@@ -196,10 +199,29 @@ def engram_param_counts(cfg: MemoryConfig, d_model: int) -> tuple[int, int]:
 
 
 def overencoding_param_counts(cfg: MemoryConfig, d_model: int) -> tuple[int, int]:
-    """(tables, dense) parameters of the OverEncoding module: rows * d_model, and no dense parameters."""
+    """(tables, dense) parameters of the OverEncoding module: rows * D / (k(N-1)), and the k(N-1) slice
+    projections Linear(D / (k(N-1)) -> D), no bias: k(N-1) * w * D (used by every token, so dense)."""
     if cfg.kind != "overencoding":
         raise ValueError(f"memory.kind: expected 'overencoding', got {cfg.kind!r}")
-    return sum(memory_primes(cfg)) * d_model, 0
+    width = overencoding_width(cfg, d_model)
+    return sum(overencoding_table_sizes(cfg)) * width, overencoding_n_slices(cfg) * width * d_model
+
+
+def memory_table_sizes(cfg: MemoryConfig) -> list[int]:
+    """Rows of every memory table of the model: Engram's primes, OverEncoding's m + 2 * index; [] for none."""
+    if cfg.kind == "overencoding":
+        return overencoding_table_sizes(cfg)
+    return memory_primes(cfg)
+
+
+def expected_lookups_per_row(cfg: MemoryConfig, tokens: int) -> float | None:
+    """Mean reads per table row over a trial of `tokens` training tokens: tokens x tables read per token / rows
+    (every token reads one row of every table); None without memory. The real counts are skewed (Zipf):
+    `engram.trial` records what happened."""
+    sizes = memory_table_sizes(cfg)
+    if not sizes:
+        return None
+    return tokens * len(sizes) / sum(sizes)
 
 
 def memory_param_counts(cfg: MemoryConfig, d_model: int) -> tuple[int, int]:
@@ -309,7 +331,8 @@ class Engram(nn.Module):
         self.signed_sqrt = cfg.signed_sqrt
         self.max_ngram = cfg.max_ngram
         self.hasher = NgramHasher(cfg, primes, hash_multipliers(cfg, _ENGRAM_STREAM, layer_id), compression)
-        self.tables = _MultiTableEmbedding(primes, cfg.d_head, ENGRAM_TABLE_INIT_STD)
+        init_std = ENGRAM_TABLE_INIT_STD if cfg.table_init_std is None else cfg.table_init_std
+        self.tables = _MultiTableEmbedding(primes, cfg.d_head, init_std)
         width = d_mem(cfg)
         self.key_proj = nn.Linear(width, d_model, bias=False)
         self.value_proj = nn.Linear(width, d_model, bias=False)
@@ -324,6 +347,10 @@ class Engram(nn.Module):
 
     def table_parameters(self) -> list[nn.Parameter]:
         return [self.tables.table.weight]
+
+    def rows_read(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """Row of the layer's embedding (offsets applied) read by every position and table: (B * T * H,)."""
+        return (self.hasher(ids_BT) + self.tables.offsets).flatten()
 
     def lookup(self, ids_BT: torch.Tensor) -> torch.Tensor:
         """e_t for every position: (B, T, M)."""
@@ -353,41 +380,102 @@ class Engram(nn.Module):
 # OverEncoding baseline
 
 
-class OverEncoding(nn.Module):
-    """Hashed n-gram input embeddings (Huang et al. 2025, "Over-Encoding"), mixed into the token embedding.
+def overencoding_n_slices(cfg: MemoryConfig) -> int:
+    """k(N-1): one table (and one projection) per order n = 2..N and slice j = 1..k (k = memory.n_heads)."""
+    return (cfg.max_ngram - 1) * cfg.n_heads
 
-    What is implemented: the same compression and multi-head hashing as Engram (its own multipliers), K tables
-    per order n = 2..N, each a distinct prime number of rows of width d_model (slots = total rows). Per order the
-    K head rows are averaged (several hash views of one n-gram, reducing the effect of collisions); the input
-    embedding is then the mean of the token (1-gram) embedding and the N-1 order embeddings:
-        x_t = (tok_emb_t + sum_n mean_k T_{n,k}[mix_n(t) mod p_{n,k}]) / N,
-    i.e. OE's average of the 1-gram .. N-gram embeddings. Our choices where the baseline's details differ from or
-    go beyond that formula: the n-gram ids are the compressed ids hashed as for Engram (not OE's exact modular
-    n-gram ids), and the K heads of an order are full-width rows averaged together (as we read the paper, OE's
-    multi-head variant splits the width instead), so that `slots` counts rows of width d_model.
+
+def overencoding_width(cfg: MemoryConfig, d_model: int) -> int:
+    """Row width of every OverEncoding table, D / (k(N-1)) (Algorithm 1 splits the width over the slices)."""
+    n_slices = overencoding_n_slices(cfg)
+    if d_model % n_slices:
+        raise ValueError(f"d_model: expected a multiple of (max_ngram - 1) * n_heads = {n_slices} for "
+                         f"OverEncoding, got {d_model}")
+    return d_model // n_slices
+
+
+def overencoding_table_sizes(cfg: MemoryConfig) -> list[int]:
+    """Rows of the OverEncoding tables, in slice order: m + 2 * index for index = (n-2)k + j = 1..k(N-1).
+
+    `slots` is the total: k(N-1) * m + k(N-1)(k(N-1) + 1), so m = (slots - H(H + 1)) // H (H = k(N-1)); the
+    division's remainder (< H rows) is dropped. Distinct sizes, as in Algorithm 1, so that two slices of one
+    order do not collide on the same n-grams.
+    """
+    n_slices = overencoding_n_slices(cfg)
+    m = (cfg.slots - n_slices * (n_slices + 1)) // n_slices
+    if m < 1:
+        raise ValueError(f"slots: expected at least {n_slices * (n_slices + 2)} for OverEncoding with "
+                         f"{n_slices} tables, got {cfg.slots}")
+    return [m + 2 * index for index in range(1, n_slices + 1)]
+
+
+def ngram_ids_mod(ids_BT: torch.Tensor, n: int, vocab_size: int, sizes_S: torch.Tensor) -> torch.Tensor:
+    """(B, T, S): the n-gram id f(t) = sum_{i<n} x_{t-i} * V^i modulo each of the S table sizes (OverEncoding's
+    index, Algorithm 1). Positions before the start read id 0, as the algorithm's zero padding does.
+
+    Horner's rule modulo each size keeps every intermediate below size * V (< 2**60 for sizes < 2**40 and
+    V < 2**20), so the result is exact for any n, unlike computing V^(n-1) * x first.
+    """
+    T = ids_BT.shape[1]
+    x_BT = ids_BT.long()
+    r_BTS = torch.zeros(*x_BT.shape, len(sizes_S), dtype=torch.int64, device=x_BT.device)
+    for i in range(n - 1, -1, -1):  # most significant digit x_{t-n+1} first
+        shifted_BT = F.pad(x_BT, (i, 0), value=0)[:, :T]  # x_{t-i}, 0 before the start
+        r_BTS = torch.remainder(r_BTS * vocab_size + shifted_BT.unsqueeze(-1), sizes_S)
+    return r_BTS
+
+
+class OverEncoding(nn.Module):
+    """Over-Encoding (Huang et al. 2025, "Over-Tokenized Transformer", arXiv 2501.16975, Appendix A, Algorithm 1).
+
+    For each order n = 2..N and slice j = 1..k (k = memory.n_heads), table index = (n-2)k + j holds
+    m + 2 * index rows of width w = D / (k(N-1)) and is read at the n-gram id modulo its size (exact ids in base
+    V over raw token ids, no tokenizer compression, no hashing); each slice goes through its own
+    Linear(w -> D); the input embedding becomes (token embedding + sum of the slices' projections) / (1 + k(N-1)).
+
+    The k(N-1) projections are stored side by side as one bias-free Linear(k(N-1) * w -> D): applying it to the
+    concatenated slices is exactly the sum of the per-slice Linears (slice h is `proj.weight[:, h*w:(h+1)*w]`),
+    in one matmul. Bias-free like every projection of this project. Tables start at the token embedding's
+    init (std 0.02, `memory.table_init_std` overrides it) and train like the embedding they extend: Adam at the
+    base learning rate, no weight decay (engram.trial.build_optimizers), lazily so that a step costs O(rows read).
     """
 
-    def __init__(self, cfg: MemoryConfig, d_model: int, compression: torch.Tensor | np.ndarray | None = None):
+    def __init__(self, cfg: MemoryConfig, d_model: int, vocab_size: int):
         super().__init__()
         if cfg.kind != "overencoding":
             raise ValueError(f"memory.kind: expected 'overencoding', got {cfg.kind!r}")
-        if d_model <= 0:
-            raise ValueError(f"d_model: expected a positive integer, got {d_model}")
-        primes = memory_primes(cfg)
-        self.max_ngram = cfg.max_ngram
-        self.n_heads = cfg.n_heads
-        self.hasher = NgramHasher(cfg, primes, hash_multipliers(cfg, _OVERENCODING_STREAM, 0), compression)
-        self.tables = _MultiTableEmbedding(primes, d_model, OVERENCODING_TABLE_INIT_STD)
+        if vocab_size <= 0 or vocab_size >= HASH_ID_LIMIT:
+            raise ValueError(f"vocab_size: expected 1..{HASH_ID_LIMIT - 1}, got {vocab_size}")
+        self.max_ngram, self.n_heads, self.vocab_size = cfg.max_ngram, cfg.n_heads, vocab_size
+        self.n_slices = overencoding_n_slices(cfg)
+        self.width = overencoding_width(cfg, d_model)
+        sizes = overencoding_table_sizes(cfg)
+        self.register_buffer("sizes", torch.tensor(sizes, dtype=torch.int64), persistent=False)
+        init_std = OVERENCODING_TABLE_INIT_STD if cfg.table_init_std is None else cfg.table_init_std
+        self.tables = _MultiTableEmbedding(sizes, self.width, init_std)
+        self.proj = nn.Linear(self.n_slices * self.width, d_model, bias=False)
+        nn.init.normal_(self.proj.weight, std=PROJ_INIT_STD)
 
     def table_parameters(self) -> list[nn.Parameter]:
         return [self.tables.table.weight]
+
+    def table_indices(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """(B, T, H) row of each table (before offsets): slice (n, j) reads f_n(t) mod (m + 2 * index)."""
+        if ids_BT.numel() and (int(ids_BT.min()) < 0 or int(ids_BT.max()) >= self.vocab_size):
+            raise ValueError(f"ids: expected token ids in [0, {self.vocab_size})")
+        per_order = [ngram_ids_mod(ids_BT, n, self.vocab_size,
+                                   self.sizes[(n - 2) * self.n_heads:(n - 1) * self.n_heads])
+                     for n in range(2, self.max_ngram + 1)]
+        return torch.cat(per_order, dim=-1)
+
+    def rows_read(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        """Row of the module's embedding (offsets applied) read by every position and table: (B * T * H,)."""
+        return (self.table_indices(ids_BT) + self.tables.offsets).flatten()
 
     def forward(self, ids_BT: torch.Tensor, tok_emb_BTD: torch.Tensor) -> torch.Tensor:
         if tok_emb_BTD.shape[:2] != ids_BT.shape:
             raise ValueError(f"ids_BT: expected shape {tuple(tok_emb_BTD.shape[:2])} to match tok_emb_BTD, "
                              f"got {tuple(ids_BT.shape)}")
-        rows_BTHD = self.tables(self.hasher(ids_BT))
-        B, T, _, D = rows_BTHD.shape
-        # Mean over the K heads of each order, summed over orders: one mean over all H rows, times (N-1).
-        ngram_sum_BTD = rows_BTHD.mean(dim=2) * (self.max_ngram - 1)
-        return (tok_emb_BTD + ngram_sum_BTD.to(tok_emb_BTD.dtype)) / self.max_ngram
+        rows_BTHW = self.tables(self.table_indices(ids_BT))
+        ngram_BTD = self.proj(rows_BTHW.flatten(start_dim=2).to(tok_emb_BTD.dtype))
+        return (tok_emb_BTD + ngram_BTD) / (1 + self.n_slices)

@@ -101,7 +101,7 @@ class EngramMoE(nn.Module):
         engrams: dict[int, nn.Module] = {}
         if mem.kind == "overencoding":
             from engram.memory import OverEncoding
-            self.overencoding = OverEncoding(mem, cfg.d_model, compression)
+            self.overencoding = OverEncoding(mem, cfg.d_model, cfg.vocab_size)
         elif mem.kind == "engram":
             from engram.memory import Engram
             engrams = {i: Engram(mem, cfg.d_model, i, compression) for i in mem.layers}

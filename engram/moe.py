@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
+STARVED_LOAD = 0.1  # an expert with less than this share of the mean load counts as starved (trial diagnostics)
 
 
 class SwiGLU(nn.Module):
@@ -139,6 +140,9 @@ class MoE(nn.Module):
         self.register_buffer("bias", torch.zeros(n_routed))
         # Token counts since the last bias update; transient, so not part of a checkpoint.
         self.register_buffer("counts", torch.zeros(n_routed, dtype=torch.long), persistent=False)
+        # Token counts of eval-mode forwards since the last bias update: after an evaluation that follows the
+        # last training step, the load of the validation set under the final router (`load_stats`).
+        self.register_buffer("eval_counts", torch.zeros(n_routed, dtype=torch.long), persistent=False)
 
     def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """Selected experts (T, K) and their mixing weights (T, K)."""
@@ -156,6 +160,8 @@ class MoE(nn.Module):
         counts_E = torch.bincount(flat_expert_S, minlength=self.n_routed)
         if self.training:
             self.counts += counts_E
+        else:
+            self.eval_counts += counts_E
         # Sort the token-expert assignments by expert once, run each expert on its contiguous block.
         order_S = flat_expert_S.argsort(stable=True)
         token_S = order_S // self.top_k
@@ -174,12 +180,37 @@ class MoE(nn.Module):
         The step is centred (as in torchtitan): only differences between biases matter for selection, and
         without centring the biases drift together whenever more experts sit below the mean load than above.
         """
+        self.eval_counts.zero_()
         if int(self.counts.sum()) == 0:
             return
         load_E = self.counts.float()
         delta_E = torch.sign(load_E.mean() - load_E)
         self.bias += self.balance_rate * (delta_E - delta_E.mean())
         self.counts.zero_()
+
+
+    def load_stats(self) -> tuple[float, float, int] | None:
+        """(max / mean, min / mean, experts below STARVED_LOAD x mean) of the eval-mode token counts since the last
+        bias update; None when no eval forward ran since."""
+        total = int(self.eval_counts.sum())
+        if total == 0:
+            return None
+        load_E = self.eval_counts.double() / (total / self.n_routed)
+        return float(load_E.max()), float(load_E.min()), int((load_E < STARVED_LOAD).sum())
+
+
+def effective_balance_rate(balance_rate: float, balance_travel: float | None, total_steps: int) -> float:
+    """Bias step per optimiser step: max(balance_rate, balance_travel / total_steps) (balance_rate alone when
+    balance_travel is None).
+
+    Why a travel: the step moves every bias by +-rate, so over T steps a bias moves at most rate * T. Selection
+    compares sigmoid affinities in (0, 1) plus bias, so a bias spread of ~1 can steer any token anywhere; the
+    paper-scale rate 1e-3 gets there after 1000 steps, while a default laptop trial has ~125 and ended with
+    max/mean expert load 5.9 and 29 of 84 experts starved (LOG.md, issue 7). Long trials keep balance_rate.
+    """
+    if balance_travel is None:
+        return balance_rate
+    return max(balance_rate, balance_travel / max(total_steps, 1))
 
 
 def residual_std(n_layers: int) -> float:

@@ -13,6 +13,10 @@ Optimisation (docs/paper.md "Engram", item 7; Engram paper arXiv 2601.07372 §2)
 - one schedule for both: linear warmup, then cosine (or warmup-stable-decay) down to `min_lr_ratio` x lr;
 - gradient clipping by the global norm over ALL gradients, sparse ones included (norm of coalesced values).
 
+Diagnostics (`TrialResult.diagnostics`, docs/fairness.md): reads per memory-table row and how far read rows moved
+(`TableUsage`), the expert load of the last validation pass (`router_diagnostics`), the balance rate used.
+OverEncoding tables train at the base learning rate (`table_lr_mult`).
+
 Horizon: exactly one of train.steps / tokens / flops (`horizon_steps`). Validation: the first
 `train.eval_tokens` tokens of the validation split cut into non-overlapping windows, the same for every trial
 of a corpus. Train batches: random windows drawn by a generator seeded with `train.seed`. On CPU a seed gives
@@ -40,11 +44,13 @@ from engram.config import TrainConfig, TrialConfig, config_hash
 from engram.data import prepare_data
 from engram.memory import build_compression
 from engram.model import EngramMoE
+from engram.moe import effective_balance_rate
 from engram.util import atomic_write, format_duration, format_si
 
 # Part of every trial id and checkpoint key: bump it whenever a change to the model, data or training code makes
 # new losses incomparable with stored ones, so a sweep re-runs those trials instead of mixing two code versions.
-RESULTS_VERSION = 2  # 2: validation windows spread over the whole validation split
+RESULTS_VERSION = 3  # 2: validation windows spread over the whole validation split; 3: P_act held across rho
+                     # (narrower dense FFN), equal tokens per experiment, OverEncoding as Algorithm 1
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
 # Train-loss points kept per curve (besides the evaluations): enough for a smooth plot, small in Parquet.
@@ -113,6 +119,9 @@ class TrialResult:
     counts: ParamCounts
     curve: tuple[CurvePoint, ...]
     error: str | None
+    # What the trial's tables and routers went through (TableUsage.summary, router_diagnostics, the balance
+    # rate); {} for results stored before them.
+    diagnostics: dict[str, float | int | None] = dataclasses.field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able mapping (for transport between processes); inverse of `from_dict`."""
@@ -194,8 +203,16 @@ def build_optimizers(model: EngramMoE, train: TrainConfig) -> tuple[torch.optim.
     tables = model.table_parameters()
     sparse = None
     if tables:
-        sparse = torch.optim.SparseAdam(tables, lr=train.lr * train.engram_lr_mult, betas=(train.beta1, train.beta2))
+        mult = table_lr_mult(model.cfg.memory.kind, train)
+        sparse = torch.optim.SparseAdam([{"params": tables, "lr_mult": mult}], lr=train.lr * mult,
+                                        betas=(train.beta1, train.beta2))
     return dense, sparse
+
+
+def table_lr_mult(kind: str, train: TrainConfig) -> float:
+    """Learning-rate multiplier of the memory tables: Engram's `train.engram_lr_mult` (paper: 5); OverEncoding's
+    tables train with the baseline's settings (arXiv 2501.16975): the base learning rate."""
+    return train.engram_lr_mult if kind == "engram" else 1.0
 
 
 @torch.no_grad()
@@ -277,7 +294,7 @@ def train_step(model: EngramMoE, batch_BT: torch.Tensor, dense_opt: torch.optim.
     dense_opt.zero_grad(set_to_none=True)
     if sparse_opt is not None:
         for group in sparse_opt.param_groups:
-            group["lr"] = lr * train.engram_lr_mult
+            group["lr"] = lr * group["lr_mult"]
         sparse_opt.step()
         sparse_opt.zero_grad(set_to_none=True)
     model.update_router_biases()  # after the step: this step's training-token counts steer the next selection
@@ -303,6 +320,91 @@ def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
     if device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Diagnostics: did the tables train, did the routers balance (DESIGN "Fair comparisons at small scale")
+
+
+class TableUsage:
+    """Reads of every memory-table row over the trial's training batches, and the tables' initial values.
+
+    Off the hot path: per step, the batch's row indices are recomputed (hashing is a few integer ops per
+    position) and added into a per-row counter with one index_add; measured at under 1% of a default step
+    (benchmarks/bench_diagnostics.py, LOG.md issue 7). The initial values are copied when the model is built,
+    before any checkpoint is loaded: init is seeded, so a resumed trial copies the same values. The counters
+    travel in checkpoints (`state`).
+    """
+
+    def __init__(self, model: EngramMoE) -> None:
+        self.modules = model.memory_modules()
+        self.reads = [torch.zeros(m.tables.table.num_embeddings, dtype=torch.int64,
+                                  device=m.tables.table.weight.device) for m in self.modules]
+        self.init = [m.tables.table.weight.detach().to("cpu", copy=True) for m in self.modules]
+
+    @torch.no_grad()
+    def record(self, ids_BT: torch.Tensor) -> None:
+        for module, reads in zip(self.modules, self.reads):
+            idx = module.rows_read(ids_BT)
+            reads.index_add_(0, idx, torch.ones_like(idx))
+
+    def state(self) -> list[torch.Tensor]:
+        return [r.cpu() for r in self.reads]
+
+    def load_state(self, state: list[torch.Tensor]) -> None:
+        assert len(state) == len(self.reads)
+        for reads, saved in zip(self.reads, state):
+            reads.copy_(saved)
+
+    @torch.no_grad()
+    def summary(self) -> dict[str, float | None]:
+        """rows_read_share: rows read at least once / all rows; lookups_median, lookups_p10: median and 10th
+        percentile of reads per row read; table_update_rms: mean over read rows of the RMS of (now - init);
+        table_init_rms: the same rows' mean RMS at init (the scale the update is to be read against)."""
+        if not self.modules:
+            return dict.fromkeys(("rows_read_share", "lookups_median", "lookups_p10", "table_update_rms",
+                                  "table_init_rms"))
+        reads, update, init = [], [], []
+        for module, n_reads, w0 in zip(self.modules, self.reads, self.init):
+            n_reads = n_reads.cpu()
+            read = n_reads > 0
+            w = module.tables.table.weight.detach().cpu().float()
+            update.append((w[read] - w0[read]).square().mean(dim=1).sqrt())
+            init.append(w0[read].float().square().mean(dim=1).sqrt())
+            reads.append(n_reads)
+        all_reads = torch.cat(reads).numpy()
+        read_counts = all_reads[all_reads > 0]
+        upd, ini = torch.cat(update), torch.cat(init)
+        return {
+            "rows_read_share": float(len(read_counts) / len(all_reads)),
+            "lookups_median": float(np.median(read_counts)) if len(read_counts) else None,
+            "lookups_p10": float(np.percentile(read_counts, 10)) if len(read_counts) else None,
+            "table_update_rms": float(upd.mean()) if len(upd) else None,
+            "table_init_rms": float(ini.mean()) if len(ini) else None,
+        }
+
+
+def set_balance_rate(model: EngramMoE, total_steps: int) -> float:
+    """Give every MoE layer the per-step bias rate that follows the trial's length; returns it."""
+    rate = effective_balance_rate(model.cfg.balance_rate, model.cfg.balance_travel, total_steps)
+    for moe in model.moe_layers():
+        moe.balance_rate = rate
+    return rate
+
+
+def router_diagnostics_empty() -> dict[str, None]:
+    return {"expert_load_max": None, "expert_load_min": None, "experts_starved": None}
+
+
+def router_diagnostics(model: EngramMoE) -> dict[str, float | int | None]:
+    """Expert load of the last evaluation (validation windows under the final router), worst MoE layer:
+    expert_load_max / expert_load_min (max / mean and min / mean), experts_starved (below STARVED_LOAD x mean,
+    summed over layers). None where the model has no MoE layer or no evaluation followed the last step."""
+    stats = [s for s in (moe.load_stats() for moe in model.moe_layers()) if s is not None]
+    if not stats:
+        return router_diagnostics_empty()
+    return {"expert_load_max": max(s[0] for s in stats), "expert_load_min": min(s[1] for s in stats),
+            "experts_starved": sum(s[2] for s in stats)}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -356,6 +458,7 @@ class _Trial:
             compression = torch.as_tensor(build_compression(data.token_texts))
         self.model = EngramMoE(mcfg, compression).to(device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.usage = TableUsage(self.model)  # before any checkpoint is loaded: copies the initial tables
         self.dense_opt, self.sparse_opt = build_optimizers(self.model, tcfg)
         self.gen = torch.Generator().manual_seed(tcfg.seed)
 
@@ -363,6 +466,7 @@ class _Trial:
         self.fpt = flops_per_token(mcfg)
         self.tokens_per_step = tcfg.batch_size * mcfg.seq_len
         self.total_steps = horizon_steps(tcfg, self.fpt, mcfg.seq_len)
+        self.balance_rate = set_balance_rate(self.model, self.total_steps)
         self.log_every = max(1, math.ceil(self.total_steps / N_CURVE_POINTS))
 
         self.step = 0  # optimiser steps completed
@@ -396,6 +500,7 @@ class _Trial:
                 return self._finish("diverged", f"non-finite loss at step {step}")
             if not math.isfinite(grad_norm):
                 return self._finish("diverged", f"non-finite gradient norm at step {step}")
+            self.usage.record(batch_BT[:, :-1].to(self.device))
             self.step = step
             self.loss_sum += loss
             self.loss_n += 1
@@ -432,7 +537,8 @@ class _Trial:
             status=status, final_val_loss=final_val, best_val_loss=self.best_val, train_loss=last_train,
             steps=self.step, tokens=tokens, flops_per_token=self.fpt, compute=self.fpt * tokens,
             wall_seconds=self.elapsed, tokens_per_second=tokens / self.train_seconds if self.train_seconds else 0.0,
-            device=_device_name(self.device), counts=self.counts, curve=tuple(self.curve), error=error)
+            device=_device_name(self.device), counts=self.counts, curve=tuple(self.curve), error=error,
+            diagnostics=self._diagnostics(status))
         if self.checkpoint_dir is not None:
             if status == "ok":  # final weights stay next to the result; a diverged state is of no use
                 self._save(notify=False)
@@ -441,6 +547,11 @@ class _Trial:
             if self.on_checkpoint is not None:
                 self.on_checkpoint(self.checkpoint_dir)
         return result
+
+    def _diagnostics(self, status: str) -> dict[str, float | int | None]:
+        router = router_diagnostics(self.model) if status == "ok" else router_diagnostics_empty()
+        rate = self.balance_rate if self.model.moe_layers() else None
+        return {**self.usage.summary(), **router, "balance_rate": rate}
 
     # -- checkpoints ------------------------------------------------------------------------------------------
 
@@ -454,6 +565,7 @@ class _Trial:
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "curve": [dataclasses.asdict(p) for p in self.curve], "loss_sum": self.loss_sum, "loss_n": self.loss_n,
             "best_val": self.best_val, "elapsed": self.elapsed, "train_seconds": self.train_seconds,
+            "table_reads": self.usage.state(),
         }
         atomic_write(self.checkpoint_dir / STATE_FILE, lambda f: torch.save(state, f))
         if notify and self.on_checkpoint is not None:
@@ -474,6 +586,7 @@ class _Trial:
         self.curve = [CurvePoint(**p) for p in state["curve"]]
         self.loss_sum, self.loss_n = state["loss_sum"], state["loss_n"]
         self.best_val, self.elapsed, self.train_seconds = state["best_val"], state["elapsed"], state["train_seconds"]
+        self.usage.load_state(state["table_reads"])
 
 
 def _check_key(state: dict[str, Any], key: str, path: Path) -> None:

@@ -1,6 +1,6 @@
 """The `engram-sweep` command: plan / run / status / report / train.
 
-    engram-sweep plan SPEC                   print every trial (params, tokens, FLOPs, ETA, stored?) without running
+    engram-sweep plan SPEC [--json]          print every trial (params, tokens, FLOPs, ETA, stored?) without running
     engram-sweep run SPEC [--address ADDR]   run the sweep on Ray (embedded local Ray, or ADDR / $RAY_ADDRESS)
     engram-sweep status RESULTS_DIR|SPEC     progress from the store alone (safe while a sweep runs)
     engram-sweep report RESULTS_DIR          fits, plots and report.md (analysis.report.write_report)
@@ -69,6 +69,9 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("plan", help="print every trial of a sweep without running anything")
     p.add_argument("spec", type=Path, help="sweep spec (YAML)")
+    p.add_argument("--json", action="store_true",
+                   help="print every grid trial's planned row (params, tokens, FLOPs, lookups per row) as one JSON "
+                        "array instead of the table")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run a sweep on Ray, skipping trials already complete in the store")
@@ -113,6 +116,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
     runs = store.runs()
     throughput = calibrate_throughput(spec, runs)
     trials = plan_sweep(spec, throughput=throughput)
+    if getattr(args, "json", False):
+        import json
+
+        print(json.dumps([t.as_row() for t in trials], indent=1))
+        return 0
     complete = runs[runs["status"].isin(COMPLETE_STATUSES)]
     search_done = complete.groupby("experiment")["trial_id"].nunique().to_dict()
     print(f"sweep {spec.name}: {len(spec.experiments)} experiment(s), store {spec.store_dir}")

@@ -2,7 +2,12 @@
 
 `plan_sweep` lists the grid trials (allocation and memory experiments); a search experiment's trials exist only
 once Optuna suggests a rho, and the launcher builds each with `plan_search_trial`. `plan_table` renders what
-`engram-sweep plan` prints.
+`engram-sweep plan` prints, `PlannedTrial.as_row` what `plan --json` prints.
+
+Fairness (docs/fairness.md): every trial of one experiment and budget trains on the same tokens
+(`reference_tokens`), P_tot and P_act are held by the solver, and `check_plan_fair` refuses a plan off by more
+than FAIR_TOLERANCE. Each trial's expected reads per memory-table row are shown, with a warning where a memory
+experiment's slots get fewer than analysis.diagnostics.TRAINED_LOOKUPS_PER_ROW.
 
 Time estimates (ETA) use a deliberately simple model, stated here and printed with the plan:
     seconds(trial) = STARTUP_SECONDS + (training FLOPs + evaluation FLOPs) / effective FLOP/s
@@ -25,9 +30,12 @@ from typing import Mapping
 
 import pandas as pd
 
-from engram.accounting import ParamCounts, flops_per_token, param_counts, solve_allocation
-from engram.config import ModelConfig, TrialConfig
+from analysis.diagnostics import TRAINED_LOOKUPS_PER_ROW
+from engram.accounting import (FAIR_TOLERANCE, AllocationError, ParamCounts, flops_per_token, param_counts,
+                               solve_allocation)
+from engram.config import MemoryConfig, ModelConfig, TrialConfig
 from engram.data import corpus_fingerprint
+from engram.memory import expected_lookups_per_row
 from engram.trial import horizon_steps, trial_id
 from engram.util import format_duration, format_si, format_table
 from sweeps.footprint import format_bytes, limits_text, trial_footprint
@@ -54,7 +62,7 @@ class PlannedTrial:
     kind: str  # "allocation" | "memory" | "search"
     memory: str  # "engram" | "overencoding" | "none"
     rho: float | None  # target rho (grid value) for allocation/search; None for memory
-    slots: int
+    slots: int  # table rows; in a memory experiment the grid value (Engram rows of the same table parameters)
     seed: int
     budget: float | None
     config: TrialConfig  # resolved and concrete (solver applied, horizon set, seed set)
@@ -66,6 +74,22 @@ class PlannedTrial:
     @property
     def steps(self) -> int:
         return self.tokens // (self.config.train.batch_size * self.config.model.seq_len)
+
+    @property
+    def lookups_per_row(self) -> float | None:
+        """Expected reads per memory table row over the trial (tokens x tables / rows); None without memory."""
+        return expected_lookups_per_row(self.config.model.memory, self.tokens)
+
+    def as_row(self) -> dict:
+        """The planned row `engram-sweep plan --json` prints (plain JSON types)."""
+        c = self.counts
+        return {"trial_id": self.trial_id, "experiment": self.experiment, "kind": self.kind, "memory": self.memory,
+                "rho": self.rho, "rho_achieved": c.rho if self.rho is not None else None, "slots": self.slots,
+                "n_routed": self.config.model.n_routed, "d_ff_dense": self.config.model.d_ff_dense,
+                "seed": self.seed, "budget": self.budget, "P_tot": c.p_tot, "P_act": c.p_act,
+                "P_sparse": c.p_sparse, "table_params": c.engram_tables, "tokens": self.tokens,
+                "flops_per_token": self.flops_per_token, "FLOPs": self.flops_per_token * self.tokens,
+                "lookups_per_row": self.lookups_per_row, "est_seconds": self.est_seconds}
 
 
 @dataclass(frozen=True)
@@ -97,24 +121,28 @@ def plan_sweep(spec: SweepSpec, *, throughput: Throughput | None = None) -> list
         if isinstance(exp, AllocationExperiment):
             p_tot = target_p_tot(spec, exp)
             for budget in exp.budgets:
+                tokens = reference_tokens(spec, allocation_model(spec, p_tot, 1.0), budget)
                 for rho in exp.rho:
                     model = allocation_model(spec, p_tot, rho)
                     for seed in exp.seeds:
                         trials.append(_planned(spec, exp.name, exp.kind, model, rho, budget, seed, fingerprint,
-                                               throughput))
+                                               throughput, tokens))
         elif isinstance(exp, MemoryExperiment):
+            tokens = reference_tokens(spec, memory_free_model(spec), exp.budget)
             for kind in exp.memory:
-                for slots in exp.slots:
+                for slots in (exp.slots if kind != "none" else (0,)):  # one memory-free point
                     model = dataclasses.replace(spec.model, memory=engram_shape(spec, slots, kind))
                     for seed in exp.seeds:
                         trials.append(_planned(spec, exp.name, exp.kind, model, None, exp.budget, seed,
-                                               fingerprint, throughput))
+                                               fingerprint, throughput, tokens, slots=int(slots)))
     # Equal configs are one trial (content-addressed): e.g. rho = 0.99 and 1.0 can both round to the pure MoE,
     # or two experiments can share a point. It runs once and is recorded under its first occurrence.
     unique: dict[str, PlannedTrial] = {}
     for t in trials:
         unique.setdefault(t.trial_id, t)
-    return list(unique.values())
+    planned = list(unique.values())
+    check_plan_fair(spec, planned)
+    return planned
 
 
 def plan_search_trial(spec: SweepSpec, experiment: str, rho: float, seed: int, *,
@@ -125,9 +153,11 @@ def plan_search_trial(spec: SweepSpec, experiment: str, rho: float, seed: int, *
         raise ValueError(f"experiment: {experiment!r} is a {exp.kind} experiment, not a search")
     if not 0 <= rho <= 1:
         raise ValueError(f"rho: expected a number in [0, 1], got {rho}")
-    model = allocation_model(spec, target_p_tot(spec, exp), float(rho))
+    p_tot = target_p_tot(spec, exp)
+    model = allocation_model(spec, p_tot, float(rho))
+    tokens = reference_tokens(spec, allocation_model(spec, p_tot, 1.0), exp.budget)
     return _planned(spec, exp.name, exp.kind, model, float(rho), exp.budget, seed,
-                    fingerprint or corpus_fingerprint(spec.data), throughput or calibrate_throughput(spec))
+                    fingerprint or corpus_fingerprint(spec.data), throughput or calibrate_throughput(spec), tokens)
 
 
 def allocation_model(spec: SweepSpec, p_tot: float, rho: float) -> ModelConfig:
@@ -135,14 +165,37 @@ def allocation_model(spec: SweepSpec, p_tot: float, rho: float) -> ModelConfig:
     return solve_allocation(spec.model, p_tot, rho).config
 
 
+def memory_free_model(spec: SweepSpec) -> ModelConfig:
+    """A memory experiment's fixed backbone without memory: the reference of its token count."""
+    return dataclasses.replace(spec.model, memory=MemoryConfig())
+
+
+def reference_tokens(spec: SweepSpec, reference: ModelConfig, budget: float) -> int:
+    """Training tokens of every trial of one experiment and budget: what the budget buys the reference model
+    (allocation and search: the rho = 1 model; memory: the memory-free backbone), in whole steps.
+
+    Why one count for all: with the budget as each trial's own FLOPs horizon, a model with ~0.02% more P_act can
+    round to one step fewer (0.8% of ~120 steps), and a memory model trains ~5% fewer tokens than the
+    memory-free one. Equal tokens compare models on the same data; their FLOPs (shown by the plan, recorded per
+    trial) then differ by their P_act difference: < 0.5% in an allocation experiment (FAIR_TOLERANCE), the
+    memory's dense part in a memory experiment."""
+    probe = dataclasses.replace(spec.train, steps=None, tokens=None, flops=float(budget))
+    steps = horizon_steps(probe, flops_per_token(reference), reference.seq_len)
+    return steps * spec.train.batch_size * reference.seq_len
+
+
 def _planned(spec: SweepSpec, experiment: str, kind: str, model: ModelConfig, rho: float | None,
-             budget: float, seed: int, fingerprint: str, throughput: Throughput) -> PlannedTrial:
-    config = TrialConfig(model=model, data=spec.data, train=spec.trial_train(budget, seed))
+             budget: float, seed: int, fingerprint: str, throughput: Throughput, tokens: int,
+             slots: int | None = None) -> PlannedTrial:
+    """`slots`: the grid value of a memory experiment (Engram rows; OverEncoding's table gets the rows of equal
+    table parameters, sweeps.spec.engram_shape); by default the model's table rows."""
+    config = TrialConfig(model=model, data=spec.data, train=spec.trial_train(budget, seed, tokens))
     fpt = flops_per_token(model)
     steps = horizon_steps(config.train, fpt, model.seq_len)
     return PlannedTrial(
         trial_id=trial_id(config, fingerprint), sweep=spec.name, experiment=experiment, kind=kind,
-        memory=model.memory.kind, rho=rho, slots=model.memory.slots if model.memory.kind != "none" else 0,
+        memory=model.memory.kind, rho=rho,
+        slots=0 if model.memory.kind == "none" else (model.memory.slots if slots is None else slots),
         seed=seed, budget=float(budget), config=config, counts=param_counts(model), flops_per_token=fpt,
         tokens=steps * config.train.batch_size * model.seq_len,
         est_seconds=throughput.seconds(config, fpt, steps))
@@ -205,27 +258,22 @@ format_seconds = format_duration
 
 def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], throughput: Throughput,
                search_done: Mapping[str, int] | None = None) -> str:
-    """The text `engram-sweep plan` prints: one row per trial, then deviations from targets and the ETA.
-    `search_done`: complete trials already stored per search experiment (they are not run again)."""
-    header = ["experiment", "memory", "rho", "rho_ach", "slots", "n_routed", "P_tot", "dP_tot", "P_act",
-              "P_sparse", "seed", "tokens", "FLOPs", "ETA", "peak mem", "stored"]
-    rows, max_dp, max_drho, dp_act = [], 0.0, 0.0, []
-    targets = {e.name: target_p_tot(spec, e) for e in spec.experiments if not isinstance(e, MemoryExperiment)}
-    # P_act of each allocation/search experiment's rho = 1 model: the fixed P_act the other rhos deviate from.
-    p_act_ref = {name: solve_allocation(spec.model, p_tot, 1.0).counts.p_act for name, p_tot in targets.items()}
+    """The text `engram-sweep plan` prints: one row per trial, then deviations from targets, table-training
+    warnings and the ETA. `search_done`: complete trials already stored per search experiment (they are not run
+    again)."""
+    header = ["experiment", "memory", "rho", "rho_ach", "slots", "n_routed", "d_ff", "P_tot", "dP_tot", "P_act",
+              "dP_act", "P_sparse", "seed", "tokens", "FLOPs", "lookups/row", "ETA", "peak mem", "stored"]
+    rows = []
+    dev = fairness_deviations(spec, trials)
     for t in trials:
-        c = t.counts
-        dp = (c.p_tot / targets[t.experiment] - 1) if t.experiment in targets else None
-        rho_ach = c.rho
-        if dp is not None:
-            max_dp = max(max_dp, abs(dp))
-            dp_act.append(c.p_act / p_act_ref[t.experiment] - 1)
-        if t.rho is not None and rho_ach is not None:
-            max_drho = max(max_drho, abs(rho_ach - t.rho))
+        c, d = t.counts, dev.get(t.trial_id, {})
         rows.append([t.experiment, t.memory, "-" if t.rho is None else f"{t.rho:.3g}",
-                     "-" if rho_ach is None or t.rho is None else f"{rho_ach:.3f}", str(t.slots),
-                     str(t.config.model.n_routed), _si(c.p_tot), "-" if dp is None else f"{100 * dp:+.1f}%",
-                     _si(c.p_act), _si(c.p_sparse), str(t.seed), _si(t.tokens), f"{t.flops_per_token * t.tokens:.2e}",
+                     "-" if t.rho is None else f"{c.rho:.3f}", str(t.slots),
+                     str(t.config.model.n_routed), str(t.config.model.d_ff_dense), _si(c.p_tot),
+                     "-" if "p_tot" not in d else f"{100 * d['p_tot']:+.2f}%", _si(c.p_act),
+                     "-" if "p_act" not in d else f"{100 * d['p_act']:+.2f}%", _si(c.p_sparse), str(t.seed),
+                     _si(t.tokens), f"{t.flops_per_token * t.tokens:.2e}",
+                     "-" if t.lookups_per_row is None else f"{t.lookups_per_row:.3g}",
                      format_seconds(t.est_seconds), format_bytes(trial_footprint(t.config, t.counts).total),
                      "yes" if t.trial_id in stored else "no"])
     lines = format_table(header, rows)
@@ -242,12 +290,77 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
                          f"(rho=1 estimate)")
     slots = parallel_slots(spec)
     lines.append(limits_text(spec, trials, slots))
+
+    def worst(key: str) -> str:
+        values = [abs(d[key]) for d in dev.values() if key in d]
+        return f"{100 * max(values):.2f}%" if values else "-"
+
+    max_drho = max((abs(t.counts.rho - t.rho) for t in trials if t.rho is not None), default=0.0)
     lines += [
         f"{len(trials)} grid trials: {len(trials) - len(pending)} stored, {len(pending)} to run",
-        f"deviation from targets: max |P_tot/target - 1| = {100 * max_dp:.2f}%, max |rho_ach - rho| = {max_drho:.3f}",
-        "P_act vs the rho = 1 model (Engram projections, norms and conv add to it; fewer routers take away): "
-        + (f"{100 * min(dp_act):+.1f}% .. {100 * max(dp_act):+.1f}%" if dp_act else "-"),
-        f"ETA: {format_seconds(eta / slots)} with {slots} trial(s) at once "
-        f"({format_seconds(eta)} of trial time; {throughput.source}; startup {throughput.startup_seconds:.0f}s/trial)",
+        f"fairness (tolerance {100 * FAIR_TOLERANCE:.1f}%): max |P_tot/target - 1| = {worst('p_tot')}, "
+        f"max |P_act/P_act(rho=1) - 1| = {worst('p_act')}, max token spread within an experiment and budget = "
+        f"{worst('tokens')}; max |rho_ach - rho| = {max_drho:.3f}",
+        "P_act held by narrowing the dense FFN (d_ff) by the memory's dense parameters (docs/fairness.md)",
     ]
+    lines += table_training_warnings(spec, trials)
+    lines.append(f"ETA: {format_seconds(eta / slots)} with {slots} trial(s) at once "
+                 f"({format_seconds(eta)} of trial time; {throughput.source}; "
+                 f"startup {throughput.startup_seconds:.0f}s/trial)")
     return "\n".join(lines)
+
+
+def fairness_deviations(spec: SweepSpec, trials: list[PlannedTrial]) -> dict[str, dict[str, float]]:
+    """Per trial_id, the relative deviations the fairness rule bounds: p_tot (from the experiment's target) and
+    p_act (from its rho = 1 model) for allocation and search trials; tokens (from the smallest token count of
+    the same experiment and budget) for every trial."""
+    out: dict[str, dict[str, float]] = {t.trial_id: {} for t in trials}
+    for exp in spec.experiments:
+        if isinstance(exp, MemoryExperiment):
+            continue
+        p_tot = target_p_tot(spec, exp)
+        p_act_ref = solve_allocation(spec.model, p_tot, 1.0).counts.p_act
+        for t in trials:
+            if t.experiment == exp.name:
+                out[t.trial_id].update(p_tot=t.counts.p_tot / p_tot - 1, p_act=t.counts.p_act / p_act_ref - 1)
+    groups: dict[tuple, list[PlannedTrial]] = {}
+    for t in trials:
+        groups.setdefault((t.experiment, t.budget), []).append(t)
+    for group in groups.values():
+        least = min(t.tokens for t in group)
+        for t in group:
+            out[t.trial_id]["tokens"] = t.tokens / least - 1
+    return out
+
+
+def check_plan_fair(spec: SweepSpec, trials: list[PlannedTrial]) -> None:
+    """Raise AllocationError (one line) when any planned trial breaks the fairness tolerance (FAIR_TOLERANCE)."""
+    names = {"p_tot": "P_tot vs its target", "p_act": "P_act vs the rho = 1 model", "tokens": "tokens vs the "
+             "experiment's other trials"}
+    by_id = {t.trial_id: t for t in trials}
+    for tid, d in fairness_deviations(spec, trials).items():
+        for key, value in d.items():
+            if abs(value) > FAIR_TOLERANCE:
+                t = by_id[tid]
+                raise AllocationError(f"experiments.{t.experiment}: {names[key]} off by {100 * value:+.2f}% at "
+                                 f"rho={t.rho}, slots={t.slots} (tolerance {100 * FAIR_TOLERANCE:.1f}%)")
+
+
+def table_training_warnings(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:
+    """One line per memory experiment (and memory kind) whose slot grid reaches past what its budget trains:
+    slot points with fewer expected lookups per row than TRAINED_LOOKUPS_PER_ROW (analysis.diagnostics says how
+    that threshold was measured)."""
+    lines = []
+    for exp in spec.experiments:
+        if not isinstance(exp, MemoryExperiment):
+            continue
+        for kind in exp.memory:
+            under = sorted({(t.slots, t.lookups_per_row) for t in trials if t.experiment == exp.name
+                            and t.memory == kind and t.lookups_per_row is not None
+                            and t.lookups_per_row < TRAINED_LOOKUPS_PER_ROW})
+            if under:
+                points = ", ".join(f"{s:.3g} ({n:.3g}/row)" for s, n in under)
+                lines.append(f"warning: {exp.name} ({kind}): slots {points} get fewer than "
+                             f"{TRAINED_LOOKUPS_PER_ROW:g} expected lookups per row at {exp.budget:.2e} FLOPs: "
+                             f"those tables stay near their init (outside the trained regime)")
+    return lines

@@ -26,7 +26,7 @@ from engram.config import (ConfigError, DataConfig, MemoryConfig, ModelConfig, T
                            from_dict, to_dict)
 
 EXPERIMENT_KINDS = ("allocation", "memory", "search")
-SWEEP_MEMORY_KINDS = ("engram", "overencoding")
+SWEEP_MEMORY_KINDS = ("engram", "overencoding", "none")  # none: the memory-free point of a memory experiment
 NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
 # Keys a spec may not set in `train` / `model.memory`: each experiment sets them per trial.
 _TRAIN_PER_TRIAL = MappingProxyType({"steps": "each experiment's budget sets the horizon as train.flops",
@@ -207,7 +207,11 @@ class SweepSpec:
                 return exp
         raise KeyError(name)
 
-    def trial_train(self, budget: float, seed: int) -> TrainConfig:
+    def trial_train(self, budget: float, seed: int, tokens: int | None = None) -> TrainConfig:
+        """The trial's TrainConfig: horizon train.flops = budget, or, given `tokens` (the plan holds the tokens
+        of every trial of an experiment and budget equal: sweeps.plan.reference_tokens), train.tokens."""
+        if tokens is not None:
+            return dataclasses.replace(self.train, steps=None, tokens=int(tokens), flops=None, seed=seed)
         return dataclasses.replace(self.train, steps=None, tokens=None, flops=float(budget), seed=seed)
 
 
@@ -372,7 +376,16 @@ def _resolve_data(data: DataConfig, base_dir: Path, path: str) -> DataConfig:
 
 
 def engram_shape(spec: SweepSpec, slots: int, kind: str = "engram") -> MemoryConfig:
-    """The spec's memory shape with a kind and slot count filled in."""
+    """The spec's memory shape with a kind and slot count filled in; kind "none" is the memory-free model.
+
+    `slots` counts Engram rows (d_head wide). OverEncoding rows are d_model / ((N-1) * K) wide, so its table gets
+    slots * d_head / that width rows: equal table parameters at equal `slots` (the same rows at the default
+    shape, where both widths are 16)."""
+    if kind == "none":
+        return MemoryConfig()
+    if kind == "overencoding":
+        width = spec.model.d_model // ((spec.model.memory.max_ngram - 1) * spec.model.memory.n_heads)
+        slots = round(int(slots) * spec.model.memory.d_head / max(width, 1))
     return dataclasses.replace(spec.model.memory, kind=kind, slots=int(slots))
 
 
@@ -394,7 +407,7 @@ def step_flops(spec: SweepSpec, model: ModelConfig) -> float:
 
 
 def _check_feasible(spec: SweepSpec, exp: Experiment, path: str) -> None:
-    from engram.accounting import AllocationError, moe_model_for_p_tot, solve_allocation
+    from engram.accounting import AllocationError, check_fair, moe_model_for_p_tot, solve_allocation
 
     if isinstance(exp, MemoryExperiment):
         for i, slots in enumerate(exp.slots):
@@ -413,6 +426,7 @@ def _check_feasible(spec: SweepSpec, exp: Experiment, path: str) -> None:
     try:
         p_tot = target_p_tot(spec, exp)
         moe_model_for_p_tot(spec.model, p_tot)  # P_tot below P_act of the smallest MoE fails here
+        check_fair(solve_allocation(spec.model, p_tot, 1.0))  # a P_tot target whole experts cannot meet
     except (AllocationError, ValueError) as err:
         raise ConfigError(f"{path}.{target_field}: {err}") from None
     rhos = exp.rho if isinstance(exp, AllocationExperiment) else (0.0, 1.0)
@@ -420,7 +434,9 @@ def _check_feasible(spec: SweepSpec, exp: Experiment, path: str) -> None:
     for i, rho in enumerate(rhos):
         where = f"{path}.rho[{i}]" if isinstance(exp, AllocationExperiment) else f"{path}.{target_field}"
         try:
-            model = solve_allocation(spec.model, p_tot, rho).config
+            alloc = solve_allocation(spec.model, p_tot, rho)
+            check_fair(alloc)  # P_tot and P_act within FAIR_TOLERANCE, or the spec is refused
+            model = alloc.config
         except (AllocationError, ValueError) as err:
             raise ConfigError(f"{where}: infeasible allocation at rho={rho:g}: {err}") from None
         need = step_flops(spec, model)

@@ -177,7 +177,16 @@ def result_row(trial: PlannedTrial, result: TrialResult | None, *, error: str | 
         "device": None if result is None else result.device,
         "host": socket.gethostname(), "versions": json.dumps(package_versions(), sort_keys=True),
         "git_commit": git_commit(), "started_at": started_at, "finished_at": finished_at,
+        **_diagnostic_fields(trial, result),
     }
+
+
+def _diagnostic_fields(trial: PlannedTrial, result: TrialResult | None) -> dict[str, Any]:
+    diag = result.diagnostics if result is not None else {}
+    return {"d_ff_dense": trial.config.model.d_ff_dense, "table_params": int(trial.counts.engram_tables),
+            "lookups_per_row": trial.lookups_per_row,
+            **{k: diag.get(k) for k in ("rows_read_share", "lookups_median", "lookups_p10", "table_update_rms",
+                                        "table_init_rms", "expert_load_max", "expert_load_min", "experts_starved")}}
 
 
 def curve_frame(result: TrialResult) -> pd.DataFrame:

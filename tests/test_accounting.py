@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from engram.accounting import (AllocationError, ParamCounts, flops_per_token, p_tot_for_ratio, param_counts,
-                               solve_allocation)
+from engram.accounting import (FAIR_TOLERANCE, AllocationError, ParamCounts, check_fair, flops_per_token,
+                               p_tot_for_ratio, param_counts, solve_allocation)
 from engram.config import MemoryConfig, ModelConfig
 from engram.model import EngramMoE
 from engram.moe import MoE
@@ -109,13 +109,15 @@ def test_solver_hits_p_tot_and_follows_the_expert_formula_on_a_fine_grid(ratio):
             alloc.config == moe.config
         assert alloc.config.n_routed >= prev_n and alloc.slots <= prev_slots  # monotone in rho
         prev_n, prev_slots = alloc.config.n_routed, alloc.slots
-        # P_act moves only by the memory's dense parameters and the router columns of removed experts.
-        assert c.p_act - moe.counts.p_act == alloc.p_act_engram_dense + alloc.p_act_router_delta
+        # P_act held: the memory's dense parameters and the router columns of removed experts are paid for by
+        # a narrower dense FFN, to within half a unit of its width (3 * D per dense layer).
+        unit = 3 * DEFAULT.d_model * DEFAULT.n_dense_layers
+        assert c.p_act - moe.counts.p_act == (alloc.p_act_engram_dense + alloc.p_act_router_delta
+                                              + alloc.d_ff_dense_delta * unit)
+        assert abs(c.p_act - moe.counts.p_act) <= unit / 2
         assert alloc.p_act_deviation == pytest.approx((c.p_act - moe.counts.p_act) / moe.counts.p_act)
-        # Achieved rho off the target by at most half an expert of rounding plus the dense memory parameters,
-        # which P_act (not P_sparse) holds; 1e-3 for the prime rounding of the tables.
-        p_sparse, mem_dense = moe.counts.p_sparse, c.engram_dense
-        assert abs(alloc.rho - rho) <= (0.5 * expert + mem_dense) / (p_sparse - mem_dense) + 1e-3, (rho, alloc.rho)
+        # Achieved rho off the target by at most half an expert of rounding; 1e-3 for the primes of the tables.
+        assert abs(alloc.rho - rho) <= 0.5 * expert / moe.counts.p_sparse + 1e-3, (rho, alloc.rho)
         assert alloc.p_tot_target == p_tot and alloc.rho_target == rho
     zero = solve_allocation(ENGRAM_SHAPE, p_tot, 0.0)
     assert zero.config.n_routed == DEFAULT.top_k and zero.rho == 0.0 and zero.config.memory.kind == "engram"
@@ -137,8 +139,8 @@ def test_solver_with_overencoding_shape():
     base = dataclasses.replace(DEFAULT, memory=MemoryConfig(kind="overencoding", slots=1000))
     p_tot = p_tot_for_ratio(base, 4.0)
     alloc = solve_allocation(base, p_tot, 0.5)
-    assert alloc.config.memory.kind == "overencoding" and alloc.counts.engram_dense == 0
-    assert abs(alloc.p_tot_deviation) < 0.01 and alloc.p_act_deviation <= 0
+    assert alloc.config.memory.kind == "overencoding" and alloc.counts.engram_dense == 8 * 16 * 128  # projections
+    assert abs(alloc.p_tot_deviation) < FAIR_TOLERANCE and abs(alloc.p_act_deviation) < FAIR_TOLERANCE
 
 
 def test_solver_ignores_base_n_routed_and_slots():
@@ -153,12 +155,13 @@ def test_infeasible_targets_raise_with_the_numbers():
     smallest = param_counts(dataclasses.replace(DEFAULT, n_routed=DEFAULT.top_k))
     with pytest.raises(AllocationError, match=str(smallest.p_act)):
         solve_allocation(ENGRAM_SHAPE, 0.5 * smallest.p_tot, 0.5)
-    # Memory whose dense projections outweigh one expert: no room for the tables just below rho = 1.
+    # Memory whose dense projections outweigh the dense FFN: P_act cannot be held.
     wide = dataclasses.replace(DEFAULT, memory=MemoryConfig(kind="engram", slots=1000, n_heads=8, d_head=64))
-    p_tot = p_tot_for_ratio(wide, 4.0)
-    n_sparse = solve_allocation(wide, p_tot, 1.0).config.n_routed - DEFAULT.top_k
-    with pytest.raises(AllocationError, match="fewer than the minimum"):
-        solve_allocation(wide, p_tot, 1.0 - 1.0 / n_sparse)
+    with pytest.raises(AllocationError, match="P_act cannot be held"):
+        solve_allocation(wide, p_tot_for_ratio(wide, 4.0), 0.5)
+    with pytest.raises(AllocationError, match="n_dense_layers=0"):
+        no_dense = dataclasses.replace(ENGRAM_SHAPE, n_dense_layers=0)
+        solve_allocation(no_dense, p_tot_for_ratio(no_dense, 4.0), 0.5)
     with pytest.raises(AllocationError, match="no MoE layer"):
         solve_allocation(dataclasses.replace(ENGRAM_SHAPE, n_dense_layers=DEFAULT.n_layers), 1e7, 0.5)
     with pytest.raises(ValueError, match="rho"):
@@ -167,3 +170,31 @@ def test_infeasible_targets_raise_with_the_numbers():
         p_tot_for_ratio(ENGRAM_SHAPE, 0.5)
     with pytest.raises(AllocationError, match="ratio"):
         p_tot_for_ratio(ENGRAM_SHAPE, 1000.0)  # every expert adds router columns to P_act: ratio < 3 d_expert + 1
+
+
+@pytest.mark.parametrize("shape", ["default", "engram-2-layers", "no-shared-two-dense"])
+@pytest.mark.parametrize("ratio", [2.0, 4.0, 10.0])
+def test_p_act_and_p_tot_are_held_within_tolerance_on_a_grid_of_rho_and_ratios(shape, ratio):
+    base = dataclasses.replace(SHAPES[shape], memory=dataclasses.replace(SHAPES[shape].memory, kind="none"))
+    if shape == "default":
+        base = ENGRAM_SHAPE
+    try:
+        p_tot = p_tot_for_ratio(base, ratio)
+    except AllocationError:
+        pytest.skip("ratio out of this shape's reach")
+    moe = solve_allocation(base, p_tot, 1.0)
+    for rho in np.linspace(0.0, 0.95, 20):
+        alloc = solve_allocation(base, p_tot, float(rho))
+        check_fair(alloc)  # raises beyond FAIR_TOLERANCE
+        assert abs(alloc.counts.p_act / moe.counts.p_act - 1) <= FAIR_TOLERANCE
+        assert abs(alloc.counts.p_tot / p_tot - 1) <= FAIR_TOLERANCE
+        if alloc.config.memory.kind != "none":
+            assert alloc.counts.engram_dense > 0 and alloc.config.d_ff_dense != base.d_ff_dense
+
+
+def test_check_fair_refuses_a_p_tot_target_whole_experts_miss():
+    moe = solve_allocation(ENGRAM_SHAPE, p_tot_for_ratio(ENGRAM_SHAPE, 4.0), 1.0)
+    expert = 3 * DEFAULT.d_model * DEFAULT.d_expert * DEFAULT.n_moe_layers
+    off = moe.counts.p_tot + 0.45 * expert  # nearly half an expert from any realisable P_tot: ~1.3%
+    with pytest.raises(AllocationError, match=f"nearest realisable P_tot {moe.counts.p_tot}"):
+        check_fair(solve_allocation(ENGRAM_SHAPE, off, 0.5))

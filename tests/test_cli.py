@@ -101,7 +101,7 @@ MALFORMED: list[tuple[str, Callable[[dict], None] | str, str]] = [
     ("slots-not-positive", _set("experiments.1.slots", [0, 2000]), "experiments[1].slots[0]: expected a positive"),
     ("slots-below-table-floor", _set("experiments.1.slots", [10]), "experiments[1].slots[0]: expected at least"),
     ("unknown-memory-kind", _set("experiments.1.memory", ["engram", "ram"]),
-     "experiments[1].memory[1]: expected one of engram, overencoding"),
+     "experiments[1].memory[1]: expected one of engram, overencoding, none"),
     ("search-no-trials", _set("experiments.2.n_trials", 0), "experiments[2].n_trials: expected an integer in 1.."),
     ("missing-corpus", _set("data.corpus", "no/such/folder"), "data.corpus: no such file or folder"),
     ("glob-matches-nothing", _set("data.corpus", "corpus/*.md"), "data.corpus: no file matches"),
@@ -241,7 +241,8 @@ def test_train_config_mistake_is_one_line(spec_dir: Path, capsys: pytest.Capture
     path = write_spec(spec_dir, {"model": {"d_modle": 8}, "train": {"steps": 1}}, "trial.yaml")
     assert main(["train", "--config", str(path)]) == 2
     assert capsys.readouterr().err.strip() == ("engram-sweep: error: model.d_modle: unknown key (expected one of "
-                                               "balance_rate, d_expert, d_ff_dense, d_model, memory, n_dense_layers, "
+                                               "balance_rate, balance_travel, d_expert, d_ff_dense, d_model, memory, "
+                                               "n_dense_layers, "
                                                "n_heads, n_layers, n_routed, n_shared_experts, rope_theta, seq_len, "
                                                "tie_embeddings, top_k, vocab_size)")
 

@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from engram.config import MemoryConfig
+from engram.config import ConfigError, MemoryConfig, ModelConfig
 from engram.memory import (
+    HASH_ID_LIMIT,
     MULTIPLIER_BITS,
     PAD_ID,
     Engram,
@@ -27,6 +28,8 @@ from engram.memory import (
     memory_primes,
     n_memory_tables,
     overencoding_param_counts,
+    ngram_ids_mod,
+    overencoding_table_sizes,
     table_primes,
 )
 
@@ -320,31 +323,67 @@ def test_engram_param_counts_equal_module_parameters(kw, d_model):
 
 def test_overencoding_param_counts_equal_module_parameters():
     cfg = MemoryConfig(kind="overencoding", slots=30_000, max_ngram=3, n_heads=2)
-    module = OverEncoding(cfg, 48)
+    module = OverEncoding(cfg, 48, vocab_size=500)
+    tables = sum(p.numel() for p in module.table_parameters())
     n_params = sum(p.numel() for p in module.parameters())
-    assert overencoding_param_counts(cfg, 48) == memory_param_counts(cfg, 48) == (n_params, 0)
-    assert n_params == sum(memory_primes(cfg)) * 48
+    assert overencoding_param_counts(cfg, 48) == memory_param_counts(cfg, 48) == (tables, n_params - tables)
+    assert tables == sum(overencoding_table_sizes(cfg)) * 48 // 4
+    assert n_params - tables == 4 * 12 * 48  # k(N-1) = 4 projections Linear(12 -> 48), no bias
     assert memory_param_counts(MemoryConfig(), 48) == (0, 0)
     with pytest.raises(ValueError, match="memory.kind"):
         engram_param_counts(cfg, 48)
 
 
-def test_overencoding_averages_order_means_with_the_token_embedding():
-    cfg = MemoryConfig(kind="overencoding", slots=10_000, max_ngram=3, n_heads=2)
-    module = OverEncoding(cfg, 16, torch.arange(200) // 2)
-    ids_BT = torch.randint(0, 200, (3, 7))
-    tok_BTD = torch.randn(3, 7, 16)
-    idx_BTH = module.hasher(ids_BT) + module.tables.offsets
-    rows_BTHD = module.tables.table.weight[idx_BTH]
-    bigram_BTD, trigram_BTD = rows_BTHD[:, :, :2].mean(2), rows_BTHD[:, :, 2:].mean(2)
-    expected_BTD = (tok_BTD + bigram_BTD + trigram_BTD) / 3
-    torch.testing.assert_close(module(ids_BT, tok_BTD), expected_BTD)
-    assert module.tables.table.weight.std() < 0.05  # token-embedding scale
+def test_overencoding_shapes_and_moduli_follow_algorithm_1():
+    # k = 2 slices per order, N = 4: tables index = (n-2)k + j = 1..6 of m + 2 * index rows, width D / (k(N-1)).
+    cfg = MemoryConfig(kind="overencoding", slots=6 * 100 + 6 * 7, max_ngram=4, n_heads=2)
+    V, D = 50, 24
+    module = OverEncoding(cfg, D, vocab_size=V)
+    assert overencoding_table_sizes(cfg) == [102, 104, 106, 108, 110, 112]
+    assert module.width == D // 6 == 4 and module.tables.table.weight.shape == (sum(range(102, 113, 2)), 4)
+    assert module.proj.weight.shape == (D, 6 * 4)
+    ids_BT = torch.randint(0, V, (2, 9))
+    idx_BTH = module.table_indices(ids_BT)
+    x = ids_BT.tolist()
+    for b in range(2):
+        for t in range(9):
+            for n in (2, 3, 4):
+                # the exact n-gram id in base V, zero before the start, then modulo each slice's size
+                ngram_id = sum((x[b][t - i] if t - i >= 0 else 0) * V ** i for i in range(n))
+                for j in range(2):
+                    h = (n - 2) * 2 + j
+                    assert int(idx_BTH[b, t, h]) == ngram_id % (100 + 2 * (h + 1))
+    # output: (token embedding + sum of each slice's own projection) / (1 + k(N-1))
+    tok_BTD = torch.randn(2, 9, D)
+    rows_BTHW = module.tables.table.weight[idx_BTH + module.tables.offsets]
+    slices = [rows_BTHW[:, :, h] @ module.proj.weight[:, h * 4:(h + 1) * 4].T for h in range(6)]
+    torch.testing.assert_close(module(ids_BT, tok_BTD), (tok_BTD + sum(slices)) / 7)
     module(ids_BT, tok_BTD).sum().backward()
     assert module.tables.table.weight.grad.is_sparse
-    # OverEncoding and Engram layer 0 use different multipliers
-    assert not torch.equal(module.hasher.multipliers, Engram(MemoryConfig(kind="engram", slots=10_000, layers=(0,),
-                                                                          n_heads=2), 16, 0).hasher.multipliers)
+
+
+def test_ngram_ids_mod_is_exact_where_v_to_the_n_overflows_int64():
+    ids_BT = torch.tensor([[HASH_ID_LIMIT - 2] * 6])
+    sizes = torch.tensor([1_000_003, 999_983])
+    got = ngram_ids_mod(ids_BT, 5, HASH_ID_LIMIT - 1, sizes)
+    exact = sum((HASH_ID_LIMIT - 2) * (HASH_ID_LIMIT - 1) ** i for i in range(5))  # ~2**100: Python ints
+    assert got[0, -1].tolist() == [exact % 1_000_003, exact % 999_983]
+
+
+def test_overencoding_config_checks_width_and_rows():
+    with pytest.raises(ConfigError, match="d_model"):
+        ModelConfig(d_model=100, n_heads=4, memory=MemoryConfig(kind="overencoding", slots=10_000))
+    with pytest.raises(ConfigError, match="slots"):
+        MemoryConfig(kind="overencoding", slots=16 * 16, max_ngram=5, n_heads=4)  # 16 tables need 16 * 18 rows
+
+
+def test_table_init_std_knob_sets_the_tables_init():
+    cfg = _engram_cfg(slots=50_000, table_init_std=0.1)
+    torch.manual_seed(0)
+    assert abs(float(Engram(cfg, 32, 1).tables.table.weight.detach().std()) - 0.1) < 0.005
+    assert abs(float(Engram(_engram_cfg(slots=50_000), 32, 1).tables.table.weight.detach().std()) - 1.0) < 0.05
+    with pytest.raises(ConfigError, match="table_init_std"):
+        _engram_cfg(table_init_std=0.0)
 
 
 @pytest.mark.gpu

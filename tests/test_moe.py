@@ -122,3 +122,56 @@ def test_balancing_bias_moves_toward_balance_from_training_counts_only():
     expert_TK, weight_TK = moe.route(x_TD)
     scores_TK = torch.sigmoid(moe.router(x_TD)).gather(1, expert_TK)
     torch.testing.assert_close(weight_TK, scores_TK / scores_TK.sum(1, keepdim=True))
+
+
+def _biased_router_moe(rate: float) -> tuple[MoE, torch.Tensor]:
+    """An MoE whose router prefers experts 0 and 1 for every token by ~0.45 in sigmoid affinity (a common input
+    direction), over token-dependent affinities that vary by ~0.1: unbalanced until the bias makes up ~0.45."""
+    torch.manual_seed(0)
+    moe = MoE(d_model=16, d_expert=4, n_routed=8, top_k=2, n_shared=0, balance_rate=rate)
+    u_D = torch.zeros(16)
+    u_D[0] = 1.0
+    with torch.no_grad():
+        moe.router.weight.normal_(0, 0.1)
+        moe.router.weight[:, 0] = 0.0
+        moe.router.weight[:2, 0] = 3.0  # along u: logits +3 for experts 0, 1
+    return moe, u_D
+
+
+def _train_balancing(moe: MoE, u_D: torch.Tensor, steps: int) -> tuple[float, float, int]:
+    gen = torch.Generator().manual_seed(1)
+    moe.train()
+    for _ in range(steps):
+        x_TD = torch.randn(256, 16, generator=gen) + u_D
+        with torch.no_grad():
+            moe(x_TD)
+        moe.update_bias()
+    moe.eval()
+    with torch.no_grad():
+        moe(torch.randn(4096, 16, generator=gen) + u_D)
+    return moe.load_stats()
+
+
+def test_balancing_reaches_the_bound_within_a_short_trial_when_the_rate_follows_its_length():
+    from engram.moe import effective_balance_rate
+
+    steps = 120  # a default laptop trial's length
+    slow, u_D = _biased_router_moe(effective_balance_rate(1e-3, None, steps))
+    assert _train_balancing(slow, u_D, steps)[0] > 1.5  # the paper's fixed 1e-3 moves a bias 0.12 at most
+    fast, u_D = _biased_router_moe(effective_balance_rate(1e-3, 1.0, steps))
+    max_load, min_load, starved = _train_balancing(fast, u_D, steps)
+    assert max_load <= 1.5 and min_load > 0.5 and starved == 0
+    assert effective_balance_rate(1e-3, 1.0, 100_000) == 1e-3  # long trials keep the paper's rate
+
+
+def test_load_stats_count_eval_forwards_since_the_last_update():
+    moe, u_D = _biased_router_moe(0.0)
+    assert moe.load_stats() is None
+    moe.eval()
+    with torch.no_grad():
+        moe(torch.randn(100, 16) + u_D)
+    max_load, min_load, starved = moe.load_stats()
+    assert int(moe.eval_counts.sum()) == 100 * 2 and max_load >= 1.0 >= min_load
+    assert starved == int((moe.eval_counts.double() / (200 / 8) < 0.1).sum())
+    moe.update_bias()  # a training step's update starts a new window
+    assert moe.load_stats() is None

@@ -1,0 +1,48 @@
+"""Trial diagnostics: did a trial's memory tables train, did its routers balance (pure; no torch, no Ray).
+
+Every stored trial records what happened (engram.trial: `TableUsage`, `router_diagnostics`); `diagnostics_table`
+turns those columns into one row per trial with two flags the report shows:
+- `untrained`: a memory trial whose median read row was read fewer than TRAINED_LOOKUPS_PER_ROW times;
+- `unbalanced`: a MoE trial whose busiest expert carried more than BALANCED_MAX_LOAD x the mean load in the last
+  validation pass, or one with a starved expert (below 10% of the mean).
+The plan predicts the first from the expected lookups per row (sweeps.plan.table_training_warnings).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+
+# Reads per table row below which a row's movement is limited by how often it was read. Measured (LOG.md,
+# 2026-11-30, issue 7; docs/fairness.md): in a default-budget Engram trial (1e5 slots, rows binned by reads) the
+# mean RMS update of a row grows with its reads and levels off at ~0.25 of its init RMS above ~512 reads; rows
+# read 128-255 times reach 0.16, rows read 64-127 times 0.095. 128 is where a row gets half the plateau's update.
+TRAINED_LOOKUPS_PER_ROW = 128.0
+# The bound the issue sets for aux-loss-free balancing at the end of a trial (max / mean expert load).
+BALANCED_MAX_LOAD = 1.5
+
+DIAGNOSTIC_COLUMNS = ("lookups_per_row", "rows_read_share", "lookups_median", "lookups_p10", "table_update_rms",
+                      "table_init_rms", "expert_load_max", "expert_load_min", "experts_starved")
+
+
+def diagnostics_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """One row per trial: experiment, memory, rho, slots, seed, the stored diagnostics, the relative table
+    update (table_update_rms / table_init_rms) and the `untrained` / `unbalanced` flags. Columns a store
+    written before the diagnostics lacks read as NaN (and flag nothing)."""
+    keys = [c for c in ("experiment", "memory", "rho", "slots", "seed", "n_routed", "final_val_loss")
+            if c in runs.columns]
+    out = runs[keys].copy()
+    for col in DIAGNOSTIC_COLUMNS:
+        out[col] = pd.to_numeric(runs[col], errors="coerce") if col in runs.columns else np.nan
+    out["update_rel"] = out["table_update_rms"] / out["table_init_rms"]
+    out["untrained"] = out["lookups_median"] < TRAINED_LOOKUPS_PER_ROW
+    out["unbalanced"] = (out["expert_load_max"] > BALANCED_MAX_LOAD) | (out["experts_starved"] > 0)
+    return out.reset_index(drop=True)
+
+
+def diagnostics_summary(table: pd.DataFrame) -> dict[str, int]:
+    """Counts for a report's headline: trials with tables, untrained ones; MoE trials, unbalanced ones."""
+    has_tables = table["lookups_median"].notna()
+    has_router = table["expert_load_max"].notna()
+    return {"with_tables": int(has_tables.sum()), "untrained": int((table["untrained"] & has_tables).sum()),
+            "with_router": int(has_router.sum()), "unbalanced": int((table["unbalanced"] & has_router).sum())}
