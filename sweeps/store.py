@@ -43,7 +43,7 @@ RUN_SCHEMA = pa.schema([
     ("flops_per_token", pa.float64()), ("tokens", pa.int64()), ("compute", pa.float64()), ("steps", pa.int64()),
     ("final_val_loss", pa.float64()), ("best_val_loss", pa.float64()), ("train_loss", pa.float64()),
     ("status", pa.string()), ("error", pa.string()), ("attempts", pa.int64()), ("wall_seconds", pa.float64()),
-    ("tokens_per_second", pa.float64()), ("device", pa.string()), ("host", pa.string()),
+    ("tokens_per_second", pa.float64()), ("device", pa.string()), ("precision", pa.string()), ("host", pa.string()),
     ("versions", pa.string()), ("git_commit", pa.string()), ("started_at", pa.string()),
     ("finished_at", pa.string()),
 ])
@@ -180,6 +180,7 @@ def result_row(trial: PlannedTrial, result: TrialResult | None, *, error: str | 
         "wall_seconds": None if result is None else float(result.wall_seconds),
         "tokens_per_second": None if result is None else float(result.tokens_per_second),
         "device": None if result is None else result.device,
+        "precision": None if result is None else result.precision,
         "host": socket.gethostname(), "versions": json.dumps(package_versions(), sort_keys=True),
         "git_commit": git_commit(), "started_at": started_at, "finished_at": finished_at,
     }
