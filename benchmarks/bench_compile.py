@@ -49,6 +49,9 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     keep_large_buffers_in_heap()
+    import torch._inductor.config as inductor_config
+
+    inductor_config.compile_threads = 1  # compile in this process (and waited-for compilers), so its CPU time counts
 
     cfg = dataclasses.replace(ModelConfig(), memory=MemoryConfig(kind="engram", slots=args.slots))
     train = TrainConfig(flops=DEFAULT_BUDGET)
