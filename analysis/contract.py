@@ -36,8 +36,8 @@ RUN_SCHEMA = pa.schema([
     ("flops_per_token", pa.float64()), ("tokens", pa.int64()), ("compute", pa.float64()), ("steps", pa.int64()),
     ("final_val_loss", pa.float64()), ("best_val_loss", pa.float64()), ("train_loss", pa.float64()),
     ("status", pa.string()), ("error", pa.string()), ("attempts", pa.int64()), ("wall_seconds", pa.float64()),
-    ("tokens_per_second", pa.float64()), ("device", pa.string()), ("host", pa.string()),
-    ("versions", pa.string()), ("git_commit", pa.string()), ("started_at", pa.string()),
+    ("tokens_per_second", pa.float64()), ("device", pa.string()), ("precision", pa.string()),
+    ("host", pa.string()), ("versions", pa.string()), ("git_commit", pa.string()), ("started_at", pa.string()),
     ("finished_at", pa.string()),
     # Fairness and trial diagnostics (issue 7; analysis/diagnostics.py reads them). Planned: the dense FFN width
     # that holds P_act, the table parameters, the expected reads per table row. Recorded by the trial: share of

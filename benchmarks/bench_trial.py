@@ -1,7 +1,10 @@
 """Benchmarks of one training step of a trial (engram/trial.py), on one CPU thread; prints ratios measured in one run.
 
+Every configuration runs in fp32 and in bf16 mixed precision (train.precision), side by side:
+(s) bf16 speed-up: tokens/s of the default trial's bf16 step over its fp32 step, and over "today's" fp32 step
+    (the fp32 step before issue 9: full (N, V) logits, then the hand-written cross-entropy; target >= 2.5).
 (a) MFU at the default trial size: achieved FLOP/s (flops_per_token x tokens per step / step time) over the
-    FLOP/s of a large fp32 matmul measured in the same process (target >= 0.5).
+    FLOP/s of a large matmul measured in the same process, bf16 against the bf16 matmul, fp32 against fp32.
 (b) Engram is O(1) in slots: step time with 64x the base Engram slots over step time with the base slots, full
     optimiser step including SparseAdam (target <= 1.15).
 (c) Engram overhead: step time at rho = 0.8 over rho = 1.0 from engram.accounting.solve_allocation, same P_act
@@ -10,14 +13,16 @@
 
 Steps are the trial's own `train_step` (fused AdamW + SparseAdam, clipping, router-bias update) on real batches of
 the stdlib corpus. Times are this thread's CPU time (time.thread_time; with one torch thread all the work runs
-on it), so other processes competing for the cores inflate neither a step nor the matmul reference; the steps
-of the configurations compared run in interleaved rounds and the median per step is used, so drift in the load
-of a shared machine affects both sides of a ratio alike.
+on it), so other processes competing for the cores inflate neither a step nor the matmul reference as long as
+they leave this core's caches alone (on a loaded machine they do not: compare ratios, not absolute times); the
+steps of the configurations compared run in interleaved rounds and the median per step is used, so drift in the
+load of a shared machine affects both sides of a ratio alike.
 
 As in a sweep's trial workers, glibc is first told to keep large buffers in the heap
-(engram.trial.keep_large_buffers_in_heap); `--glibc-defaults` measures without that.
+(engram.trial.keep_large_buffers_in_heap); `--glibc-defaults` measures without that. `--profile` prints where
+the time of a default bf16 step goes (torch.profiler, operators grouped by what they belong to).
 
-    python -m benchmarks.bench_trial [--rounds 5] [--steps 4] [--max-bytes 4000000] [--glibc-defaults]
+    python -m benchmarks.bench_trial [--rounds 5] [--steps 4] [--max-bytes 4000000] [--glibc-defaults] [--profile]
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ import argparse
 import dataclasses
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Hashable
 from pathlib import Path
 
 import numpy as np
@@ -36,13 +41,21 @@ from engram.accounting import flops_per_token, p_tot_for_ratio, param_counts, so
 from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig
 from engram.data import prepare_data
 from engram.memory import Engram, build_compression
-from engram.model import EngramMoE
+from engram.model import EngramMoE, cross_entropy
 from engram.trial import build_optimizers, keep_large_buffers_in_heap, sample_batch, train_step
 
-MATMUL_N = 2048  # fp32 matmul size for the reference FLOP/s: large enough to run at the core's peak
+MATMUL_N = 2048  # matmul size for the reference FLOP/s: large enough to run at the core's peak
 BASE_SLOTS = 1 << 16  # Engram rows over all tables of the base model of (b)
 SLOTS_FACTOR = 64
 P_TOT_RATIO = 4.0  # P_tot / P_act of the (c) allocation, as in the default sweep
+
+
+class UnfusedLossMoE(EngramMoE):
+    """Today's fp32 step (before issue 9): the full (N, V) logits, then the hand-written `cross_entropy`."""
+
+    def forward(self, idx_BT: torch.Tensor, targets_BT: torch.Tensor | None = None):
+        logits_BTV, _ = super().forward(idx_BT)
+        return logits_BTV, cross_entropy(logits_BTV.view(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1))
 
 
 @dataclasses.dataclass
@@ -56,9 +69,9 @@ class StepBench:
 
 
 def make_bench(cfg: ModelConfig, train: TrainConfig, tokens: np.ndarray, compression: torch.Tensor | None,
-               n_batches: int = 8) -> StepBench:
+               precision: str, n_batches: int = 8, model_cls: type[EngramMoE] = EngramMoE) -> StepBench:
     torch.manual_seed(0)
-    model = EngramMoE(cfg, compression)
+    model = model_cls(cfg, compression)
     model.train()
     dense_opt, sparse_opt = build_optimizers(model, train)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -69,18 +82,22 @@ def make_bench(cfg: ModelConfig, train: TrainConfig, tokens: np.ndarray, compres
     def run_step() -> None:
         batch_BT = batches[state["i"] % n_batches]
         state["i"] += 1
-        train_step(model, batch_BT, dense_opt, sparse_opt, params, lr=train.lr, train=train)
+        train_step(model, batch_BT, dense_opt, sparse_opt, params, lr=train.lr, train=train, precision=precision)
 
     return StepBench(model, run_step, train.batch_size * cfg.seq_len, flops_per_token(cfg))
 
 
-def time_interleaved(benches: dict[str, Callable[[], None]], n_rounds: int,
-                     n_steps: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Median (thread CPU seconds, wall seconds) per call of each function, in interleaved rounds after a warm-up."""
+def time_interleaved(benches: dict[Hashable, Callable[[], None]], n_rounds: int, n_steps: int,
+                     n_warmup: int = 3) -> tuple[dict[Hashable, float], dict[Hashable, float]]:
+    """Median (thread CPU seconds, wall seconds) per call of each function, in interleaved rounds after a warm-up.
+
+    A few warm-up calls, not one: oneDNN compiles a bf16 matmul kernel per new shape, and the padded expert
+    blocks take a few steps to have met their usual sizes."""
     for fn in benches.values():
-        fn()
-    cpu: dict[str, list[float]] = {name: [] for name in benches}
-    wall: dict[str, list[float]] = {name: [] for name in benches}
+        for _ in range(n_warmup):
+            fn()
+    cpu: dict[Hashable, list[float]] = {name: [] for name in benches}
+    wall: dict[Hashable, list[float]] = {name: [] for name in benches}
     for _ in range(n_rounds):
         for name, fn in benches.items():
             for _ in range(n_steps):
@@ -92,9 +109,9 @@ def time_interleaved(benches: dict[str, Callable[[], None]], n_rounds: int,
             {name: statistics.median(ts) for name, ts in wall.items()})
 
 
-def matmul_flops_per_second(n: int = MATMUL_N, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    out = torch.empty(n, n)
+def matmul_flops_per_second(dtype: torch.dtype, n: int = MATMUL_N, repeats: int = 5) -> float:
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    out = torch.empty(n, n, dtype=dtype)
     torch.mm(a, b, out=out)
     best = float("inf")
     for _ in range(repeats):
@@ -104,6 +121,43 @@ def matmul_flops_per_second(n: int = MATMUL_N, repeats: int = 5) -> float:
     return 2 * n ** 3 / best
 
 
+# Where a step's operators belong, for the profile breakdown: first match on the operator's name wins.
+PROFILE_GROUPS = (
+    ("matmul (mm, bmm, addmm, linear)", ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::linear")),
+    ("attention (flash kernel)", ("flash_attention",)),
+    ("softmax / max / logsumexp (loss)", ("softmax", "aten::max", "logsumexp")),
+    ("dtype casts and copies", ("aten::copy_", "aten::_to_copy", "aten::to")),
+    ("optimisers (fused AdamW, SparseAdam, clipping)", ("adamw", "sparse", "coalesce", "norm", "foreach")),
+    ("elementwise (mul, add, silu, sigmoid, ...)", ("aten::mul", "aten::add", "aten::sub", "aten::div", "silu",
+                                                     "sigmoid", "aten::pow", "rsqrt", "aten::neg", "aten::exp",
+                                                     "aten::sum", "aten::mean", "rms_norm", "aten::where")),
+    ("gather / scatter / index (routing, embeddings)", ("index", "gather", "scatter", "embedding", "sort", "topk",
+                                                        "bincount", "remainder", "bitwise", "cumsum",
+                                                        "repeat_interleave")),
+    ("convolution (Engram short conv)", ("conv",)),
+    ("allocation and fills", ("empty", "zero", "fill", "full", "cat")),
+)
+
+
+def profile_breakdown(run_step: Callable[[], None], n_steps: int = 4) -> list[tuple[str, float]]:
+    """Self CPU time per step of each PROFILE_GROUPS group (and "other"), in ms, from torch.profiler."""
+    from torch.profiler import ProfilerActivity, profile
+
+    run_step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(n_steps):
+            run_step()
+    totals: dict[str, float] = {}
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::") and "flash" not in event.key:
+            name = "python / autograd glue"
+        else:
+            key = event.key.lower()
+            name = next((g for g, pats in PROFILE_GROUPS if any(p.lower() in key for p in pats)), "other aten ops")
+        totals[name] = totals.get(name, 0.0) + event.self_cpu_time_total / 1e3 / n_steps
+    return sorted(totals.items(), key=lambda kv: -kv[1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -111,6 +165,7 @@ def main() -> None:
     parser.add_argument("--max-bytes", type=int, default=4_000_000, help="stdlib corpus cap for the batches")
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--glibc-defaults", action="store_true", help="leave glibc's malloc thresholds alone")
+    parser.add_argument("--profile", action="store_true", help="also profile a default bf16 and fp32 step")
     args = parser.parse_args()
     torch.set_num_threads(1)
     heap = False if args.glibc_defaults else keep_large_buffers_in_heap()
@@ -128,43 +183,75 @@ def main() -> None:
 
     configs = {"default (no memory)": base, "engram base slots": with_engram, "engram 64x slots": big_engram,
                "alloc rho=1.0": alloc_moe.config, "alloc rho=0.8": alloc_mem.config}
-    benches = {name: make_bench(cfg, train, data.train, compression) for name, cfg in configs.items()}
-    hasher = next(m for m in benches["engram base slots"].model.modules() if isinstance(m, Engram)).hasher
+    benches = {(name, precision): make_bench(cfg, train, data.train, compression, precision)
+               for name, cfg in configs.items() for precision in ("fp32", "bf16")}
+    benches["default (no memory)", "fp32 today"] = make_bench(base, train, data.train, compression, "fp32",
+                                                              model_cls=UnfusedLossMoE)
+    engram_model = benches["engram base slots", "bf16"].model
+    hasher = next(m for m in engram_model.modules() if isinstance(m, Engram)).hasher
     hash_batch_BT = sample_batch(data.train, train.batch_size, base.seq_len, torch.Generator().manual_seed(1))
 
     def hash_only() -> None:
         with torch.no_grad():
             hasher(hash_batch_BT[:, :-1])
 
-    peak = matmul_flops_per_second()
-    fns = {name: b.run_step for name, b in benches.items()} | {"hashing (one Engram layer)": hash_only}
+    peak = {"fp32": matmul_flops_per_second(torch.float32), "bf16": matmul_flops_per_second(torch.bfloat16)}
+    fns = {key: b.run_step for key, b in benches.items()} | {("hashing (one Engram layer)", "-"): hash_only}
     step_s, wall_s = time_interleaved(fns, args.rounds, args.steps)
-    peak_after = matmul_flops_per_second()
+    peak_after = {"fp32": matmul_flops_per_second(torch.float32), "bf16": matmul_flops_per_second(torch.bfloat16)}
 
-    print(f"torch {torch.__version__}, 1 thread; matmul {MATMUL_N}^3 fp32: {peak / 1e9:.1f} GFLOP/s before, "
-          f"{peak_after / 1e9:.1f} after the steps (the higher is the reference)")
-    peak = max(peak, peak_after)
+    print(f"torch {torch.__version__}, 1 thread; matmul {MATMUL_N}^3: fp32 {peak['fp32'] / 1e9:.1f} GFLOP/s before, "
+          f"{peak_after['fp32'] / 1e9:.1f} after; bf16 {peak['bf16'] / 1e9:.1f} before, "
+          f"{peak_after['bf16'] / 1e9:.1f} after the steps (the higher of each is the reference)")
+    peak = {k: max(peak[k], peak_after[k]) for k in peak}
     print(f"median of {args.rounds} x {args.steps} steps per configuration (batch {train.batch_size} x seq "
-          f"{base.seq_len}); ms are thread CPU time, wall time alongside")
-    print(f"{'configuration':28s} {'P_tot':>10s} {'P_act':>9s} {'slots':>9s} {'n_routed':>8s} {'ms/step':>8s} "
-          f"{'wall ms':>8s} {'MFU':>6s}")
-    for name, cfg in configs.items():
-        counts, bench = param_counts(cfg), benches[name]
-        mfu = bench.flops_per_token * bench.tokens_per_step / step_s[name] / peak
+          f"{base.seq_len}); ms are thread CPU time, wall time alongside; MFU against the matmul peak of the "
+          f"step's precision (bf16 steps also against fp32, for history)")
+    print(f"{'configuration':28s} {'precision':10s} {'P_tot':>10s} {'P_act':>9s} {'slots':>9s} {'n_routed':>8s} "
+          f"{'ms/step':>8s} {'wall ms':>8s} {'tok/s':>7s} {'MFU':>6s} {'MFU/fp32':>8s}")
+
+    def mfu(key: tuple[str, str], precision: str) -> float:
+        bench = benches[key]
+        return bench.flops_per_token * bench.tokens_per_step / step_s[key] / peak[precision]
+
+    for (name, precision), bench in benches.items():
+        cfg = configs[name]
+        counts = param_counts(cfg)
         slots = cfg.memory.slots if cfg.memory.kind != "none" else 0
-        print(f"{name:28s} {counts.p_tot:10d} {counts.p_act:9d} {slots:9d} {cfg.n_routed:8d} "
-              f"{1e3 * step_s[name]:8.1f} {1e3 * wall_s[name]:8.1f} {mfu:6.3f}")
-    mfu_default = benches["default (no memory)"].flops_per_token * benches["default (no memory)"].tokens_per_step
-    mfu_default /= step_s["default (no memory)"] * peak
+        own = "bf16" if precision == "bf16" else "fp32"
+        print(f"{name:28s} {precision:10s} {counts.p_tot:10d} {counts.p_act:9d} {slots:9d} {cfg.n_routed:8d} "
+              f"{1e3 * step_s[name, precision]:8.1f} {1e3 * wall_s[name, precision]:8.1f} "
+              f"{bench.tokens_per_step / step_s[name, precision]:7.0f} {mfu((name, precision), own):6.3f} "
+              f"{mfu((name, precision), 'fp32'):8.3f}")
+    default = "default (no memory)"
     print()
-    print(f"(a) MFU at the default trial size (batch {train.batch_size} x seq {base.seq_len}): {mfu_default:.3f}"
-          f"   (target >= 0.5)")
-    print(f"(b) step time, {SLOTS_FACTOR}x Engram slots / base slots: "
-          f"{step_s['engram 64x slots'] / step_s['engram base slots']:.3f}   (target <= 1.15)")
-    print(f"(c) step time, rho=0.8 / rho=1.0 (P_tot {p_tot:.3g}, P_act {alloc_moe.counts.p_act} vs "
-          f"{alloc_mem.counts.p_act}): {step_s['alloc rho=0.8'] / step_s['alloc rho=1.0']:.3f}   (target <= 1.15)")
-    print(f"(d) hashing share of a step (one Engram layer): "
-          f"{100 * step_s['hashing (one Engram layer)'] / step_s['engram base slots']:.2f}%   (target < 5%)")
+    print(f"(s) default step, bf16 tokens/s over fp32: {step_s[default, 'fp32'] / step_s[default, 'bf16']:.2f}; "
+          f"over today's fp32 step (unfused loss): {step_s[default, 'fp32 today'] / step_s[default, 'bf16']:.2f}"
+          f"   (target >= 2.5); fp32 now over today's fp32: "
+          f"{step_s[default, 'fp32 today'] / step_s[default, 'fp32']:.2f}")
+    engram = "engram base slots"
+    print(f"    Engram (base slots) step, bf16 over fp32: {step_s[engram, 'fp32'] / step_s[engram, 'bf16']:.2f}")
+    print(f"(a) MFU at the default trial size: bf16 {mfu((default, 'bf16'), 'bf16'):.3f} of the bf16 peak "
+          f"({mfu((default, 'bf16'), 'fp32'):.3f} of the fp32 peak); fp32 {mfu((default, 'fp32'), 'fp32'):.3f} "
+          f"of the fp32 peak")
+    for precision in ("bf16", "fp32"):
+        print(f"[{precision}] (b) step time, {SLOTS_FACTOR}x Engram slots / base slots: "
+              f"{step_s['engram 64x slots', precision] / step_s['engram base slots', precision]:.3f}"
+              f"   (target <= 1.15)")
+        print(f"[{precision}] (c) step time, rho=0.8 / rho=1.0 (P_tot {p_tot:.3g}, P_act {alloc_moe.counts.p_act} vs "
+              f"{alloc_mem.counts.p_act}): "
+              f"{step_s['alloc rho=0.8', precision] / step_s['alloc rho=1.0', precision]:.3f}   (target <= 1.15)")
+        print(f"[{precision}] (d) hashing share of a step (one Engram layer): "
+              f"{100 * step_s['hashing (one Engram layer)', '-'] / step_s['engram base slots', precision]:.2f}%"
+              f"   (target < 5%)")
+    if args.profile:
+        for precision in ("bf16", "fp32"):
+            print(f"\nprofile of the default {precision} step (torch.profiler, self CPU ms per step; the profiler "
+                  f"adds its own overhead):")
+            rows = profile_breakdown(benches[default, precision].run_step)
+            total = sum(ms for _, ms in rows)
+            for name, ms in rows:
+                print(f"  {name:48s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
 
 
 if __name__ == "__main__":

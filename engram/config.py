@@ -19,6 +19,7 @@ MEMORY_KINDS = ("engram", "overencoding", "none")
 DATA_FORMATS = ("auto", "stdlib", "text", "jsonl", "parquet", "tokens")
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 class ConfigError(ValueError):
@@ -181,6 +182,9 @@ class TrainConfig:
     checkpoint_interval: int | None = 100
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Mixed precision: "bf16" runs matmuls in bf16 with fp32 master weights, optimiser state, loss and softmax;
+    # "auto" is bf16 where the device multiplies bf16 natively (engram.trial.resolve_precision), else fp32.
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
 
     def __post_init__(self) -> None:
         set_horizons = [n for n in ("steps", "tokens", "flops") if getattr(self, n) is not None]
@@ -205,6 +209,7 @@ class TrainConfig:
                 raise ConfigError(f"{name}: expected a number in [0, 1), got {getattr(self, name)}")
         _choice("schedule", self.schedule, SCHEDULES)
         _choice("device", self.device, DEVICES)
+        _choice("precision", self.precision, PRECISIONS)
 
 
 @dataclass(frozen=True)

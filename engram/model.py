@@ -14,8 +14,14 @@ trains on a laptop the vocabulary matrix is a large share of all weights, tying 
 at small scale (GPT-2, nanoGPT); P_tot excludes embedding and head either way, and the head's FLOPs are counted
 whether tied or not. Parameter counts and FLOPs live next door in `engram.accounting`.
 
+Mixed precision (`train.precision: bf16`, engram.trial): the model runs under `torch.autocast(dtype=bfloat16)`
+with fp32 parameters. The residual stream, norms, rotary positions, router and every softmax stay fp32; matmuls
+run in bf16. Where autocast alone would fall off a fast kernel, the code handles dtypes itself: `RMSNorm` takes
+the input's dtype, attention on CPU runs in fp32 (the CPU flash kernel's bf16 backward is 4x slower than its
+fp32 one), and the LM head and loss are one chunked kernel (`head_cross_entropy`).
+
 Shape legend: B batch, T time, D d_model, H attention heads, Dh head size, F = Dh / 2 rotary frequencies,
-V vocabulary.
+V vocabulary, N = B * T positions, C positions of one chunk.
 """
 
 from __future__ import annotations
@@ -29,6 +35,18 @@ from engram.moe import INIT_STD, MoE, SwiGLU, residual_std
 
 
 NORM_EPS = 1e-6
+# Logits per chunk of the fused head + loss: a (C, V) fp32 block of 2 MB stays in a core's L2 cache. Softmax over
+# the whole (N, V) logits instead streams 32 MB through memory several times: measured 31.6 ms for a default
+# step's (2048, 4096) softmax against 8.3 ms in chunks of 128 rows (one thread).
+CE_CHUNK_ELEMENTS = 1 << 19
+
+
+class RMSNorm(nn.RMSNorm):
+    """RMSNorm whose weight follows the input's dtype, so a bf16 input keeps the fused kernel (nn.RMSNorm with an
+    fp32 weight warns and falls back to the unfused path); the kernel accumulates in fp32 either way."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, self.normalized_shape, self.weight.to(x.dtype), self.eps)
 
 
 def rotary_tables(seq_len: int, d_head: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -56,9 +74,18 @@ class Attention(nn.Module):
         B, T, D = x_BTD.shape
         qkv = self.qkv(x_BTD).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q_BHTDh, k_BHTDh, v_BHTDh = qkv.unbind(0)
+        # Rotary in fp32 (the tables are fp32, so bf16 q and k are promoted), as Llama does.
         q_BHTDh = apply_rotary(q_BHTDh, cos_TF[:T], sin_TF[:T])
         k_BHTDh = apply_rotary(k_BHTDh, cos_TF[:T], sin_TF[:T])
-        y_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BHTDh, v_BHTDh, is_causal=True)
+        if x_BTD.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # fp32 attention under CPU autocast: the CPU flash kernel's bf16 backward is 4x slower than its fp32
+            # one (35.6 vs 8.3 ms for a default layer, one thread), and a hand-written bf16 attention measured
+            # 2x slower than fp32 flash (LOG.md). Attention is ~10% of a default step's FLOPs.
+            with torch.autocast("cpu", enabled=False):
+                y_BHTDh = F.scaled_dot_product_attention(q_BHTDh.float(), k_BHTDh.float(), v_BHTDh.float(),
+                                                         is_causal=True)
+        else:
+            y_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BHTDh, v_BHTDh, is_causal=True)
         return self.proj(y_BHTDh.transpose(1, 2).reshape(B, T, D))
 
 
@@ -69,9 +96,9 @@ class Block(nn.Module):
         super().__init__()
         out_std = residual_std(cfg.n_layers)
         self.engram = engram
-        self.norm_attn = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
+        self.norm_attn = RMSNorm(cfg.d_model, eps=NORM_EPS)
         self.attn = Attention(cfg, out_std)
-        self.norm_ffn = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
+        self.norm_ffn = RMSNorm(cfg.d_model, eps=NORM_EPS)
         if layer_id < cfg.n_dense_layers:
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff_dense, out_std=out_std)
         else:
@@ -106,7 +133,7 @@ class EngramMoE(nn.Module):
             from engram.memory import Engram
             engrams = {i: Engram(mem, cfg.d_model, i, compression) for i in mem.layers}
         self.blocks = nn.ModuleList(Block(cfg, i, engrams.get(i)) for i in range(cfg.n_layers))
-        self.norm_out = nn.RMSNorm(cfg.d_model, eps=NORM_EPS)
+        self.norm_out = RMSNorm(cfg.d_model, eps=NORM_EPS)
         if cfg.tie_embeddings:
             self.head = None
         else:
@@ -116,8 +143,9 @@ class EngramMoE(nn.Module):
         self.register_buffer("rope_cos", cos_TF, persistent=False)
         self.register_buffer("rope_sin", sin_TF, persistent=False)
 
-    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
-        """Logits (B, T, V) and, given targets, the mean next-token cross-entropy."""
+    def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
+        """Without targets: logits (B, T, V) and None. With targets: None and the mean next-token cross-entropy
+        (the logits are never materialised: head and loss run fused, chunk by chunk)."""
         T = idx_BT.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"idx_BT: sequence length {T} exceeds seq_len={self.cfg.seq_len}")
@@ -127,11 +155,10 @@ class EngramMoE(nn.Module):
         for block in self.blocks:
             x_BTD = block(x_BTD, idx_BT, self.rope_cos, self.rope_sin)
         x_BTD = self.norm_out(x_BTD)
-        logits_BTV = F.linear(x_BTD, self.wte.weight if self.head is None else self.head.weight)
+        head_VD = self.wte.weight if self.head is None else self.head.weight
         if targets_BT is None:
-            return logits_BTV, None
-        loss = cross_entropy(logits_BTV.view(-1, logits_BTV.shape[-1]), targets_BT.reshape(-1))
-        return logits_BTV, loss
+            return F.linear(x_BTD, head_VD), None
+        return None, head_cross_entropy(x_BTD.view(-1, x_BTD.shape[-1]), head_VD, targets_BT.reshape(-1))
 
     def memory_modules(self) -> list[nn.Module]:
         mods = [b.engram for b in self.blocks if b.engram is not None]
@@ -183,11 +210,86 @@ class _SoftmaxCrossEntropy(torch.autograd.Function):
         return p_NV.mul_(grad / p_NV.shape[0]), None
 
 
+class _HeadCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of the logits x W^T (N, V) against targets (N,), in chunks of C rows, never holding
+    all N x V logits; the gradients are computed in forward and only scaled in backward.
+
+    Why: the loss is the graph's last node, so its gradient needs nothing but its own inputs. Per chunk the
+    logits, their fp32 softmax and the gradient p - onehot stay in cache (see CE_CHUNK_ELEMENTS), where the
+    unfused head + `cross_entropy` write and re-read (N, V) buffers several times. x and W share one dtype (bf16
+    under autocast: the head's matmuls, ~40% of a default step's FLOPs, run in bf16); logits are upcast to fp32
+    before the softmax, and the matmuls accumulate in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, x_ND: Tensor, w_VD: Tensor, targets_N: Tensor) -> Tensor:
+        N, V = x_ND.shape[0], w_VD.shape[0]
+        rows = max(1, CE_CHUNK_ELEMENTS // V)
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        acc = torch.promote_types(x_ND.dtype, torch.float32)  # logits, softmax and loss: at least fp32
+        loss_N = torch.empty(N, dtype=acc, device=x_ND.device)
+        if needs_grad:
+            dx_ND = torch.empty_like(x_ND)
+            # Below fp32 the per-chunk gradients go into one (N, V) buffer for one weight-gradient matmul at the
+            # end: accumulating per chunk would round, upcast and add a (V, D) block per chunk.
+            g_NV = torch.empty(N, V, dtype=x_ND.dtype, device=x_ND.device) if x_ND.dtype != acc else None
+            dw_VD = torch.zeros(w_VD.shape, dtype=acc, device=w_VD.device) if g_NV is None else None
+        for start in range(0, N, rows):
+            chunk = slice(start, min(start + rows, N))
+            x_CD, t_C1 = x_ND[chunk], targets_N[chunk].unsqueeze(1)
+            logits_CV = torch.mm(x_CD, w_VD.t()).to(acc)
+            target_logit_C = logits_CV.gather(1, t_C1).squeeze(1)
+            if not needs_grad:
+                loss_N[chunk] = torch.logsumexp(logits_CV, dim=1) - target_logit_C
+                continue
+            # lse = max - log p[argmax]: p[argmax] >= 1/V never underflows; one exp pass (the softmax) in all.
+            max_C, argmax_C = logits_CV.max(dim=1)
+            p_CV = torch.softmax(logits_CV, dim=1)
+            loss_N[chunk] = max_C - p_CV.gather(1, argmax_C.unsqueeze(1)).squeeze(1).log() - target_logit_C
+            p_CV.scatter_add_(1, t_C1, p_CV.new_full(t_C1.shape, -1.0))  # d loss_n / d logits = p - onehot
+            if g_NV is None:
+                torch.mm(p_CV, w_VD, out=dx_ND[chunk])
+                dw_VD.addmm_(p_CV.t(), x_CD)
+            else:
+                g_CV = g_NV[chunk].copy_(p_CV)
+                torch.mm(g_CV, w_VD, out=dx_ND[chunk])
+        if needs_grad:
+            if g_NV is not None:
+                dw_VD = torch.mm(g_NV.t(), x_ND).to(acc)
+            ctx.save_for_backward(dx_ND, dw_VD)
+            ctx.w_dtype = w_VD.dtype
+        return loss_N.mean()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        dx_ND, dw_VD = ctx.saved_tensors
+        scale = grad / dx_ND.shape[0]  # the mean over N positions
+        return dx_ND * scale.to(dx_ND.dtype), (dw_VD * scale).to(ctx.w_dtype), None
+
+
+def head_cross_entropy(x_ND: Tensor, w_VD: Tensor, targets_N: Tensor) -> Tensor:
+    """Mean cross-entropy of logits x_ND @ w_VD^T against targets_N, fused (same value and gradients as
+    `cross_entropy(F.linear(x_ND, w_VD), targets_N)`). Under autocast x and W are cast to its dtype first."""
+    _check_targets(targets_N, w_VD.shape[0])
+    device_type = x_ND.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        x_ND, w_VD = x_ND.to(dtype), w_VD.to(dtype)
+    elif x_ND.dtype != w_VD.dtype:
+        raise ValueError(f"x_ND: expected the head's dtype {w_VD.dtype}, got {x_ND.dtype}")
+    with torch.autocast(device_type, enabled=False):
+        return _HeadCrossEntropy.apply(x_ND, w_VD, targets_N.long())
+
+
+def _check_targets(targets_N: Tensor, n_classes: int) -> None:
+    if targets_N.numel() and (int(targets_N.min()) < 0 or int(targets_N.max()) >= n_classes):
+        raise ValueError(f"targets: expected ids in [0, {n_classes}), got "
+                         f"[{int(targets_N.min())}, {int(targets_N.max())}]")
+
+
 def cross_entropy(logits_NV: Tensor, targets_N: Tensor) -> Tensor:
     """Mean next-token cross-entropy (same value and gradient as F.cross_entropy, cheaper on CPU)."""
-    if targets_N.numel() and (int(targets_N.min()) < 0 or int(targets_N.max()) >= logits_NV.shape[1]):
-        raise ValueError(f"targets: expected ids in [0, {logits_NV.shape[1]}), got "
-                         f"[{int(targets_N.min())}, {int(targets_N.max())}]")
+    _check_targets(targets_N, logits_NV.shape[1])
     # At least fp32 whatever the logits' dtype (as autocast does for F.cross_entropy): the loss needs it.
     if logits_NV.dtype in (torch.float16, torch.bfloat16):
         logits_NV = logits_NV.float()

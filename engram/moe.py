@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 INIT_STD = 0.02  # GPT-2 / nanoGPT initialisation
 STARVED_LOAD = 0.1  # an expert with less than this share of the mean load counts as starved (trial diagnostics)
+BF16_EXPERT_ROW_ALIGN = 32  # rows per expert block are padded to a multiple of this under CPU autocast
 
 
 class SwiGLU(nn.Module):
@@ -100,19 +101,36 @@ def _expert_blocks(counts: tuple[int, ...]) -> list[tuple[int, slice]]:
     return blocks
 
 
+def padded_rows(counts: tuple[int, ...], align: int, device: torch.device) -> tuple[Tensor, tuple[int, ...]]:
+    """Where each of the sum(counts) rows goes when every expert's block is padded to a multiple of `align` rows:
+    (row index in the padded layout (S,), padded counts)."""
+    padded = tuple(-(-n // align) * align for n in counts)
+    counts_E, padded_E = torch.tensor(counts, device=device), torch.tensor(padded, device=device)
+    shift_E = (padded_E.cumsum(0) - padded_E) - (counts_E.cumsum(0) - counts_E)  # block start, padded - unpadded
+    return torch.arange(sum(counts), device=device) + shift_E.repeat_interleave(counts_E), padded
+
+
 def grouped_swiglu(x_SD: Tensor, w_in_E2HD: Tensor, w_out_EDH: Tensor, counts: tuple[int, ...]) -> Tensor:
     """Expert e applied to its block of counts[e] consecutive rows of x_SD.
 
-    Under autocast the inputs are cast to the autocast dtype here (the casts are differentiable, so fp32 master
-    weights get fp32 gradients) and the hand-written kernels run with autocast off, all in one dtype.
+    Under CPU autocast the inputs are cast to the autocast dtype here (the casts are differentiable, so fp32
+    master weights get fp32 gradients), the hand-written kernels run with autocast off, all in one dtype, and
+    each expert's block is zero-padded to a multiple of BF16_EXPERT_ROW_ALIGN rows. Why the padding: oneDNN
+    compiles a bf16 matmul kernel per shape, and unpadded the row counts change every step: a default bf16 step
+    spent more time compiling than multiplying (1.8x slower than fp32). Padded rows are zeros, give zero outputs
+    and contribute nothing to the weight gradients.
     """
     device_type = x_SD.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        x_SD, w_in_E2HD, w_out_EDH = x_SD.to(dtype), w_in_E2HD.to(dtype), w_out_EDH.to(dtype)
-        with torch.autocast(device_type, enabled=False):
+    if not torch.is_autocast_enabled(device_type):
+        return _GroupedSwiGLU.apply(x_SD, w_in_E2HD, w_out_EDH, counts)
+    dtype = torch.get_autocast_dtype(device_type)
+    x_SD, w_in_E2HD, w_out_EDH = x_SD.to(dtype), w_in_E2HD.to(dtype), w_out_EDH.to(dtype)
+    with torch.autocast(device_type, enabled=False):
+        if device_type != "cpu":
             return _GroupedSwiGLU.apply(x_SD, w_in_E2HD, w_out_EDH, counts)
-    return _GroupedSwiGLU.apply(x_SD, w_in_E2HD, w_out_EDH, counts)
+        rows_S, padded = padded_rows(counts, BF16_EXPERT_ROW_ALIGN, x_SD.device)
+        x_PD = x_SD.new_zeros(sum(padded), x_SD.shape[1]).index_copy(0, rows_S, x_SD)
+        return _GroupedSwiGLU.apply(x_PD, w_in_E2HD, w_out_EDH, padded).index_select(0, rows_S)
 
 
 class MoE(nn.Module):
@@ -146,7 +164,10 @@ class MoE(nn.Module):
 
     def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
         """Selected experts (T, K) and their mixing weights (T, K)."""
-        scores_TE = torch.sigmoid(self.router(x_TD))
+        # In fp32 even under bf16 autocast (as DeepSeek-V3's gate): bf16 affinities would tie experts and round
+        # the mixing weights; the router is a (D, E) matmul, a negligible share of the layer.
+        with torch.autocast(x_TD.device.type, enabled=False):
+            scores_TE = torch.sigmoid(self.router(x_TD.to(self.router.weight.dtype)))
         _, expert_TK = torch.topk(scores_TE.detach() + self.bias, self.top_k, dim=-1)
         weight_TK = scores_TE.gather(1, expert_TK)
         weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)

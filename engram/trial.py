@@ -13,6 +13,9 @@ Optimisation (docs/paper.md "Engram", item 7; Engram paper arXiv 2601.07372 §2)
 - one schedule for both: linear warmup, then cosine (or warmup-stable-decay) down to `min_lr_ratio` x lr;
 - gradient clipping by the global norm over ALL gradients, sparse ones included (norm of coalesced values).
 
+Precision (`train.precision`, `resolve_precision`): fp32, or bf16 mixed precision, the forward under
+`torch.autocast(bfloat16)` with fp32 master weights, gradients, optimiser state (dense and sparse), loss and
+softmax. Validation always runs in fp32 (`evaluate`), so losses compare across precisions.
 Diagnostics (`TrialResult.diagnostics`, docs/fairness.md): reads per memory-table row and how far read rows moved
 (`TableUsage`), the expert load of the last validation pass (`router_diagnostics`), the balance rate used.
 OverEncoding tables train at the base learning rate (`table_lr_mult`).
@@ -50,7 +53,7 @@ from engram.util import atomic_write, format_duration, format_si
 # Part of every trial id and checkpoint key: bump it whenever a change to the model, data or training code makes
 # new losses incomparable with stored ones, so a sweep re-runs those trials instead of mixing two code versions.
 RESULTS_VERSION = 3  # 2: validation windows spread over the whole validation split; 3: P_act held across rho
-                     # (narrower dense FFN), equal tokens per experiment, OverEncoding as Algorithm 1
+                     # (narrower dense FFN), equal tokens per experiment, OverEncoding as Algorithm 1, train.precision
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
 # Train-loss points kept per curve (besides the evaluations): enough for a smooth plot, small in Parquet.
@@ -116,6 +119,7 @@ class TrialResult:
     wall_seconds: float  # training loop incl. evaluation and checkpoints, summed over resumes
     tokens_per_second: float  # training tokens over the time spent in training steps only
     device: str
+    precision: str  # "fp32" | "bf16": train.precision resolved on the trial's device
     counts: ParamCounts
     curve: tuple[CurvePoint, ...]
     error: str | None
@@ -181,6 +185,34 @@ def resolve_device(device: str) -> torch.device:
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("train.device: 'cuda' requested but no CUDA device is available")
     return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """"fp32" or "bf16" for train.precision on `device`: "auto" is bf16 where the device multiplies bf16 natively
+    (a CUDA device that supports it; a CPU with AVX512_BF16 or AMX), fp32 elsewhere. bf16 on a CPU without them
+    still runs, emulated and slowly; on a CUDA device without bf16 it is refused."""
+    if precision == "fp32":
+        return "fp32"
+    native = torch.cuda.is_bf16_supported() if device.type == "cuda" else cpu_has_native_bf16()
+    if precision == "bf16" and device.type == "cuda" and not native:
+        raise ValueError(f"train.precision: 'bf16' requested but {_device_name(device)} does not support bf16")
+    return "bf16" if precision == "bf16" or native else "fp32"
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 matrix instructions (AVX512_BF16 or AMX-BF16; Linux's /proc/cpuinfo flags).
+
+    Without them torch's bf16 matmuls are emulated, slower than fp32; with them a bf16 matmul ran at 4x the
+    fp32 rate on this project's machine (benchmarks/bench_trial.py)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_bf16", "amx_bf16"})
+    except OSError:
+        pass
+    return False
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,12 +306,17 @@ def sample_batch(train_tokens: np.ndarray, batch_size: int, seq_len: int, gen: t
 
 def train_step(model: EngramMoE, batch_BT: torch.Tensor, dense_opt: torch.optim.Optimizer,
                sparse_opt: torch.optim.Optimizer | None, params: list[nn.Parameter], *, lr: float,
-               train: TrainConfig) -> tuple[float, float]:
+               train: TrainConfig, precision: str | None = None) -> tuple[float, float]:
     """One optimiser step on `batch_BT` (B, T + 1) at base learning rate `lr`: (training loss, gradient norm).
 
+    `precision` ("fp32" | "bf16"; None: train.precision resolved for the batch's device): under bf16 the forward
+    runs in `torch.autocast(bfloat16)` (engram.model: which parts stay fp32); parameters, gradients, optimiser
+    state and the loss stay fp32 either way.
     A non-finite loss or gradient norm is returned WITHOUT updating the weights (the trial ends as diverged).
     """
-    with _autocast(batch_BT.device):
+    if precision is None:
+        precision = resolve_precision(train.precision, batch_BT.device)
+    with _autocast(batch_BT.device, precision):
         _, loss = model(batch_BT[:, :-1], batch_BT[:, 1:])
     loss_value = float(loss.detach())
     if not math.isfinite(loss_value):
@@ -303,22 +340,26 @@ def train_step(model: EngramMoE, batch_BT: torch.Tensor, dense_opt: torch.optim.
 
 @torch.no_grad()
 def evaluate(model: EngramMoE, windows_NT: torch.Tensor, batch_size: int, device: torch.device) -> float:
-    """Mean next-token cross-entropy over the fixed validation windows (every window has seq_len targets)."""
+    """Mean next-token cross-entropy over the fixed validation windows (every window has seq_len targets).
+
+    Always in fp32, whatever the training precision: the weights are fp32 either way, so the validation loss is
+    the same function of them in every trial, and trials trained in bf16 and fp32 stay comparable.
+    """
     was_training = model.training
     model.eval()  # eval mode: the MoE gathers balancing counts in training only
     total = 0.0
     for i in range(0, len(windows_NT), batch_size):
         batch_BT = windows_NT[i:i + batch_size].to(device)
-        with _autocast(device):
-            _, loss = model(batch_BT[:, :-1], batch_BT[:, 1:])
+        _, loss = model(batch_BT[:, :-1], batch_BT[:, 1:])
         total += float(loss) * len(batch_BT)
     model.train(was_training)
     return total / len(windows_NT)
 
 
-def _autocast(device: torch.device) -> contextlib.AbstractContextManager:
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    assert precision == "fp32", precision
     return contextlib.nullcontext()
 
 
@@ -457,6 +498,7 @@ class _Trial:
         if data.token_texts:
             compression = torch.as_tensor(build_compression(data.token_texts))
         self.model = EngramMoE(mcfg, compression).to(device)
+        self.precision = resolve_precision(tcfg.precision, device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.usage = TableUsage(self.model)  # before any checkpoint is loaded: copies the initial tables
         self.dense_opt, self.sparse_opt = build_optimizers(self.model, tcfg)
@@ -494,7 +536,7 @@ class _Trial:
             t_step = time.perf_counter()
             batch_BT = sample_batch(self.train_tokens, tcfg.batch_size, seq_len, self.gen)
             loss, grad_norm = train_step(self.model, batch_BT.to(self.device), self.dense_opt, self.sparse_opt,
-                                         self.params, lr=lr, train=tcfg)
+                                         self.params, lr=lr, train=tcfg, precision=self.precision)
             self.elapsed = elapsed_before + time.perf_counter() - t_start
             if not math.isfinite(loss):
                 return self._finish("diverged", f"non-finite loss at step {step}")
@@ -537,8 +579,8 @@ class _Trial:
             status=status, final_val_loss=final_val, best_val_loss=self.best_val, train_loss=last_train,
             steps=self.step, tokens=tokens, flops_per_token=self.fpt, compute=self.fpt * tokens,
             wall_seconds=self.elapsed, tokens_per_second=tokens / self.train_seconds if self.train_seconds else 0.0,
-            device=_device_name(self.device), counts=self.counts, curve=tuple(self.curve), error=error,
-            diagnostics=self._diagnostics(status))
+            device=_device_name(self.device), precision=self.precision, counts=self.counts, curve=tuple(self.curve),
+            error=error, diagnostics=self._diagnostics(status))
         if self.checkpoint_dir is not None:
             if status == "ok":  # final weights stay next to the result; a diverged state is of no use
                 self._save(notify=False)

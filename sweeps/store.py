@@ -175,6 +175,7 @@ def result_row(trial: PlannedTrial, result: TrialResult | None, *, error: str | 
         "wall_seconds": None if result is None else float(result.wall_seconds),
         "tokens_per_second": None if result is None else float(result.tokens_per_second),
         "device": None if result is None else result.device,
+        "precision": None if result is None else result.precision,
         "host": socket.gethostname(), "versions": json.dumps(package_versions(), sort_keys=True),
         "git_commit": git_commit(), "started_at": started_at, "finished_at": finished_at,
         **_diagnostic_fields(trial, result),

@@ -30,6 +30,7 @@ def test_hash_is_stable_and_sensitive():
     ({"train": {"steps": 10, "tokens": 100}}, "trial.train.steps/tokens/flops: expected exactly one horizon"),
     ({"train": {"lr": 0.1}}, "trial.train.steps/tokens/flops: expected exactly one horizon, got none"),
     ({"train": {"steps": 5, "schedule": "linear"}}, "trial.train.schedule: expected one of cosine, wsd"),
+    ({"train": {"steps": 5, "precision": "fp16"}}, "trial.train.precision: expected one of auto, fp32, bf16"),
     ({"data": {"val_fraction": 0.9}}, "trial.data.val_fraction: expected a number in (0, 0.5)"),
     ({"data": []}, "trial.data: expected a mapping"),
 ])

@@ -2,13 +2,15 @@
 untied heads, memory tables, router-bias updates, and that a few optimiser steps fit a tiny batch."""
 
 import dataclasses
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from engram.config import MemoryConfig, ModelConfig
-from engram.model import EngramMoE, apply_rotary, cross_entropy, rotary_tables
+import engram.model
+from engram.model import EngramMoE, RMSNorm, apply_rotary, cross_entropy, head_cross_entropy, rotary_tables
 from engram.moe import MoE, SwiGLU
 
 SMALL = ModelConfig(vocab_size=97, seq_len=16, d_model=32, n_layers=3, n_heads=2, n_dense_layers=1,
@@ -41,13 +43,67 @@ def test_forward_shapes_and_loss_is_mean_cross_entropy_of_logits():
     torch.manual_seed(0)
     model = EngramMoE(SMALL)
     idx, tgt = batch(SMALL)
-    logits, loss = model(idx, tgt)
-    assert logits.shape == (2, SMALL.seq_len, SMALL.vocab_size)
+    logits, no_loss = model(idx)
+    assert logits.shape == (2, SMALL.seq_len, SMALL.vocab_size) and no_loss is None
+    no_logits, loss = model(idx, tgt)  # head and loss fused: the logits are never materialised
+    assert no_logits is None
     torch.testing.assert_close(loss, F.cross_entropy(logits.view(-1, SMALL.vocab_size), tgt.view(-1)))
-    assert model(idx)[1] is None
     assert abs(loss.item() - torch.log(torch.tensor(97.0)).item()) < 0.5  # near-uniform at init
     with pytest.raises(ValueError, match="seq_len"):
         model(torch.zeros(1, SMALL.seq_len + 1, dtype=torch.long))
+
+
+@pytest.mark.parametrize("n_rows", [50, 7])
+def test_head_cross_entropy_matches_unfused_reference_over_chunks(monkeypatch, n_rows):
+    # 13 classes x 3 rows per chunk: several chunks and a ragged last one (or a single partial chunk).
+    monkeypatch.setattr(engram.model, "CE_CHUNK_ELEMENTS", 13 * 3)
+    torch.manual_seed(0)
+    x = torch.randn(n_rows, 8, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(13, 8, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(13, (n_rows,))
+    ours, ref = head_cross_entropy(x, w, targets), F.cross_entropy(F.linear(x, w), targets)
+    torch.testing.assert_close(ours, ref)
+    for g, g_ref in zip(torch.autograd.grad(3 * ours, [x, w]), torch.autograd.grad(3 * ref, [x, w])):
+        torch.testing.assert_close(g, g_ref)
+    with torch.no_grad():  # the evaluation path (no gradients computed) gives the same value
+        torch.testing.assert_close(head_cross_entropy(x, w, targets), ref.detach())
+    with pytest.raises(ValueError, match="targets"):
+        head_cross_entropy(x, w, torch.full((n_rows,), 13))
+
+
+def test_head_cross_entropy_in_bf16_is_close_to_fp64_with_fp32_loss_and_weight_gradient(monkeypatch):
+    monkeypatch.setattr(engram.model, "CE_CHUNK_ELEMENTS", 64 * 16)
+    torch.manual_seed(1)
+    x64, w64 = torch.randn(100, 32, dtype=torch.float64), torch.randn(64, 32, dtype=torch.float64) * 0.3
+    targets = torch.randint(64, (100,))
+    x, w = x64.requires_grad_(), w64.requires_grad_()
+    ref = F.cross_entropy(F.linear(x, w), targets)
+    dx_ref, dw_ref = torch.autograd.grad(ref, [x, w])
+    w32 = w64.detach().float().requires_grad_()  # an fp32 master weight, cast to bf16 by autocast
+    xb = x64.detach().bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = head_cross_entropy(xb, w32, targets)
+    assert loss.dtype == torch.float32
+    assert abs(loss.item() - ref.item()) < 0.02
+    dx, dw = torch.autograd.grad(loss, [xb, w32])
+    assert dx.dtype == torch.bfloat16 and dw.dtype == torch.float32
+    for g, g_ref in ((dx, dx_ref), (dw, dw_ref)):
+        assert (g.double() - g_ref).norm() / g_ref.norm() < 0.02
+
+
+def test_rmsnorm_keeps_a_bf16_input_in_bf16_without_warnings():
+    torch.manual_seed(2)
+    norm = RMSNorm(16, eps=1e-6)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(4, 16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # nn.RMSNorm warns on a bf16 input with an fp32 weight
+        y = norm(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and norm.weight.dtype == torch.float32
+    ref = x * torch.rsqrt(x.square().mean(-1, keepdim=True) + 1e-6) * norm.weight
+    torch.testing.assert_close(y.float(), ref, atol=0.03, rtol=0.02)
+    torch.testing.assert_close(norm(x), ref.detach())
 
 
 def test_dense_and_moe_layers_where_configured():
@@ -177,19 +233,30 @@ def test_same_seed_same_model():
         torch.testing.assert_close(a(idx)[0], b(idx)[0], rtol=0, atol=0)
 
 
-def test_bf16_autocast_runs_with_fp32_loss_and_gradients():
-    # Trials autocast to bf16 on CUDA; CPU autocast exercises the same casts in the hand-written MoE and loss.
+@pytest.mark.parametrize("cfg", [SMALL, ENGRAM, OVERENC], ids=["moe", "engram", "overencoding"])
+def test_bf16_autocast_step_is_close_to_fp32_with_fp32_loss_and_gradients_and_no_warnings(cfg):
+    # What a bf16 trial runs (engram.trial.train_step): the forward under CPU autocast, fp32 parameters.
     torch.manual_seed(9)
-    model = EngramMoE(SMALL)
-    idx, tgt = batch(SMALL)
+    model = EngramMoE(cfg)
+    idx, tgt = batch(cfg, B=4)
     loss_fp32 = model(idx, tgt)[1]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        logits, loss = model(idx, tgt)
-    assert logits.dtype == torch.bfloat16 and loss.dtype == torch.float32
-    assert abs(loss.item() - loss_fp32.item()) < 0.05
-    loss.backward()
-    moe = model.moe_layers()[0]
-    assert moe.w_in.grad.dtype == torch.float32 and moe.w_in.grad.abs().sum() > 0
+    grads_fp32 = torch.autograd.grad(loss_fp32, list(model.parameters()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a dtype-mismatch fallback (RMSNorm, SDPA, ...) warns
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, loss = model(idx, tgt)
+        assert loss.dtype == torch.float32
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+    assert abs(loss.item() - loss_fp32.item()) < 0.02
+    assert all(p.dtype == torch.float32 and g.dtype == torch.float32  # fp32 master weights, fp32 gradients
+               for p, g in zip(model.parameters(), grads))
+    flat, flat_ref = (torch.cat([(t.to_dense() if t.is_sparse else t).flatten() for t in gs])
+                      for gs in (grads, grads_fp32))
+    assert (flat - flat_ref).norm() / flat_ref.norm() < 0.05
+    for g, g_ref in zip(grads, grads_fp32):  # every tensor points the same way (a token near a routing tie may
+        g, g_ref = (t.to_dense() if t.is_sparse else t for t in (g, g_ref))  # pick another expert in bf16)
+        if g_ref.norm() > 1e-8:
+            assert F.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0) > 0.95
 
 
 def test_rotary_scores_depend_only_on_relative_position():

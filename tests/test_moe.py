@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from engram.moe import MoE, SwiGLU, _GroupedSwiGLU
+from engram.moe import MoE, SwiGLU, _GroupedSwiGLU, grouped_swiglu, padded_rows
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -51,6 +51,42 @@ def test_grouped_swiglu_gradcheck_with_empty_experts():
     _GroupedSwiGLU.apply(x_SD, w_in, w_out, counts).sum().backward()
     assert w_in.grad[1].abs().sum() == 0 and w_out.grad[3].abs().sum() == 0
     assert w_in.grad[0].abs().sum() > 0
+
+
+def test_padded_rows_place_each_expert_block_at_an_aligned_start():
+    rows, padded = padded_rows((3, 0, 5, 1), 4, torch.device("cpu"))
+    assert padded == (4, 0, 8, 4)
+    assert rows.tolist() == [0, 1, 2, 4, 5, 6, 7, 8, 12]
+
+
+def test_grouped_swiglu_in_bf16_matches_the_per_token_loop_in_fp64():
+    # Under CPU autocast the kernel casts to bf16 and pads every expert's block (counts here are not multiples
+    # of the alignment); values and fp32 master-weight gradients must match the fp64 reference loop.
+    torch.manual_seed(3)
+    x_SD = torch.randn(45, 16, dtype=torch.float64)
+    w_in = (torch.randn(5, 24, 16, dtype=torch.float64) * 0.3)
+    w_out = (torch.randn(5, 16, 12, dtype=torch.float64) * 0.3)
+    counts = (10, 0, 20, 1, 14)  # expert 1 gets no rows: its gradients must be exactly zero
+    ref_rows, start = [], 0
+    for e, n in enumerate(counts):
+        ref_rows += [swiglu_ref(x_SD[i], w_in[e], w_out[e]) for i in range(start, start + n)]
+        start += n
+    y_ref = torch.stack(ref_rows)
+    dy = torch.randn_like(y_ref)
+    x64, wi64, wo64 = (t.detach().clone().requires_grad_() for t in (x_SD, w_in, w_out))
+    y64 = _GroupedSwiGLU.apply(x64, wi64, wo64, counts)
+    grads_ref = torch.autograd.grad((y64 * dy).sum(), [x64, wi64, wo64])
+    torch.testing.assert_close(y64, y_ref)
+    x32, wi32, wo32 = (t.detach().float().requires_grad_() for t in (x_SD, w_in, w_out))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = grouped_swiglu(x32, wi32, wo32, counts)
+    assert y.dtype == torch.bfloat16 and y.shape == y_ref.shape
+    assert (y.double() - y_ref).norm() / y_ref.norm() < 0.02
+    grads = torch.autograd.grad((y.float() * dy.float()).sum(), [x32, wi32, wo32])
+    for g, g_ref in zip(grads, grads_ref):
+        assert g.dtype == torch.float32
+        assert (g.double() - g_ref).norm() / g_ref.norm() < 0.03
+    assert grads[1][1].abs().sum() == 0 and grads[2][1].abs().sum() == 0
 
 
 def test_one_expert_top1_without_shared_equals_dense_mlp():

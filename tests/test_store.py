@@ -36,7 +36,8 @@ def fake_result(trial: PlannedTrial, status: str = "ok", loss: float = 3.0) -> T
                        best_val_loss=loss if status == "ok" else None, train_loss=loss + 0.1, steps=2,
                        tokens=trial.tokens, flops_per_token=trial.flops_per_token,
                        compute=trial.flops_per_token * trial.tokens, wall_seconds=1.0,
-                       tokens_per_second=trial.tokens / 1.0, device="cpu", counts=trial.counts, curve=curve,
+                       tokens_per_second=trial.tokens / 1.0, device="cpu", precision="fp32", counts=trial.counts,
+                       curve=curve,
                        error=None if status == "ok" else "non-finite loss at step 2")
 
 
@@ -76,7 +77,7 @@ def test_rows_and_curves_round_trip_with_the_contract_columns(tmp_path: Path, tr
     # Provenance
     versions = json.loads(row["versions"])
     assert versions["torch"] and versions["pandas"] and "ray" in versions and "engram-sweeps" in versions
-    assert row["host"] and row["device"] == "cpu"
+    assert row["host"] and row["device"] == "cpu" and row["precision"] == "fp32"
     assert row["git_commit"] is None or len(row["git_commit"].removesuffix("-dirty")) == 40
     curves = store.curves()
     assert set(curves["trial_id"]) == {alloc.trial_id, mem.trial_id} and len(curves) == 4

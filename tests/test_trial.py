@@ -23,11 +23,14 @@ from engram.trial import (
     TrialResult,
     build_optimizers,
     clip_grad_norm,
+    cpu_has_native_bf16,
     format_progress,
     horizon_steps,
     lr_factor,
+    resolve_precision,
     run_trial,
     sample_batch,
+    train_step,
     validation_windows,
 )
 
@@ -101,6 +104,7 @@ def test_other_memory_kinds_train(cache_dir: Path, kind: str) -> None:
 def test_cuda_trial_runs_under_bf16_autocast(cache_dir: Path) -> None:
     result = run_trial(trial(steps=20, device="auto"), cache_dir=cache_dir)
     assert result.status == "ok" and result.device.startswith("cuda")
+    assert result.precision == ("bf16" if torch.cuda.is_bf16_supported() else "fp32")
     assert result.final_val_loss is not None and result.final_val_loss < math.log(VOCAB)
 
 
@@ -289,6 +293,50 @@ def test_tables_get_lazy_sparse_updates_and_no_weight_decay() -> None:
         assert torch.count_nonzero(state["exp_avg_sq"][touched].abs().sum(-1)) == touched.sum()
 
 
+def test_bf16_step_keeps_fp32_master_weights_and_state_and_agrees_with_fp32() -> None:
+    train = TrainConfig(steps=1, lr=1e-2)
+    ids_BT = torch.randint(0, VOCAB, (BATCH, SEQ_LEN + 1), generator=torch.Generator().manual_seed(3))
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        model = EngramMoE(MODEL)
+        init = [p.detach().clone() for p in model.parameters()]
+        dense, sparse = build_optimizers(model, train)
+        params = list(model.parameters())
+        losses = [train_step(model, ids_BT, dense, sparse, params, lr=train.lr, train=train, precision=precision)[0]
+                  for _ in range(3)]
+        assert all(p.dtype == torch.float32 for p in model.parameters())
+        for opt in (dense, sparse):
+            moments = [v for st in opt.state.values() for k, v in st.items() if k.startswith("exp_avg")]
+            assert moments and all(v.dtype == torch.float32 for v in moments)
+        table = model.table_parameters()[0]
+        assert sparse.state[table]["exp_avg"].dtype == torch.float32
+        runs[precision] = (losses, [p.detach() - p0 for p, p0 in zip(model.parameters(), init)])
+    (loss32, upd32), (loss16, upd16) = runs["fp32"], runs["bf16"]
+    assert loss16[0] == pytest.approx(loss32[0], abs=0.02)  # same weights, same batch
+    assert loss16[-1] < loss16[0] and loss16[-1] == pytest.approx(loss32[-1], abs=0.05)
+    flat32, flat16 = torch.cat([u.flatten() for u in upd32]), torch.cat([u.flatten() for u in upd16])
+    assert torch.nn.functional.cosine_similarity(flat32, flat16, dim=0) > 0.95
+
+
+def test_precision_resolves_per_device() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_precision("fp32", cpu) == "fp32" and resolve_precision("bf16", cpu) == "bf16"
+    assert resolve_precision("auto", cpu) == ("bf16" if cpu_has_native_bf16() else "fp32")
+    if Path("/proc/cpuinfo").exists():
+        flags = Path("/proc/cpuinfo").read_text()
+        assert cpu_has_native_bf16() == ("avx512_bf16" in flags or "amx_bf16" in flags)
+
+
+def test_bf16_trial_records_its_precision_and_validates_like_fp32(cache_dir: Path) -> None:
+    fp32, bf16 = (run_trial(trial(steps=8, eval_interval=4, precision=p), cache_dir=cache_dir)
+                  for p in ("fp32", "bf16"))
+    assert fp32.precision == "fp32" and bf16.precision == "bf16" and bf16.status == "ok"
+    # Validation is fp32 in both: the first evaluation (after 4 steps from the same init) differs only by what
+    # 4 steps of bf16 arithmetic changed in the weights.
+    assert bf16.curve[0].val_loss == pytest.approx(fp32.curve[0].val_loss, abs=0.05)
+
+
 def test_clip_grad_norm_counts_repeated_sparse_rows_once_per_row() -> None:
     ids = torch.tensor([3, 3, 5, 3, 0])
     dense_emb, sparse_emb = nn.Embedding(8, 4), nn.Embedding(8, 4, sparse=True)
@@ -330,6 +378,9 @@ def test_trial_id_covers_config_data_and_results_version() -> None:
     assert trial_id(config, "data-a") != trial_id(config, "data-b")
     # A new results version gives new ids: stored trials of older code are re-run, never mixed in.
     assert trial_id(config, "data-a") != config_hash(config, "data-a", f"v{RESULTS_VERSION - 1}")
+    # The precision is part of the config, hence of the id.
+    assert trial_id(config, "data-a") != trial_id(trial(precision="bf16"), "data-a")
+    assert trial(precision="bf16").train.precision == "bf16" and TRAIN.precision == "auto"
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
