@@ -26,7 +26,7 @@ from typing import Mapping
 import pandas as pd
 
 from engram.accounting import ParamCounts, flops_per_token, param_counts, solve_allocation
-from engram.config import ModelConfig, TrialConfig
+from engram.config import DataConfig, ModelConfig, TrialConfig
 from engram.data import corpus_fingerprint
 from engram.trial import horizon_steps, trial_id
 from sweeps.spec import (AllocationExperiment, MemoryExperiment, SearchExperiment, SweepSpec, engram_shape,
@@ -62,6 +62,11 @@ class PlannedTrial:
     est_seconds: float
 
     @property
+    def knowledge_share(self) -> float | None:
+        """The mix corpus's knowledge share of this trial (None for other corpora)."""
+        return self.config.data.knowledge_share if self.config.data.is_mix else None
+
+    @property
     def steps(self) -> int:
         return self.tokens // (self.config.train.batch_size * self.config.model.seq_len)
 
@@ -94,12 +99,14 @@ def plan_sweep(spec: SweepSpec, *, throughput: Throughput | None = None) -> list
     for exp in spec.experiments:
         if isinstance(exp, AllocationExperiment):
             p_tot = target_p_tot(spec, exp)
-            for budget in exp.budgets:
-                for rho in exp.rho:
-                    model = allocation_model(spec, p_tot, rho)
-                    for seed in exp.seeds:
-                        trials.append(_planned(spec, exp.name, exp.kind, model, rho, budget, seed, fingerprint,
-                                               throughput))
+            for data in exp.data_configs(spec.data):  # the knowledge_share axis, if any: outermost
+                data_fingerprint = fingerprint if data == spec.data else corpus_fingerprint(data)
+                for budget in exp.budgets:
+                    for rho in exp.rho:
+                        model = allocation_model(spec, p_tot, rho)
+                        for seed in exp.seeds:
+                            trials.append(_planned(spec, exp.name, exp.kind, model, rho, budget, seed,
+                                                   data_fingerprint, throughput, data=data))
         elif isinstance(exp, MemoryExperiment):
             for kind in exp.memory:
                 for slots in exp.slots:
@@ -134,8 +141,9 @@ def allocation_model(spec: SweepSpec, p_tot: float, rho: float) -> ModelConfig:
 
 
 def _planned(spec: SweepSpec, experiment: str, kind: str, model: ModelConfig, rho: float | None,
-             budget: float, seed: int, fingerprint: str, throughput: Throughput) -> PlannedTrial:
-    config = TrialConfig(model=model, data=spec.data, train=spec.trial_train(budget, seed))
+             budget: float, seed: int, fingerprint: str, throughput: Throughput, *,
+             data: DataConfig | None = None) -> PlannedTrial:
+    config = TrialConfig(model=model, data=spec.data if data is None else data, train=spec.trial_train(budget, seed))
     fpt = flops_per_token(model)
     steps = horizon_steps(config.train, fpt, model.seq_len)
     return PlannedTrial(
@@ -235,6 +243,10 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
                      str(t.config.model.n_routed), _si(c.p_tot), "-" if dp is None else f"{100 * dp:+.1f}%",
                      _si(c.p_act), _si(c.p_sparse), str(t.seed), _si(t.tokens), f"{t.flops_per_token * t.tokens:.2e}",
                      format_seconds(t.est_seconds), "yes" if t.trial_id in stored else "no"])
+    if any(t.knowledge_share is not None for t in trials):  # the mix corpus: its knowledge share per row
+        header.insert(1, "share")
+        for r, t in zip(rows, trials):
+            r.insert(1, "-" if t.knowledge_share is None else f"{t.knowledge_share:.3g}")
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(header)]
     lines = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     lines += ["  ".join(v.ljust(w) for v, w in zip(r, widths)) for r in rows]

@@ -46,6 +46,10 @@ RUN_SCHEMA = pa.schema([
     ("tokens_per_second", pa.float64()), ("device", pa.string()), ("host", pa.string()),
     ("versions", pa.string()), ("git_commit", pa.string()), ("started_at", pa.string()),
     ("finished_at", pa.string()),
+    # the mix corpus (engram.mixcorpus): its knowledge share and the final validation loss per token kind;
+    # null for other corpora
+    ("knowledge_share", pa.float64()), ("final_val_loss_knowledge", pa.float64()),
+    ("final_val_loss_computation", pa.float64()),
 ])
 CURVE_SCHEMA = pa.schema([
     ("trial_id", pa.string()), ("step", pa.int64()), ("tokens", pa.int64()), ("train_loss", pa.float64()),
@@ -182,7 +186,15 @@ def result_row(trial: PlannedTrial, result: TrialResult | None, *, error: str | 
         "device": None if result is None else result.device,
         "host": socket.gethostname(), "versions": json.dumps(package_versions(), sort_keys=True),
         "git_commit": git_commit(), "started_at": started_at, "finished_at": finished_at,
+        **_mix_columns(trial, result),
     }
+
+
+def _mix_columns(trial: PlannedTrial, result: TrialResult | None) -> dict[str, Any]:
+    data = trial.config.data
+    return {"knowledge_share": float(data.knowledge_share) if data.is_mix else None,
+            "final_val_loss_knowledge": None if result is None else result.final_val_loss_knowledge,
+            "final_val_loss_computation": None if result is None else result.final_val_loss_computation}
 
 
 def curve_frame(result: TrialResult) -> pd.DataFrame:
