@@ -4,8 +4,8 @@ validation losses stored per trial, the knowledge_share sweep axis and its repor
 
 from __future__ import annotations
 
-import copy
 import dataclasses
+import json
 import math
 import re
 from pathlib import Path
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.report import analyse, analyse_knowledge_mix, draw_knowledge_mix
+from analysis.report import analyse, analyse_knowledge_mix, draw_knowledge_mix, write_report
 from engram import mixcorpus
 from engram.config import (ConfigError, DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig,
                            config_hash)
@@ -300,5 +300,11 @@ def test_report_fits_one_u_curve_per_share_and_recovers_planted_optima(tmp_path:
     assert gains[(0.9, "knowledge")] > gains[(0.1, "knowledge")] > 0
     figures = draw_knowledge_mix(mix, tmp_path)
     assert {"mix_rho_star", "mix_kind_losses_mix"} <= set(figures) and all(p.is_file() for p in figures.values())
+    (tmp_path / "store" / "runs").mkdir(parents=True)
+    runs.to_parquet(tmp_path / "store" / "runs" / "all.parquet")
+    md = write_report(tmp_path / "store", n_resamples=50).read_text()
+    assert "Knowledge mix: rho* against the knowledge share" in md and "mix_rho_star.png" in md
+    doc = json.loads((tmp_path / "store" / "report" / "fits.json").read_text())
+    assert [u["knowledge_share"] for u in doc["knowledge_mix"]["u_curves"]] == [0.1, 0.9]
     # A corpus without kinds: no mix section.
     assert analyse_knowledge_mix(runs.drop(columns=["knowledge_share"])) is None
