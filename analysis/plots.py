@@ -177,7 +177,8 @@ def plot_isoflop(ax: Axes, fit: IsoFlopFit, compute, x, loss, *, xlabel: str = "
 KIND_LOSS_COLORS = MappingProxyType({"knowledge": "tab:green", "computation": "tab:purple", "total": "0.3"})
 
 
-def plot_rho_star_vs_share(ax: Axes, fits: Mapping[float, UCurveFit], *, title: str = "rho* vs knowledge share") -> None:
+def plot_rho_star_vs_share(ax: Axes, fits: Mapping[float, UCurveFit], *,
+                           title: str = "rho* vs knowledge share") -> None:
     """rho* with its interval at each knowledge share (filled); a boundary verdict shows its grid-edge minimum
     as a hollow marker without an interval (no rho* is claimed there)."""
     shares = sorted(fits)

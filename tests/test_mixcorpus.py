@@ -284,7 +284,8 @@ def test_report_fits_one_u_curve_per_share_and_recovers_planted_optima(tmp_path:
         for rho in np.linspace(0, 1, 6):
             for seed in (0, 1):
                 loss = 3.0 + 0.5 * (rho - rho_star) ** 2 + rng.normal(0, 0.003)
-                rows.append({"trial_id": f"{share}-{rho}-{seed}", "experiment": "mix", "kind": "allocation", "memory": "engram",
+                rows.append({"trial_id": f"{share}-{rho}-{seed}", "experiment": "mix", "kind": "allocation",
+                             "memory": "engram",
                              "status": "ok", "rho": rho, "rho_achieved": rho, "seed": seed, "budget": 1e12,
                              "knowledge_share": share, "final_val_loss": loss,
                              "final_val_loss_knowledge": loss + 1 - share * (1 - rho),
