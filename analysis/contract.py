@@ -47,6 +47,10 @@ RUN_SCHEMA = pa.schema([
     ("rows_read_share", pa.float64()), ("lookups_median", pa.float64()), ("lookups_p10", pa.float64()),
     ("table_update_rms", pa.float64()), ("table_init_rms", pa.float64()), ("expert_load_max", pa.float64()),
     ("expert_load_min", pa.float64()), ("experts_starved", pa.int64()),
+    # the mix corpus (engram.mixcorpus): its knowledge share and the final validation loss per token kind;
+    # null for other corpora
+    ("knowledge_share", pa.float64()), ("final_val_loss_knowledge", pa.float64()),
+    ("final_val_loss_computation", pa.float64()),
 ])
 CURVE_SCHEMA = pa.schema([
     ("trial_id", pa.string()), ("step", pa.int64()), ("tokens", pa.int64()), ("train_loss", pa.float64()),

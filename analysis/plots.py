@@ -10,6 +10,8 @@
 - `plot_budget_trend`: rho* and the best loss over compute with their intervals and fitted scaling.
 - `plot_isoflop`: Approach 2 parabolas and their vertices, one colour per budget.
 - `plot_memory_comparison`: no memory, Engram and OverEncoding on one axis of table parameters.
+- `plot_rho_star_vs_share` / `plot_kind_losses`: the mix corpus's read-outs, rho* against the knowledge share
+  and the per-kind validation losses against rho.
 Figures are built with `matplotlib.figure.Figure` (no pyplot state), so this is safe in any process.
 """
 
@@ -230,4 +232,49 @@ def plot_memory_comparison(ax: Axes, points: pd.DataFrame, *, title: str = "No m
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3, which="both")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mix corpus (engram.mixcorpus): rho* against the knowledge share, per-kind losses against rho
+
+KIND_LOSS_COLORS = MappingProxyType({"knowledge": "tab:green", "computation": "tab:purple", "total": "0.3"})
+
+
+def plot_rho_star_vs_share(ax: Axes, fits: Mapping[float, UCurveFit], *,
+                           title: str = "rho* vs knowledge share") -> None:
+    """rho* with its interval at each knowledge share (filled); a boundary verdict shows its grid-edge minimum
+    as a hollow marker without an interval (no rho* is claimed there)."""
+    shares = sorted(fits)
+    for share in shares:
+        fit = fits[share]
+        if fit.rho_star is not None:
+            est = fit.rho_star
+            ax.errorbar([share], [est.value], yerr=[[est.value - est.lo], [est.hi - est.value]], fmt="o",
+                        color="tab:red", capsize=4, label="interior rho* (interval)")
+        else:
+            ax.plot([share], [fit.argmin.value], marker="o", mfc="none", color="tab:red", ls="none",
+                    label="boundary minimum (no rho*)")
+    handles, labels = ax.get_legend_handles_labels()
+    unique = dict(zip(labels, handles))
+    ax.legend(unique.values(), unique.keys(), fontsize=7, loc="best")
+    ax.set_xlim(-0.05, 1.05)
+    ax.set_ylim(-0.05, 1.05)
+    ax.set_xlabel("knowledge share of the corpus")
+    ax.set_ylabel("rho* (1 = pure MoE, 0 = all memory)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+
+
+def plot_kind_losses(ax: Axes, losses: pd.DataFrame, *, title: str = "Loss per token kind vs rho") -> None:
+    """`losses`: columns rho, kind ("knowledge" | "computation" | "total") and loss (one row per trial); the mean
+    over the rows at each rho is joined by a line, each trial is a point."""
+    for kind, rows in losses.groupby("kind", sort=False):
+        color = KIND_LOSS_COLORS.get(kind, None)
+        ax.scatter(rows["rho"], rows["loss"], s=14, color=color, alpha=0.6)
+        mean = rows.groupby("rho", sort=True)["loss"].mean()
+        ax.plot(mean.index, mean.to_numpy(), color=color, lw=1.5, marker="o", ms=3, label=kind)
+    ax.set_xlabel("allocation ratio rho (1 = pure MoE)")
+    ax.set_ylabel("final validation loss (nats/token)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="best")

@@ -31,8 +31,8 @@ from analysis.fits import (DROP_WARN_SHARE, LEVEL, N_RESAMPLES, REFERENCE_GAIN, 
                            fit_loglinear, fit_power_law, fit_u_curve, single_threaded_blas)
 from analysis.diagnostics import (BALANCED_MAX_LOAD, TRAINED_LOOKUPS_PER_ROW, diagnostics_summary,
                                   diagnostics_table)
-from analysis.plots import (plot_budget_trend, plot_memory_comparison, plot_power_laws, plot_training_curves,
-                            plot_u_curve)
+from analysis.plots import (plot_budget_trend, plot_kind_losses, plot_memory_comparison, plot_power_laws,
+                            plot_rho_star_vs_share, plot_training_curves, plot_u_curve)
 
 U_KINDS = ("allocation", "search")
 MEMORY_KIND = "memory"
@@ -66,6 +66,7 @@ class SweepAnalysis:
     compute_laws: dict[tuple[str, float], PowerLawFit] = field(repr=False)      # (experiment, target rho)
     chinchilla: ChinchillaFit | None = None
     not_fitted: tuple = ()                              # (what, reason)
+    mix: KnowledgeMix | None = None                     # the mix corpus's read-outs, when the sweep has them
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -133,6 +134,7 @@ def analyse(runs: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, level: float 
 
     u_curves: dict = {}
     u_rows = usable[kind.isin(U_KINDS)]
+    u_rows = u_rows[~_on_share_axis(u_rows)]   # a knowledge_share axis: one U-curve per share (KnowledgeMix)
     for (experiment, budget), group in u_rows.groupby(["experiment", "budget"], sort=True, dropna=False):
         what = f"U-curve {experiment} @ {budget:.3g} FLOPs"
         rho = _x_rho(group)
@@ -209,10 +211,13 @@ def analyse(runs: pd.DataFrame, *, n_resamples: int = N_RESAMPLES, level: float 
             except (ValueError, FitError) as err:
                 not_fitted.append(("Chinchilla form over P_act and tokens", str(err)))
 
+    mix = analyse_knowledge_mix(usable, n_resamples=n_resamples, level=level)
+    if mix is not None:
+        not_fitted.extend(mix.not_fitted)
     return SweepAnalysis(runs=runs, usable=usable, excluded=excluded, budgets=_budget_table(runs, usable),
                          u_curves=u_curves, trends=trends, power_laws=power_laws, compute_laws=compute_laws,
                          chinchilla=chinchilla,
-                         not_fitted=tuple(not_fitted))
+                         not_fitted=tuple(not_fitted), mix=mix)
 
 
 def _budget_table(runs: pd.DataFrame, usable: pd.DataFrame) -> pd.DataFrame:
@@ -231,6 +236,166 @@ def _budget_table(runs: pd.DataFrame, usable: pd.DataFrame) -> pd.DataFrame:
             "tokens (median)": _g(ok["tokens"].median()) if "tokens" in ok and len(ok) else "-",
         })
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The mix corpus (engram.mixcorpus): a U-curve per knowledge share, rho* against the share, per-kind losses
+
+SHARE_COL = "knowledge_share"
+KIND_LOSS_COLS = {"knowledge": "final_val_loss_knowledge", "computation": "final_val_loss_computation"}
+
+
+@dataclass(frozen=True)
+class ShareOptimum:
+    """The U-curve of one (experiment, budget, knowledge share); `fit` None when it could not be fitted."""
+
+    experiment: str
+    budget: float
+    share: float
+    fit: UCurveFit | None
+
+
+@dataclass(frozen=True)
+class KnowledgeMix:
+    """What a sweep over the mix corpus says: rho* per share and the per-kind losses against rho.
+
+    `kind_losses`: one row per (trial, kind): experiment, budget, share, rho, seed, kind, loss.
+    `kind_gains`: per (experiment, budget, share, kind): the mean loss at rho = 1 minus the lowest mean loss at
+    a sampled rho < 1 (positive: memory lowers that kind's loss), and the rho where that lowest loss sits.
+    """
+
+    optima: tuple[ShareOptimum, ...]
+    kind_losses: pd.DataFrame = field(repr=False)
+    kind_gains: pd.DataFrame = field(repr=False)
+    not_fitted: tuple = ()
+
+    def to_dict(self) -> dict:
+        return {"u_curves": [{"experiment": o.experiment, "budget": o.budget, "knowledge_share": o.share,
+                              "quadratic": None if o.fit is None else o.fit.to_dict()} for o in self.optima],
+                "kind_gains": self.kind_gains.to_dict(orient="records")}
+
+
+def _on_share_axis(rows: pd.DataFrame) -> np.ndarray:
+    """Rows of experiments that sweep the knowledge share (more than one share): fitted per share instead."""
+    if SHARE_COL not in rows.columns or rows.empty:
+        return np.zeros(len(rows), dtype=bool)
+    n_shares = rows.groupby("experiment")[SHARE_COL].transform(lambda s: s.dropna().nunique())
+    return (n_shares > 1).to_numpy()
+
+
+def _share_u_curve(rho: np.ndarray, loss: np.ndarray, seed: np.ndarray, *, n_resamples: int,
+                   level: float) -> UCurveFit:
+    """The one call into the U-curve fitting API for the mix read-outs (the report's default curve)."""
+    return fit_u_curve(rho, loss, seed, method="quadratic", n_resamples=n_resamples, level=level)
+
+
+def analyse_knowledge_mix(usable: pd.DataFrame, *, n_resamples: int = N_RESAMPLES,
+                          level: float = LEVEL) -> KnowledgeMix | None:
+    """Per (experiment, budget, knowledge share) of the allocation rows on the mix corpus: the U-curve and the
+    per-kind losses. None when no usable allocation row has a knowledge share."""
+    if SHARE_COL not in usable.columns:
+        return None
+    kind = usable["kind"] if "kind" in usable.columns else pd.Series("allocation", index=usable.index)
+    share = pd.to_numeric(usable[SHARE_COL], errors="coerce")
+    rows = usable[(kind == "allocation").to_numpy() & np.isfinite(share.to_numpy(dtype=float))]
+    if rows.empty:
+        return None
+    optima, not_fitted, long_rows = [], [], []
+    for (experiment, budget, s), group in rows.groupby(["experiment", "budget", SHARE_COL], sort=True):
+        rho = _x_rho(group)
+        keep = np.isfinite(rho)
+        fit = None
+        try:
+            fit = _share_u_curve(rho[keep], group[LOSS_COL].to_numpy(float)[keep], group["seed"].to_numpy()[keep],
+                                 n_resamples=n_resamples, level=level)
+        except (ValueError, FitError) as err:
+            not_fitted.append((f"U-curve {experiment} @ {budget:.3g} FLOPs, knowledge share {s:g}", str(err)))
+        optima.append(ShareOptimum(str(experiment), float(budget), float(s), fit))
+        for name, col in (("total", LOSS_COL), *KIND_LOSS_COLS.items()):
+            if col not in group.columns:
+                continue
+            losses = pd.to_numeric(group[col], errors="coerce").to_numpy(dtype=float)
+            long_rows.extend({"experiment": experiment, "budget": float(budget), "share": float(s), "rho": r,
+                              "seed": int(sd), "kind": name, "loss": v}
+                             for r, sd, v in zip(group["rho"].to_numpy(float), group["seed"], losses)
+                             if np.isfinite(v))
+    kind_losses = pd.DataFrame(long_rows, columns=["experiment", "budget", "share", "rho", "seed", "kind", "loss"])
+    return KnowledgeMix(optima=tuple(optima), kind_losses=kind_losses, kind_gains=_kind_gains(kind_losses),
+                        not_fitted=tuple(not_fitted))
+
+
+def _kind_gains(kind_losses: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for (experiment, budget, share, kind), group in kind_losses.groupby(["experiment", "budget", "share", "kind"],
+                                                                         sort=True):
+        mean = group.groupby("rho", sort=True)["loss"].mean()
+        at_moe = mean[np.isclose(mean.index, 1.0)]
+        below = mean[mean.index < 1.0 - 1e-9]
+        if at_moe.empty or below.empty:
+            continue
+        rows.append({"experiment": experiment, "budget": budget, "share": share, "kind": kind,
+                     "loss at rho=1": float(at_moe.iloc[0]), "best rho<1": float(below.idxmin()),
+                     "loss there": float(below.min()), "gain": float(at_moe.iloc[0] - below.min())})
+    return pd.DataFrame(rows, columns=["experiment", "budget", "share", "kind", "loss at rho=1", "best rho<1",
+                                       "loss there", "gain"])
+
+
+def draw_knowledge_mix(mix: KnowledgeMix, plot_dir: Path) -> dict[str, Path]:
+    """rho* against the share (one panel per experiment and budget) and the per-kind losses against rho (one
+    panel per share)."""
+    out: dict[str, Path] = {}
+    groups = sorted({(o.experiment, o.budget) for o in mix.optima})
+    fitted = [(e, b) for e, b in groups if any(o.fit is not None for o in mix.optima if (o.experiment, o.budget)
+                                                == (e, b))]
+    if fitted:
+        fig = _figure(len(fitted))
+        for ax, (experiment, budget) in zip(fig.axes, fitted):
+            fits = {o.share: o.fit for o in mix.optima
+                    if (o.experiment, o.budget) == (experiment, budget) and o.fit is not None}
+            plot_rho_star_vs_share(ax, fits, title=f"{experiment}: rho* vs knowledge share at C = {budget:.3g} FLOPs")
+        fig.suptitle("Allocation optimum against the knowledge share of the mix corpus")
+        out["mix_rho_star"] = _save(fig, plot_dir, "mix_rho_star")
+    for experiment, rows in mix.kind_losses.groupby("experiment", sort=True):
+        panels = sorted({(b, s) for b, s in zip(rows["budget"], rows["share"])})
+        fig = _figure(len(panels))
+        for ax, (budget, share) in zip(fig.axes, panels):
+            sel = rows[(rows["budget"] == budget) & (rows["share"] == share)]
+            plot_kind_losses(ax, sel[["rho", "kind", "loss"]],
+                             title=f"{experiment}: share {share:g}, C = {budget:.3g} FLOPs")
+        fig.suptitle(f"{experiment}: validation loss per token kind vs rho")
+        out[f"mix_kind_losses_{experiment}"] = _save(fig, plot_dir, f"mix_kind_losses_{experiment}")
+    return out
+
+
+def knowledge_mix_blocks(mix: KnowledgeMix, figures: dict[str, Path]) -> list:
+    b: list = [("h2", "Knowledge mix: rho* against the knowledge share")]
+    b.append(("p", "The built-in mix corpus (engram.mixcorpus): one U-curve per knowledge share (quadratic, as "
+                   "above). Per-kind losses are the final validation loss over the tokens of a fact's value "
+                   "(knowledge) or of a rule's result (computation); the total is over every token. Hypothesis "
+                   "the sweep tests: rho* falls as the share rises, and memory (rho < 1) lowers the knowledge "
+                   "loss more than the computation loss."))
+    rows = []
+    for o in mix.optima:
+        fit = o.fit
+        rows.append({"experiment": o.experiment, "budget": _g(o.budget), "knowledge share": _g(o.share),
+                     "points": "-" if fit is None else fit.n_points,
+                     "verdict": "not fitted" if fit is None else fit.verdict,
+                     "rho*": "-" if fit is None else (str(fit.rho_star) if fit.rho_star
+                                                      else f"none (edge {fit.argmin.value:.3g})"),
+                     "gain vs rho=1": "-" if fit is None or fit.gain is None else str(fit.gain),
+                     "R²": "-" if fit is None else f"{fit.r2:.3f}"})
+    b.append(("table", pd.DataFrame(rows)))
+    if "mix_rho_star" in figures:
+        b.append(("img", figures["mix_rho_star"], "rho* against the knowledge share"))
+    if not mix.kind_gains.empty:
+        b.append(("h3", "Per-kind losses: what memory buys each kind"))
+        b.append(("p", "Gain = mean loss at rho = 1 (pure MoE) minus the lowest mean loss at a sampled rho < 1 "
+                       "(positive: memory helps that kind); no interval: read it against the seed spread."))
+        b.append(("table", mix.kind_gains.assign(budget=mix.kind_gains["budget"].map(_g))))
+    for name, path in figures.items():
+        if name.startswith("mix_kind_losses_"):
+            b.append(("img", path, f"validation loss per token kind vs rho, {name[len('mix_kind_losses_'):]}"))
+    return b
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -274,6 +439,8 @@ def draw_figures(result: SweepAnalysis, curves: pd.DataFrame, plot_dir: Path) ->
         plot_power_laws(fig.axes[0], fits, title=f"{experiment}: loss vs compute, one power law per rho",
                         xlabel="compute C (FLOPs, log scale)", symbol="C", loglinear=False)
         out[f"compute_{experiment}"] = _save(fig, plot_dir, f"compute_{experiment}")
+    if result.mix is not None:
+        out.update(draw_knowledge_mix(result.mix, plot_dir))
     if not curves.empty and {"trial_id", "tokens", "val_loss"} <= set(curves.columns):
         usable = result.usable
         for experiment, rows in usable.groupby("experiment", sort=True):
@@ -452,6 +619,7 @@ def fits_document(store_dir: Path, spec: dict, result: SweepAnalysis) -> dict:
         "chinchilla": None if result.chinchilla is None else result.chinchilla.to_dict(),
         "not_fitted": [{"what": w, "reason": r} for w, r in result.not_fitted],
         "dropped_resamples": [{"fit": what, **boot.to_dict()} for what, boot in dropped_resamples(result)],
+        "knowledge_mix": None if result.mix is None else result.mix.to_dict(),
     }
 
 
@@ -608,6 +776,9 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
         else:
             text += " Not every parameter is identified, so no compute-optimal exponents are quoted."
         b.append(("p", text))
+
+    if result.mix is not None:
+        b.extend(knowledge_mix_blocks(result.mix, figures))
 
     curve_figs = {n: p for n, p in figures.items() if n.startswith("curves_")}
     if curve_figs:

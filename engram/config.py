@@ -20,6 +20,10 @@ DATA_FORMATS = ("auto", "stdlib", "text", "jsonl", "parquet", "tokens")
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
+MIX_CORPUS = "mix"
+# DataConfig fields that only the mix corpus reads: left out of the content hash of other corpora, so adding
+# them kept the trial ids of every stored trial on a file corpus or the stdlib.
+MIX_FIELDS = ("knowledge_share", "mix_entities", "mix_seed")
 
 
 class ConfigError(ValueError):
@@ -140,7 +144,10 @@ class DataConfig:
     """Where the text comes from and how it is split. The tokenizer's size is `ModelConfig.vocab_size`.
 
     corpus: "stdlib" (the running Python's standard library sources, no download), a directory or glob of text
-    files, a .jsonl file with `text_field`, a .parquet file with a `text_field` column, or a .npy token array.
+    files, a .jsonl file with `text_field`, a .parquet file with a `text_field` column, a .npy token array, or
+    "mix": the built-in generated corpus of knowledge and computation text (engram.mixcorpus), about `max_bytes`
+    characters of it, `knowledge_share` of them knowledge, over a table of `mix_entities` entities drawn from
+    `mix_seed`. The three mix fields apply to the mix corpus only (and enter trial ids only there: MIX_FIELDS).
     """
 
     corpus: str = "stdlib"
@@ -149,14 +156,33 @@ class DataConfig:
     val_fraction: float = 0.05
     split_seed: int = 0
     max_bytes: int | None = 16_000_000
+    knowledge_share: float = 0.5
+    mix_entities: int = 2000
+    mix_seed: int = 0
 
     def __post_init__(self) -> None:
         _choice("format", self.format, DATA_FORMATS)
         if not self.corpus:
-            raise ConfigError("corpus: expected 'stdlib' or a path, got an empty string")
+            raise ConfigError("corpus: expected 'stdlib', 'mix' or a path, got an empty string")
         if not 0 < self.val_fraction < 0.5:
             raise ConfigError(f"val_fraction: expected a number in (0, 0.5), got {self.val_fraction!r}")
         _positive("max_bytes", self.max_bytes, allow_none=True)
+        if not 0 <= self.knowledge_share <= 1:
+            raise ConfigError(f"knowledge_share: expected a number in [0, 1], got {self.knowledge_share!r}")
+        if self.mix_entities < 2:
+            raise ConfigError(f"mix_entities: expected an integer >= 2 (a mentor is another entity), "
+                              f"got {self.mix_entities!r}")
+        if self.mix_seed < 0:
+            raise ConfigError(f"mix_seed: expected a non-negative integer, got {self.mix_seed!r}")
+        if self.corpus == MIX_CORPUS:
+            if self.format != "auto":
+                raise ConfigError(f"format: the generated corpus 'mix' takes format auto, got {self.format!r}")
+            if self.max_bytes is None:
+                raise ConfigError("max_bytes: the generated corpus 'mix' needs a size in characters, got null")
+
+    @property
+    def is_mix(self) -> bool:
+        return self.corpus == MIX_CORPUS
 
 
 @dataclass(frozen=True)
@@ -251,8 +277,18 @@ def to_dict(config: Any) -> dict[str, Any]:
 
 def config_hash(config: Any, *extra: str) -> str:
     """Content hash of a config (and extra strings such as a data fingerprint): stable across processes."""
-    text = json.dumps(to_dict(config), sort_keys=True, separators=(",", ":")) + "|" + "|".join(extra)
+    text = json.dumps(_hashed(to_dict(config)), sort_keys=True, separators=(",", ":")) + "|" + "|".join(extra)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _hashed(plain: dict[str, Any]) -> dict[str, Any]:
+    """The mapping `config_hash` hashes: a DataConfig (on its own or as a TrialConfig's `data`) without the
+    MIX_FIELDS unless its corpus is the mix corpus."""
+    data = plain.get("data") if isinstance(plain.get("data"), dict) else plain
+    if "corpus" in data and all(f in data for f in MIX_FIELDS) and data["corpus"] != MIX_CORPUS:
+        stripped = {k: v for k, v in data.items() if k not in MIX_FIELDS}
+        return stripped if data is plain else {**plain, "data": stripped}
+    return plain
 
 
 def _join(path: str, name: str) -> str:

@@ -11,7 +11,10 @@ A corpus (`DataConfig.corpus`) is one of:
     (one document per row); a directory or glob of such files is read in sorted order (format "auto" picks
     jsonl / parquet / tokens when every file has that suffix, text otherwise);
   - a pre-tokenised `.npy` 1-D integer array; it is cut into chunks of `TOKEN_CHUNK` tokens, the "documents"
-    of the split.
+    of the split;
+  - "mix": the built-in generated corpus of knowledge and computation text (engram.mixcorpus; no file, no
+    download). `max_bytes` is its size; its validation split also stores the kind of every token (`val_kinds`:
+    context / knowledge answer / computation answer) for the per-kind validation losses.
 
 `max_bytes` caps the corpus deterministically: files of a collection are taken in a fixed pseudo-random order
 (blake2b of their relative path), so a cut corpus samples the whole collection instead of its alphabetical start,
@@ -49,7 +52,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from engram.config import DataConfig
+from engram.config import MIX_FIELDS, DataConfig
 
 CACHE_VERSION = 1  # bump when the tokenizer recipe or the cache layout changes; part of every cache key
 CORPUS_VERSION = 1  # bump when the way documents are read or selected changes; part of every fingerprint
@@ -77,6 +80,7 @@ class PreparedData:
     fingerprint: str
     eot_id: int | None
     stats: dict  # documents / bytes / tokens per split, tokenizer path and training time, cache hit or not
+    val_kinds: np.ndarray | None = None  # (N_val,) uint8 mixcorpus kind of each validation token; mix corpus only
 
 
 @dataclass(frozen=True)
@@ -89,7 +93,7 @@ class _File:
 
 @dataclass(frozen=True)
 class _Source:
-    format: str  # resolved: stdlib | text | jsonl | parquet | tokens
+    format: str  # resolved: stdlib | text | jsonl | parquet | tokens | mix
     files: tuple[_File, ...]
     takes: tuple[int, ...] | None  # bytes taken from each file (stdlib / text only), after max_bytes
 
@@ -107,6 +111,8 @@ def stdlib_root() -> Path:
 
 
 def _resolve(cfg: DataConfig) -> _Source:
+    if cfg.is_mix:
+        return _Source("mix", (), None)
     if cfg.corpus == "stdlib" or cfg.format == "stdlib":
         if cfg.corpus != "stdlib":
             raise DataError(f"format: 'stdlib' reads the standard library, so corpus must be 'stdlib', "
@@ -231,6 +237,12 @@ def _fingerprint(cfg: DataConfig, src: _Source) -> str:
     # max_bytes enters only where it may cut the data, so a cap above the corpus size (the stdlib under the
     # default 16 MB) keeps the fingerprint, and the trial ids, of the uncapped corpus.
     max_bytes = cfg.max_bytes
+    if src.format == "mix":
+        from engram.mixcorpus import MIX_VERSION
+
+        record = {"version": CORPUS_VERSION, "format": "mix", "mix_version": MIX_VERSION, "max_bytes": max_bytes,
+                  **{f: getattr(cfg, f) for f in MIX_FIELDS}}
+        return hashlib.blake2b(json.dumps(record, sort_keys=True).encode(), digest_size=16).hexdigest()
     if src.takes is None:
         files = [[f.name, f.size, _digest(f)] for f in src.files]
         # JSONL text and .npy data are never larger than their files; Parquet is compressed, so no such bound
@@ -423,6 +435,8 @@ def prepare_data(cfg: DataConfig, vocab_size: int, cache_dir: Path | None = None
         try:
             if src.format == "tokens":
                 meta = _build_tokens(cfg, src, vocab_size, tmp)
+            elif src.format == "mix":
+                meta = _build_mix(cfg, vocab_size, tmp)
             else:
                 meta = _build_text(cfg, src, vocab_size, tmp)
             meta.update(fingerprint=fingerprint, format=src.format, corpus=cfg.corpus, data=dataclasses.asdict(cfg))
@@ -439,6 +453,7 @@ def prepare_data(cfg: DataConfig, vocab_size: int, cache_dir: Path | None = None
     meta = json.loads((entry / "meta.json").read_text())
     train = np.load(entry / "train.npy", mmap_mode="r")
     val = np.load(entry / "val.npy", mmap_mode="r")
+    val_kinds = np.load(entry / "val_kinds.npy", mmap_mode="r") if src.format == "mix" else None
     if seq_len is not None:
         for split, arr in (("training", train), ("validation", val)):
             if len(arr) < seq_len + 1:
@@ -451,7 +466,7 @@ def prepare_data(cfg: DataConfig, vocab_size: int, cache_dir: Path | None = None
     texts = meta.get("token_texts")
     return PreparedData(train=train, val=val, vocab_size=meta["vocab_size"],
                         token_texts=tuple(texts) if texts is not None else None,
-                        fingerprint=fingerprint, eot_id=meta["eot_id"], stats=stats)
+                        fingerprint=fingerprint, eot_id=meta["eot_id"], stats=stats, val_kinds=val_kinds)
 
 
 def _too_few(cfg: DataConfig, n_docs: int, what: str) -> DataError:
@@ -526,3 +541,47 @@ def _build_tokens(cfg: DataConfig, src: _Source, vocab_size: int, out: Path) -> 
              "bytes_train": None, "bytes_val": None, "tokens_train": int(len(train)), "tokens_val": int(len(val)),
              "tokenizer_seconds": None, "encode_seconds": None, "truncated": truncated}
     return {"vocab_size": vocab_size, "eot_id": None, "token_texts": None, "stats": stats}
+
+
+def _build_mix(cfg: DataConfig, vocab_size: int, out: Path) -> dict:
+    """The generated mix corpus: split by document name as any corpus, tokenizer trained on the training split,
+    and the kind of every validation token (from the tokenizer's offsets) saved beside the ids."""
+    from engram import mixcorpus
+
+    assert cfg.max_bytes is not None  # DataConfig requires a size for the mix corpus
+    is_val = _split(mixcorpus.document_names(cfg.max_bytes), cfg)
+    docs = mixcorpus.generate(cfg.knowledge_share, cfg.mix_entities, cfg.max_bytes, cfg.mix_seed, is_val)
+    train_texts = [d.text for d, v in zip(docs, is_val) if not v]
+    val_docs = [d for d, v in zip(docs, is_val) if v]
+
+    t0 = time.perf_counter()
+    tokenizer = _train_tokenizer(train_texts, vocab_size)
+    tokenizer_seconds = time.perf_counter() - t0
+    eot_id = tokenizer.token_to_id(EOT_TOKEN)
+    actual_vocab = tokenizer.get_vocab_size()
+    assert eot_id is not None and actual_vocab <= vocab_size
+    dtype = _id_dtype(actual_vocab)
+    t0 = time.perf_counter()
+    train = _encode(tokenizer, train_texts, eot_id, dtype)
+    # Validation with offsets (encode_batch, not the fast path): each token's kind is that of the answer span
+    # its characters overlap; the end-of-text id after each document is context.
+    encoded = tokenizer.encode_batch([d.text for d in val_docs], add_special_tokens=False)
+    val = np.concatenate([np.append(np.asarray(e.ids, dtype=dtype), dtype.type(eot_id)) for e in encoded])
+    val_kinds = np.concatenate([np.append(mixcorpus.token_kinds(e.offsets, d.spans), np.uint8(mixcorpus.CONTEXT))
+                                for e, d in zip(encoded, val_docs)])
+    assert len(val_kinds) == len(val)
+    encode_seconds = time.perf_counter() - t0
+    tokenizer.save(str(out / "tokenizer.json"))
+    np.save(out / "train.npy", train)
+    np.save(out / "val.npy", val)
+    np.save(out / "val_kinds.npy", val_kinds)
+    n_chars = [sum(getattr(d, f) for d in docs) for f in ("knowledge_chars", "computation_chars")]
+    stats = {"documents_train": len(train_texts), "documents_val": len(val_docs),
+             "bytes_train": sum(len(t.encode()) for t in train_texts),
+             "bytes_val": sum(len(d.text.encode()) for d in val_docs),
+             "tokens_train": int(len(train)), "tokens_val": int(len(val)),
+             "tokenizer_seconds": tokenizer_seconds, "encode_seconds": encode_seconds, "truncated": False,
+             "knowledge_share_achieved": n_chars[0] / max(1, sum(n_chars)),
+             "val_tokens_by_kind": {name: int((val_kinds == k).sum()) for k, name in enumerate(mixcorpus.KIND_NAMES)}}
+    return {"vocab_size": actual_vocab, "eot_id": eot_id, "token_texts": list(token_texts_of(tokenizer)),
+            "stats": stats}

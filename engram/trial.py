@@ -46,6 +46,7 @@ from engram.accounting import ParamCounts, flops_per_token, param_counts
 from engram.config import TrainConfig, TrialConfig, config_hash
 from engram.data import prepare_data
 from engram.memory import build_compression
+from engram.mixcorpus import COMPUTATION, KNOWLEDGE
 from engram.model import EngramMoE
 from engram.moe import effective_balance_rate
 from engram.util import atomic_write, format_duration, format_si
@@ -58,6 +59,7 @@ STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
 # Train-loss points kept per curve (besides the evaluations): enough for a smooth plot, small in Parquet.
 N_CURVE_POINTS = 100
+KINDS_SCORED = (KNOWLEDGE, COMPUTATION)  # token kinds with their own final validation loss (evaluate_by_kind)
 
 
 def keep_large_buffers_in_heap() -> bool:
@@ -126,6 +128,10 @@ class TrialResult:
     # What the trial's tables and routers went through (TableUsage.summary, router_diagnostics, the balance
     # rate); {} for results stored before them.
     diagnostics: dict[str, float | int | None] = dataclasses.field(default_factory=dict)
+    # Final validation loss over the tokens of each kind (engram.mixcorpus answer spans); None for corpora
+    # without token kinds, and for a kind the validation windows do not contain.
+    final_val_loss_knowledge: float | None = None
+    final_val_loss_computation: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able mapping (for transport between processes); inverse of `from_dict`."""
@@ -356,6 +362,36 @@ def evaluate(model: EngramMoE, windows_NT: torch.Tensor, batch_size: int, device
     return total / len(windows_NT)
 
 
+@torch.no_grad()
+def evaluate_by_kind(model: EngramMoE, windows_NT: torch.Tensor, kinds_NT: torch.Tensor, batch_size: int,
+                     device: torch.device) -> tuple[float, dict[int, float | None]]:
+    """The mean validation loss (as `evaluate`) and the mean over the targets of each kind in `KINDS_SCORED`.
+
+    `kinds_NT` holds the kind of each window token (the same windows over the kind array); target t + 1 of a
+    window is scored with its kind. One pass: the logits are scored per token here instead of by the model's
+    fused mean, so only corpora with kinds (the mix corpus) pay for it, once per trial, at the final evaluation.
+    """
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(len(KINDS_SCORED) + 1, dtype=torch.float64)
+    counts = torch.zeros(len(KINDS_SCORED) + 1, dtype=torch.float64)
+    for i in range(0, len(windows_NT), batch_size):
+        batch_BT = windows_NT[i:i + batch_size].to(device)
+        logits_BTV, _ = model(batch_BT[:, :-1])  # fp32, as `evaluate`
+        loss_BT = nn.functional.cross_entropy(logits_BTV.float().flatten(0, 1), batch_BT[:, 1:].flatten(),
+                                              reduction="none").double().cpu().view(len(batch_BT), -1)
+        kinds_BT = kinds_NT[i:i + batch_size, 1:]
+        sums[0] += loss_BT.sum()
+        counts[0] += loss_BT.numel()
+        for j, kind in enumerate(KINDS_SCORED, 1):
+            mask_BT = kinds_BT == kind
+            sums[j] += loss_BT[mask_BT].sum()
+            counts[j] += mask_BT.sum()
+    model.train(was_training)
+    by_kind = {kind: float(sums[j] / counts[j]) if counts[j] else None for j, kind in enumerate(KINDS_SCORED, 1)}
+    return float(sums[0] / counts[0]), by_kind
+
+
 def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -492,6 +528,10 @@ class _Trial:
                              f"({data.vocab_size})")
         self.train_tokens = data.train
         self.val_windows_NT = validation_windows(data.val, mcfg.seq_len, tcfg.eval_tokens)
+        # Per-kind losses (mix corpus): the same windows over the kind array, scored at the final evaluation.
+        self.val_kinds_NT = None if data.val_kinds is None else \
+            validation_windows(data.val_kinds, mcfg.seq_len, tcfg.eval_tokens)
+        self.kind_losses: dict[int, float | None] = {}
 
         torch.manual_seed(tcfg.seed)
         compression = None
@@ -551,7 +591,11 @@ class _Trial:
             is_last = step == self.total_steps
             do_eval = is_last or (tcfg.eval_interval is not None and step % tcfg.eval_interval == 0)
             if do_eval or step % self.log_every == 0:
-                val = evaluate(self.model, self.val_windows_NT, tcfg.batch_size, self.device) if do_eval else None
+                if do_eval and is_last and self.val_kinds_NT is not None:
+                    val, self.kind_losses = evaluate_by_kind(self.model, self.val_windows_NT, self.val_kinds_NT,
+                                                             tcfg.batch_size, self.device)
+                else:
+                    val = evaluate(self.model, self.val_windows_NT, tcfg.batch_size, self.device) if do_eval else None
                 if val is not None and not math.isfinite(val):
                     return self._finish("diverged", f"non-finite validation loss at step {step}")
                 self.elapsed = elapsed_before + time.perf_counter() - t_start
@@ -580,7 +624,9 @@ class _Trial:
             steps=self.step, tokens=tokens, flops_per_token=self.fpt, compute=self.fpt * tokens,
             wall_seconds=self.elapsed, tokens_per_second=tokens / self.train_seconds if self.train_seconds else 0.0,
             device=_device_name(self.device), precision=self.precision, counts=self.counts, curve=tuple(self.curve),
-            error=error, diagnostics=self._diagnostics(status))
+            error=error, diagnostics=self._diagnostics(status),
+            final_val_loss_knowledge=self.kind_losses.get(KNOWLEDGE) if status == "ok" else None,
+            final_val_loss_computation=self.kind_losses.get(COMPUTATION) if status == "ok" else None)
         if self.checkpoint_dir is not None:
             if status == "ok":  # final weights stay next to the result; a diverged state is of no use
                 self._save(notify=False)

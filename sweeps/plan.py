@@ -33,7 +33,7 @@ import pandas as pd
 from analysis.diagnostics import TRAINED_LOOKUPS_PER_ROW
 from engram.accounting import (FAIR_TOLERANCE, AllocationError, ParamCounts, flops_per_token, param_counts,
                                solve_allocation)
-from engram.config import MemoryConfig, ModelConfig, TrialConfig
+from engram.config import DataConfig, MemoryConfig, ModelConfig, TrialConfig
 from engram.data import corpus_fingerprint
 from engram.memory import expected_lookups_per_row
 from engram.trial import horizon_steps, trial_id
@@ -70,6 +70,11 @@ class PlannedTrial:
     flops_per_token: float
     tokens: int
     est_seconds: float
+
+    @property
+    def knowledge_share(self) -> float | None:
+        """The mix corpus's knowledge share of this trial (None for other corpora)."""
+        return self.config.data.knowledge_share if self.config.data.is_mix else None
 
     @property
     def steps(self) -> int:
@@ -120,13 +125,15 @@ def plan_sweep(spec: SweepSpec, *, throughput: Throughput | None = None) -> list
     for exp in spec.experiments:
         if isinstance(exp, AllocationExperiment):
             p_tot = target_p_tot(spec, exp)
-            for budget in exp.budgets:
-                tokens = reference_tokens(spec, allocation_model(spec, p_tot, 1.0), budget)
-                for rho in exp.rho:
-                    model = allocation_model(spec, p_tot, rho)
-                    for seed in exp.seeds:
-                        trials.append(_planned(spec, exp.name, exp.kind, model, rho, budget, seed, fingerprint,
-                                               throughput, tokens))
+            for data in exp.data_configs(spec.data):  # the knowledge_share axis, if any: outermost
+                data_fingerprint = fingerprint if data == spec.data else corpus_fingerprint(data)
+                for budget in exp.budgets:
+                    tokens = reference_tokens(spec, allocation_model(spec, p_tot, 1.0), budget)
+                    for rho in exp.rho:
+                        model = allocation_model(spec, p_tot, rho)
+                        for seed in exp.seeds:
+                            trials.append(_planned(spec, exp.name, exp.kind, model, rho, budget, seed,
+                                                   data_fingerprint, throughput, tokens, data=data))
         elif isinstance(exp, MemoryExperiment):
             tokens = reference_tokens(spec, memory_free_model(spec), exp.budget)
             for kind in exp.memory:
@@ -186,10 +193,12 @@ def reference_tokens(spec: SweepSpec, reference: ModelConfig, budget: float) -> 
 
 def _planned(spec: SweepSpec, experiment: str, kind: str, model: ModelConfig, rho: float | None,
              budget: float, seed: int, fingerprint: str, throughput: Throughput, tokens: int,
-             slots: int | None = None) -> PlannedTrial:
+             slots: int | None = None, data: DataConfig | None = None) -> PlannedTrial:
     """`slots`: the grid value of a memory experiment (Engram rows; OverEncoding's table gets the rows of equal
-    table parameters, sweeps.spec.engram_shape); by default the model's table rows."""
-    config = TrialConfig(model=model, data=spec.data, train=spec.trial_train(budget, seed, tokens))
+    table parameters, sweeps.spec.engram_shape); by default the model's table rows. `data`: the trial's corpus
+    when the experiment sweeps the mix corpus's knowledge share (default: the spec's)."""
+    config = TrialConfig(model=model, data=spec.data if data is None else data,
+                         train=spec.trial_train(budget, seed, tokens))
     fpt = flops_per_token(model)
     steps = horizon_steps(config.train, fpt, model.seq_len)
     return PlannedTrial(
@@ -276,6 +285,10 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
                      "-" if t.lookups_per_row is None else f"{t.lookups_per_row:.3g}",
                      format_seconds(t.est_seconds), format_bytes(trial_footprint(t.config, t.counts).total),
                      "yes" if t.trial_id in stored else "no"])
+    if any(t.knowledge_share is not None for t in trials):  # the mix corpus: its knowledge share per row
+        header.insert(1, "share")
+        for r, t in zip(rows, trials):
+            r.insert(1, "-" if t.knowledge_share is None else f"{t.knowledge_share:.3g}")
     lines = format_table(header, rows)
 
     pending = [t for t in trials if t.trial_id not in stored]

@@ -22,7 +22,7 @@ from typing import Any, Union
 
 import yaml
 
-from engram.config import (ConfigError, DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig,
+from engram.config import (MIX_CORPUS, ConfigError, DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig,
                            from_dict, to_dict)
 
 EXPERIMENT_KINDS = ("allocation", "memory", "search")
@@ -105,12 +105,22 @@ class AllocationExperiment:
     p_tot_ratio: float | None = None
     p_tot: float | None = None
     kind: str = "allocation"
+    # An axis over the mix corpus (data.corpus: mix): one U-curve per share; None: the share of `data`.
+    knowledge_share: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         _check_target(self)
         _check_list("rho", self.rho, lambda r: 0 <= r <= 1, "a number in [0, 1]")
         _check_list("budgets", self.budgets, lambda b: math.isfinite(b) and b > 0, "a positive number of FLOPs")
         _check_list("seeds", self.seeds, lambda s: s >= 0, "a non-negative integer")
+        if self.knowledge_share is not None:
+            _check_list("knowledge_share", self.knowledge_share, lambda s: 0 <= s <= 1, "a number in [0, 1]")
+
+    def data_configs(self, data: DataConfig) -> tuple[DataConfig, ...]:
+        """The data of each point of the knowledge_share axis (just `data` without the axis)."""
+        if self.knowledge_share is None:
+            return (data,)
+        return tuple(dataclasses.replace(data, knowledge_share=float(s)) for s in self.knowledge_share)
 
 
 @dataclass(frozen=True)
@@ -301,6 +311,9 @@ def _parse(raw: Any, base_dir: Path) -> SweepSpec:
                      train=train, resources=resources, experiments=experiments, testing=testing)
     for i, exp in enumerate(experiments):
         _check_feasible(spec, exp, f"experiments[{i}]")
+        if getattr(exp, "knowledge_share", None) is not None and not data.is_mix:
+            raise ConfigError(f"experiments[{i}].knowledge_share: sweeps the mix corpus, so data.corpus must be "
+                              f"'mix', got {data.corpus!r}")
     return spec
 
 
@@ -350,7 +363,7 @@ def _parse_experiment(raw: Any, path: str) -> Experiment:
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"{path}.name: expected letters, digits, '_', '.', '-' (not starting with '.' or '-'), "
                           f"got {name!r}")
-    for key in ("rho", "budgets", "seeds", "slots", "memory"):
+    for key in ("rho", "budgets", "seeds", "slots", "memory", "knowledge_share"):
         if key in raw and not isinstance(raw[key], list) and key in {f.name for f in dataclasses.fields(cls)}:
             raise ConfigError(f"{path}.{key}: expected a list, got {raw[key]!r}")
     return from_dict(cls, raw, path)
@@ -358,7 +371,7 @@ def _parse_experiment(raw: Any, path: str) -> Experiment:
 
 def _resolve_data(data: DataConfig, base_dir: Path, path: str) -> DataConfig:
     """Make a corpus path absolute and check that it exists (a glob must match at least one file)."""
-    if data.corpus == "stdlib":
+    if data.corpus in ("stdlib", MIX_CORPUS):
         return data
     corpus = os.path.expanduser(data.corpus)
     if not os.path.isabs(corpus):

@@ -179,6 +179,7 @@ def result_row(trial: PlannedTrial, result: TrialResult | None, *, error: str | 
         "host": socket.gethostname(), "versions": json.dumps(package_versions(), sort_keys=True),
         "git_commit": git_commit(), "started_at": started_at, "finished_at": finished_at,
         **_diagnostic_fields(trial, result),
+        **_mix_columns(trial, result),
     }
 
 
@@ -188,6 +189,13 @@ def _diagnostic_fields(trial: PlannedTrial, result: TrialResult | None) -> dict[
             "lookups_per_row": trial.lookups_per_row,
             **{k: diag.get(k) for k in ("rows_read_share", "lookups_median", "lookups_p10", "table_update_rms",
                                         "table_init_rms", "expert_load_max", "expert_load_min", "experts_starved")}}
+
+
+def _mix_columns(trial: PlannedTrial, result: TrialResult | None) -> dict[str, Any]:
+    data = trial.config.data
+    return {"knowledge_share": float(data.knowledge_share) if data.is_mix else None,
+            "final_val_loss_knowledge": None if result is None else result.final_val_loss_knowledge,
+            "final_val_loss_computation": None if result is None else result.final_val_loss_computation}
 
 
 def curve_frame(result: TrialResult) -> pd.DataFrame:
