@@ -37,7 +37,8 @@ from engram.moe import INIT_STD, MoE, SwiGLU, residual_std
 NORM_EPS = 1e-6
 # Logits per chunk of the fused head + loss: a (C, V) fp32 block of 2 MB stays in a core's L2 cache. Softmax over
 # the whole (N, V) logits instead streams 32 MB through memory several times: measured 31.6 ms for a default
-# step's (2048, 4096) softmax against 8.3 ms in chunks of 128 rows (one thread).
+# step's (2048, 4096) softmax against 8.3 ms in chunks of 128 rows (one thread). Whole steps with the fused and
+# the unfused loss measured on par on a heavily loaded machine (docs/benchmarks.md).
 CE_CHUNK_ELEMENTS = 1 << 19
 
 

@@ -36,7 +36,7 @@ from engram.accounting import (FAIR_TOLERANCE, AllocationError, ParamCounts, flo
 from engram.config import DataConfig, MemoryConfig, ModelConfig, TrialConfig
 from engram.data import corpus_fingerprint
 from engram.memory import expected_lookups_per_row
-from engram.trial import horizon_steps, trial_id
+from engram.trial import horizon_steps, resolve_precision, trial_id
 from engram.util import format_duration, format_si, format_table
 from sweeps.footprint import format_bytes, limits_text, trial_footprint
 from sweeps.spec import (AllocationExperiment, MemoryExperiment, SearchExperiment, SweepSpec, engram_shape,
@@ -48,6 +48,10 @@ from sweeps.spec import (AllocationExperiment, MemoryExperiment, SearchExperimen
 # shared with other heavy jobs (docs/sweep-spec.md, "Sizing the default sweep"). With 0.3 the first plan
 # over-estimated the default sweep 1.6-1.8x.
 CPU_EFFICIENCY = 0.45
+# Trial throughput in bf16 over fp32 on a CPU with native bf16 (train.precision auto -> bf16 there): measured
+# 1.07-1.19 for default-size steps, fp32 and bf16 interleaved in one run (benchmarks/bench_trial.py, 2026-11-30,
+# heavily loaded 2-core machine; docs/benchmarks.md). The calibration matmul stays fp32.
+BF16_CPU_SPEEDUP = 1.1
 # Per-trial fixed cost outside the training loop: model build, token cache load, first evaluation set-up.
 STARTUP_SECONDS = 5.0
 CALIBRATION_SECONDS = 0.15
@@ -224,8 +228,13 @@ def calibrate_throughput(spec: SweepSpec, runs: pd.DataFrame | None = None) -> T
                               f"measured: median {rate / 1e9:.2f} GFLOP/s over {len(ok)} finished trials")
     peak = matmul_flops_per_second(spec.model.d_model, spec.train.batch_size * spec.model.seq_len,
                                    threads=max(1, int(spec.resources.cpus_per_trial)))
-    return Throughput(peak * CPU_EFFICIENCY, STARTUP_SECONDS,
-                      f"calibrated: {peak / 1e9:.2f} GFLOP/s fp32 matmul x efficiency {CPU_EFFICIENCY}")
+    import torch
+
+    efficiency = CPU_EFFICIENCY
+    if resolve_precision(spec.train.precision, torch.device("cpu")) == "bf16":
+        efficiency *= BF16_CPU_SPEEDUP
+    return Throughput(peak * efficiency, STARTUP_SECONDS,
+                      f"calibrated: {peak / 1e9:.2f} GFLOP/s fp32 matmul x efficiency {efficiency:.3g}")
 
 
 def matmul_flops_per_second(d_model: int, n_tokens: int, *, threads: int) -> float:
