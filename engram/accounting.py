@@ -309,6 +309,11 @@ def check_fair(alloc: Allocation, tolerance: float = FAIR_TOLERANCE) -> None:
     model's P_act by more than `tolerance` (relative)."""
     if abs(alloc.p_tot_deviation) > tolerance:
         nearest = alloc.moe_counts.p_tot
+        if abs(nearest / alloc.p_tot_target - 1) <= tolerance:  # the pure MoE meets it: this rho's rounding misses
+            raise AllocationError(f"rho {alloc.rho_target:g}: P_tot {alloc.counts.p_tot} misses the target "
+                                  f"{alloc.p_tot_target:.6g} by {100 * alloc.p_tot_deviation:+.2f}% (whole dense-FFN "
+                                  f"width units and prime table sizes); tolerance {100 * tolerance:.1f}%: "
+                                  f"use a larger model or drop this rho")
         raise AllocationError(f"P_tot target {alloc.p_tot_target:.6g} is missed by {100 * alloc.p_tot_deviation:+.2f}% "
                               f"(whole experts: nearest realisable P_tot {nearest}); tolerance "
                               f"{100 * tolerance:.1f}%: use p_tot: {nearest} or p_tot_ratio")

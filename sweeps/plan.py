@@ -31,8 +31,8 @@ from typing import Mapping
 import pandas as pd
 
 from analysis.diagnostics import TRAINED_LOOKUPS_PER_ROW
-from engram.accounting import (FAIR_TOLERANCE, AllocationError, ParamCounts, flops_per_token, param_counts,
-                               solve_allocation)
+from engram.accounting import (FAIR_TOLERANCE, AllocationError, ParamCounts, check_fair, flops_per_token,
+                               param_counts, solve_allocation)
 from engram.config import DataConfig, MemoryConfig, ModelConfig, TrialConfig
 from engram.data import corpus_fingerprint
 from engram.memory import expected_lookups_per_row
@@ -158,14 +158,17 @@ def plan_sweep(spec: SweepSpec, *, throughput: Throughput | None = None) -> list
 
 def plan_search_trial(spec: SweepSpec, experiment: str, rho: float, seed: int, *,
                       throughput: Throughput | None = None, fingerprint: str | None = None) -> PlannedTrial:
-    """One trial of search experiment `experiment` at an Optuna-suggested `rho` (in [0, 1])."""
+    """One trial of search experiment `experiment` at an Optuna-suggested `rho` (in [0, 1]); AllocationError
+    when no model of the shape realises that rho with P_tot and P_act within FAIR_TOLERANCE."""
     exp = spec.experiment(experiment)
     if not isinstance(exp, SearchExperiment):
         raise ValueError(f"experiment: {experiment!r} is a {exp.kind} experiment, not a search")
     if not 0 <= rho <= 1:
         raise ValueError(f"rho: expected a number in [0, 1], got {rho}")
     p_tot = target_p_tot(spec, exp)
-    model = allocation_model(spec, p_tot, float(rho))
+    alloc = solve_allocation(spec.model, p_tot, float(rho))
+    check_fair(alloc)  # AllocationError: a rho this shape cannot hold within the fairness tolerance
+    model = alloc.config
     tokens = reference_tokens(spec, allocation_model(spec, p_tot, 1.0), exp.budget)
     return _planned(spec, exp.name, exp.kind, model, float(rho), exp.budget, seed,
                     fingerprint or corpus_fingerprint(spec.data), throughput or calibrate_throughput(spec), tokens)

@@ -448,7 +448,10 @@ def _check_feasible(spec: SweepSpec, exp: Experiment, path: str) -> None:
         where = f"{path}.rho[{i}]" if isinstance(exp, AllocationExperiment) else f"{path}.{target_field}"
         try:
             alloc = solve_allocation(spec.model, p_tot, rho)
-            check_fair(alloc)  # P_tot and P_act within FAIR_TOLERANCE, or the spec is refused
+            if isinstance(exp, AllocationExperiment):
+                check_fair(alloc)  # P_tot and P_act within FAIR_TOLERANCE, or the spec is refused
+            # A search's rhos that miss the tolerance are refused one by one when suggested (told to Optuna as
+            # failures, sweeps.plan.plan_search_trial); its rho = 1 model was checked above.
             model = alloc.config
         except (AllocationError, ValueError) as err:
             raise ConfigError(f"{where}: infeasible allocation at rho={rho:g}: {err}") from None

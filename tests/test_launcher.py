@@ -159,19 +159,22 @@ def test_a_rerun_resumes_a_trial_cut_short_from_its_published_state(ray_env, cac
 
 
 def test_search_never_retrains_a_model_the_sweep_already_has(ray_env, cache_dir, tmp_path):
-    # At P_tot / P_act = 1.5 this backbone has only 6 distinct models over rho in [0, 1] (whole experts), and
-    # rho in about (0.92, 1) cannot be realised at all. The grid takes 4 of them (same budget and seed as the
-    # search), so the search's 3 trials can find only the 2 models left: each is trained once, the grid's rows
-    # keep their experiment, and the third search trial is given up rather than repeated.
+    # At P_tot / P_act = 1.5 this backbone has only 5 models over rho in [0, 1] that hold P_tot and P_act within
+    # the fairness tolerance (n_routed 4..8: whole experts; rho below ~0.25 misses P_tot by > 0.5% on a model this
+    # small and is infeasible). The grid takes 3 of them (same budget and seed as the search), so the search's 3
+    # trials can find at most the 2 models left: each is trained at most once, the grid's rows keep their
+    # experiment, and a suggestion that resolves to a stored model is given up rather than repeated.
     experiments = [
-        {"name": "alloc", "kind": "allocation", "p_tot_ratio": 1.5, "rho": [0.0, 0.25, 0.584, 1.0],
+        {"name": "alloc", "kind": "allocation", "p_tot_ratio": 1.5, "rho": [0.25, 0.584, 1.0],
          "budgets": [BUDGET], "seeds": [0]},
         {"name": "search", "kind": "search", "p_tot_ratio": 1.5, "budget": BUDGET, "n_trials": 3, "seed": 0},
     ]
     spec = make_spec(tmp_path, "s4", experiments)
     summary, store, _ = run(spec, cache_dir)
 
-    assert (summary.n_ok, summary.n_failed, summary.n_unrecorded) == (6, 0, 0)
     runs = store.runs()
-    assert len(runs) == 6 and runs["n_routed"].nunique() == 6
-    assert (runs["experiment"] == "alloc").sum() == 4 and (runs["experiment"] == "search").sum() == 2
+    n_search = int((runs["experiment"] == "search").sum())
+    assert (summary.n_ok, summary.n_failed, summary.n_unrecorded) == (3 + n_search, 0, 0)
+    assert len(runs) == 3 + n_search and runs["n_routed"].nunique() == len(runs)  # no model trained twice
+    assert (runs["experiment"] == "alloc").sum() == 3 and 1 <= n_search <= 2
+    assert set(runs.loc[runs["experiment"] == "search", "n_routed"]) <= {5, 7}
