@@ -169,19 +169,19 @@ def test_a_rerun_resumes_a_trial_cut_short_from_its_published_state(ray_env, cac
 
 
 def test_search_never_retrains_a_model_the_sweep_already_has(ray_env, cache_dir, tmp_path):
-    # At P_tot / P_act = 1.5 this backbone has only 6 distinct models over rho in [0, 1] (whole experts), and
-    # rho in about (0.92, 1) cannot be realised at all. The grid takes 4 of them (same budget and seed as the
-    # search), so the search's 3 trials can find only the 2 models left: each is trained once, the grid's rows
-    # keep their experiment, and the third search trial is given up rather than repeated.
+    # At P_tot / P_act = 1.5 this backbone has only 7 distinct models over rho in [0, 1] (whole experts: 2..8
+    # routed). The grid takes 4 of them (same budget and seed as the search), so the search's 4 trials can find
+    # only the 3 models left: each is trained once, the grid's rows keep their experiment, and the fourth search
+    # trial is given up rather than repeated.
     experiments = [
         {"name": "alloc", "kind": "allocation", "p_tot_ratio": 1.5, "rho": [0.0, 0.25, 0.584, 1.0],
          "budgets": [BUDGET], "seeds": [0]},
-        {"name": "search", "kind": "search", "p_tot_ratio": 1.5, "budget": BUDGET, "n_trials": 3, "seed": 0},
+        {"name": "search", "kind": "search", "p_tot_ratio": 1.5, "budget": BUDGET, "n_trials": 4, "seed": 0},
     ]
     spec = make_spec(tmp_path, "s4", experiments)
     summary, store, _ = run(spec, cache_dir)
 
-    assert (summary.n_ok, summary.n_failed, summary.n_unrecorded) == (6, 0, 0)
+    assert (summary.n_ok, summary.n_failed, summary.n_unrecorded) == (7, 0, 0)
     runs = store.runs()
-    assert len(runs) == 6 and runs["n_routed"].nunique() == 6
-    assert (runs["experiment"] == "alloc").sum() == 4 and (runs["experiment"] == "search").sum() == 2
+    assert len(runs) == 7 and runs["n_routed"].nunique() == 7
+    assert (runs["experiment"] == "alloc").sum() == 4 and (runs["experiment"] == "search").sum() == 3
