@@ -3,8 +3,11 @@
     PYTHONPATH=$PWD nice -n 10 python -m scripts.measure_fairness CASE [CASE ...]
 
 A CASE is `name:key=value,key=value` over: rho (allocation trial of the default sweep at P_tot/P_act 4),
-slots / memory (memory-experiment trial on the default backbone), balance_rate, seed, init_std, lr_mult,
-flops (default 2e12). Uses the default sweep's model, data and train settings (sweep.yaml), one thread.
+slots / memory (memory-experiment trial on the default backbone; memory engram | overencoding | none), seed,
+balance_rate, travel (model.balance_travel, or none), update=proportional (experiment only: bias step
+proportional to the clipped relative load error), init_std, lr_mult, flops (default 2e12), perrow=1 (also print
+the mean RMS update of rows binned by their reads). Uses the default sweep's model, data and train settings
+(sweep.yaml), one thread. The numbers these gave are in LOG.md (2026-11-30, issue 7).
 """
 
 from __future__ import annotations

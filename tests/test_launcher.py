@@ -20,11 +20,21 @@ from sweeps.plan import plan_sweep
 from sweeps.spec import SpecError, parse_spec
 from sweeps.store import ResultStore
 
-from conftest import tiny_sweep  # tests/ is on sys.path (pytest's default rootdir-less import)
-
-BASE = tiny_sweep()
+BASE = {
+    "data": {"corpus": "stdlib", "max_bytes": 300_000},
+    "model": {"vocab_size": 512, "seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
+              "d_ff_dense": 64, "d_expert": 16, "n_routed": 4, "top_k": 2,
+              "memory": {"layers": [1], "max_ngram": 3, "n_heads": 2, "d_head": 8}},
+    "train": {"batch_size": 8, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 10, "eval_tokens": 1024,
+              "checkpoint_interval": 10, "device": "cpu"},
+    "resources": {"cpus_per_trial": 1, "max_retries": 1},
+}
 BUDGET = 2.0e9  # ~30 optimiser steps of the tiny model
-pytestmark = pytest.mark.slow  # every test starts an embedded Ray and trains real (tiny) trials
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("token_cache")
 
 
 def make_spec(tmp: Path, name: str, experiments: list[dict], **sections):
@@ -78,14 +88,14 @@ def test_sweep_runs_every_trial_once_with_retry_and_search(ray_env, cache_dir, t
     # Re-running launches nothing and rewrites nothing.
     before = {p: p.stat().st_mtime_ns for p in store.runs_dir.iterdir()}
     summary2, store, _ = run(spec, cache_dir)
-    assert (summary2.n_requested, summary2.n_skipped) == (0, 5)  # 3 grid + 2 search trials stored
+    assert (summary2.n_requested, summary2.n_skipped) == (0, 3)
     assert {p: p.stat().st_mtime_ns for p in store.runs_dir.iterdir()} == before
 
     # Extending the grid (one more rho, one more search trial) runs only the new points.
     experiments[0]["rho"] = [0.5, 0.8, 1.0]
     experiments[2]["n_trials"] = 3
     summary3, store, _ = run(make_spec(tmp_path, "s1", experiments), cache_dir)
-    assert (summary3.n_requested, summary3.n_skipped, summary3.n_ok) == (2, 5, 2)
+    assert (summary3.n_requested, summary3.n_skipped, summary3.n_ok) == (2, 3, 2)
     runs = store.runs()
     assert len(runs) == 7 and runs["trial_id"].is_unique
     assert sorted(runs.loc[runs["experiment"] == "alloc", "rho"]) == [0.5, 0.8, 1.0]
@@ -159,22 +169,19 @@ def test_a_rerun_resumes_a_trial_cut_short_from_its_published_state(ray_env, cac
 
 
 def test_search_never_retrains_a_model_the_sweep_already_has(ray_env, cache_dir, tmp_path):
-    # At P_tot / P_act = 1.5 this backbone has only 5 models over rho in [0, 1] that hold P_tot and P_act within
-    # the fairness tolerance (n_routed 4..8: whole experts; rho below ~0.25 misses P_tot by > 0.5% on a model this
-    # small and is infeasible). The grid takes 3 of them (same budget and seed as the search), so the search's 3
-    # trials can find at most the 2 models left: each is trained at most once, the grid's rows keep their
-    # experiment, and a suggestion that resolves to a stored model is given up rather than repeated.
+    # At P_tot / P_act = 1.5 this backbone has only 7 distinct models over rho in [0, 1] (whole experts: 2..8
+    # routed). The grid takes 4 of them (same budget and seed as the search), so the search's 4 trials can find
+    # only the 3 models left: each is trained once, the grid's rows keep their experiment, and the fourth search
+    # trial is given up rather than repeated.
     experiments = [
-        {"name": "alloc", "kind": "allocation", "p_tot_ratio": 1.5, "rho": [0.25, 0.584, 1.0],
+        {"name": "alloc", "kind": "allocation", "p_tot_ratio": 1.5, "rho": [0.0, 0.25, 0.584, 1.0],
          "budgets": [BUDGET], "seeds": [0]},
-        {"name": "search", "kind": "search", "p_tot_ratio": 1.5, "budget": BUDGET, "n_trials": 3, "seed": 0},
+        {"name": "search", "kind": "search", "p_tot_ratio": 1.5, "budget": BUDGET, "n_trials": 4, "seed": 0},
     ]
     spec = make_spec(tmp_path, "s4", experiments)
     summary, store, _ = run(spec, cache_dir)
 
+    assert (summary.n_ok, summary.n_failed, summary.n_unrecorded) == (7, 0, 0)
     runs = store.runs()
-    n_search = int((runs["experiment"] == "search").sum())
-    assert (summary.n_ok, summary.n_failed, summary.n_unrecorded) == (3 + n_search, 0, 0)
-    assert len(runs) == 3 + n_search and runs["n_routed"].nunique() == len(runs)  # no model trained twice
-    assert (runs["experiment"] == "alloc").sum() == 3 and 1 <= n_search <= 2
-    assert set(runs.loc[runs["experiment"] == "search", "n_routed"]) <= {5, 7}
+    assert len(runs) == 7 and runs["n_routed"].nunique() == 7
+    assert (runs["experiment"] == "alloc").sum() == 4 and (runs["experiment"] == "search").sum() == 3
