@@ -20,21 +20,11 @@ from sweeps.plan import plan_sweep
 from sweeps.spec import SpecError, parse_spec
 from sweeps.store import ResultStore
 
-BASE = {
-    "data": {"corpus": "stdlib", "max_bytes": 300_000},
-    "model": {"vocab_size": 512, "seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
-              "d_ff_dense": 64, "d_expert": 16, "n_routed": 4, "top_k": 2,
-              "memory": {"layers": [1], "max_ngram": 3, "n_heads": 2, "d_head": 8}},
-    "train": {"batch_size": 8, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 10, "eval_tokens": 1024,
-              "checkpoint_interval": 10, "device": "cpu"},
-    "resources": {"cpus_per_trial": 1, "max_retries": 1},
-}
+from conftest import tiny_sweep  # tests/ is on sys.path (pytest's default rootdir-less import)
+
+BASE = tiny_sweep()
 BUDGET = 2.0e9  # ~30 optimiser steps of the tiny model
-
-
-@pytest.fixture(scope="module")
-def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return tmp_path_factory.mktemp("token_cache")
+pytestmark = pytest.mark.slow  # every test starts an embedded Ray and trains real (tiny) trials
 
 
 def make_spec(tmp: Path, name: str, experiments: list[dict], **sections):
@@ -88,14 +78,14 @@ def test_sweep_runs_every_trial_once_with_retry_and_search(ray_env, cache_dir, t
     # Re-running launches nothing and rewrites nothing.
     before = {p: p.stat().st_mtime_ns for p in store.runs_dir.iterdir()}
     summary2, store, _ = run(spec, cache_dir)
-    assert (summary2.n_requested, summary2.n_skipped) == (0, 3)
+    assert (summary2.n_requested, summary2.n_skipped) == (0, 5)  # 3 grid + 2 search trials stored
     assert {p: p.stat().st_mtime_ns for p in store.runs_dir.iterdir()} == before
 
     # Extending the grid (one more rho, one more search trial) runs only the new points.
     experiments[0]["rho"] = [0.5, 0.8, 1.0]
     experiments[2]["n_trials"] = 3
     summary3, store, _ = run(make_spec(tmp_path, "s1", experiments), cache_dir)
-    assert (summary3.n_requested, summary3.n_skipped, summary3.n_ok) == (2, 3, 2)
+    assert (summary3.n_requested, summary3.n_skipped, summary3.n_ok) == (2, 5, 2)
     runs = store.runs()
     assert len(runs) == 7 and runs["trial_id"].is_unique
     assert sorted(runs.loc[runs["experiment"] == "alloc", "rho"]) == [0.5, 0.8, 1.0]
