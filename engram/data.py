@@ -474,6 +474,18 @@ def _too_few(cfg: DataConfig, n_docs: int, what: str) -> DataError:
                      f"(one per split)")
 
 
+def _fit_tokenizer(train_texts: list[str], vocab_size: int) -> tuple[Any, int, int, np.dtype, float]:
+    """The BPE tokenizer trained on the training split: (tokenizer, end-of-text id, its vocabulary size, the id
+    dtype, seconds taken)."""
+    t0 = time.perf_counter()
+    tokenizer = _train_tokenizer(train_texts, vocab_size)
+    seconds = time.perf_counter() - t0
+    eot_id = tokenizer.token_to_id(EOT_TOKEN)
+    actual_vocab = tokenizer.get_vocab_size()
+    assert eot_id is not None and actual_vocab <= vocab_size
+    return tokenizer, eot_id, actual_vocab, _id_dtype(actual_vocab), seconds
+
+
 def _build_text(cfg: DataConfig, src: _Source, vocab_size: int, out: Path) -> dict:
     docs, truncated = _documents(cfg, src)
     if len(docs) < MIN_DOCUMENTS:
@@ -483,13 +495,7 @@ def _build_text(cfg: DataConfig, src: _Source, vocab_size: int, out: Path) -> di
     train_texts = [text for (_, text), v in zip(docs, is_val) if not v]
     val_texts = [text for (_, text), v in zip(docs, is_val) if v]
 
-    t0 = time.perf_counter()
-    tokenizer = _train_tokenizer(train_texts, vocab_size)
-    tokenizer_seconds = time.perf_counter() - t0
-    eot_id = tokenizer.token_to_id(EOT_TOKEN)
-    actual_vocab = tokenizer.get_vocab_size()
-    assert eot_id is not None and actual_vocab <= vocab_size
-    dtype = _id_dtype(actual_vocab)
+    tokenizer, eot_id, actual_vocab, dtype, tokenizer_seconds = _fit_tokenizer(train_texts, vocab_size)
     t0 = time.perf_counter()
     train = _encode(tokenizer, train_texts, eot_id, dtype)
     val = _encode(tokenizer, val_texts, eot_id, dtype)
@@ -554,13 +560,7 @@ def _build_mix(cfg: DataConfig, vocab_size: int, out: Path) -> dict:
     train_texts = [d.text for d, v in zip(docs, is_val) if not v]
     val_docs = [d for d, v in zip(docs, is_val) if v]
 
-    t0 = time.perf_counter()
-    tokenizer = _train_tokenizer(train_texts, vocab_size)
-    tokenizer_seconds = time.perf_counter() - t0
-    eot_id = tokenizer.token_to_id(EOT_TOKEN)
-    actual_vocab = tokenizer.get_vocab_size()
-    assert eot_id is not None and actual_vocab <= vocab_size
-    dtype = _id_dtype(actual_vocab)
+    tokenizer, eot_id, actual_vocab, dtype, tokenizer_seconds = _fit_tokenizer(train_texts, vocab_size)
     t0 = time.perf_counter()
     train = _encode(tokenizer, train_texts, eot_id, dtype)
     # Validation with offsets (encode_batch, not the fast path): each token's kind is that of the answer span
