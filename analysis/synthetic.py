@@ -19,6 +19,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from analysis.contract import CURVES_DIR, RUN_SCHEMA, RUNS_DIR, SPEC_FILE
+
 PLANTED = MappingProxyType({
     "rho_star": 0.75, "curvature": 0.08, "E": 2.0, "K": 3.0e3, "a": 0.25,
     "memory": MappingProxyType({"engram": (2.6, 4.0, 0.35), "overencoding": (2.62, 3.0, 0.3)}),   # E_m, A_m, alpha_m
@@ -32,11 +34,6 @@ SEEDS = (0, 1, 2)
 N_SEARCH = 24
 N_CURVE_POINTS = 20
 FLOPS_PER_TOKEN = 6.0e6
-# The store contract's column types (sweeps/store.py RUN_SCHEMA; not imported: analysis does not depend on sweeps).
-_INT_COLUMNS = ("slots", "n_routed", "top_k", "seed", "P_tot", "P_act", "P_sparse", "P_engram", "tokens", "steps",
-                "attempts")
-_STR_COLUMNS = ("trial_id", "sweep", "experiment", "kind", "memory", "status", "error", "device", "host",
-                "versions", "git_commit", "started_at", "finished_at")
 
 
 def write_synthetic_store(root: Path, *, sweep: str = "synthetic", rng_seed: int = 0) -> Path:
@@ -110,16 +107,16 @@ def _spoil(rows: list[dict], rng: np.random.Generator) -> None:
 
 
 def _run_schema(row: dict) -> pa.Schema:
-    return pa.schema([(k, pa.int64() if k in _INT_COLUMNS else pa.string() if k in _STR_COLUMNS else pa.float64())
-                      for k in row])
+    """The store contract's types for the columns this synthetic row has (a row may leave columns out)."""
+    return pa.schema([RUN_SCHEMA.field(k) for k in row])
 
 
 def _write(root: Path, rows: list[dict], rng: np.random.Generator, sweep: str) -> None:
-    (root / "runs").mkdir(parents=True, exist_ok=True)
-    (root / "curves").mkdir(parents=True, exist_ok=True)
+    (root / RUNS_DIR).mkdir(parents=True, exist_ok=True)
+    (root / CURVES_DIR).mkdir(parents=True, exist_ok=True)
     for row in rows:
         pq.write_table(pa.Table.from_pylist([row], schema=_run_schema(row)),
-                       root / "runs" / f"{row['trial_id']}.parquet")
+                       root / RUNS_DIR / f"{row['trial_id']}.parquet")
         if row["status"] == "failed":
             continue
         final = row["final_val_loss"] if row["final_val_loss"] is not None else math.nan
@@ -130,7 +127,7 @@ def _write(root: Path, rows: list[dict], rng: np.random.Generator, sweep: str) -
             "trial_id": row["trial_id"], "step": steps, "tokens": steps * 2048,
             "train_loss": val + 0.02 + rng.normal(0, 0.01, N_CURVE_POINTS), "val_loss": val,
             "lr": 3e-3 * np.cos(0.5 * np.pi * frac), "elapsed": 60.0 * frac,
-        }).to_parquet(root / "curves" / f"{row['trial_id']}.parquet", index=False)
+        }).to_parquet(root / CURVES_DIR / f"{row['trial_id']}.parquet", index=False)
     spec = {"name": sweep, "results_dir": str(root.parent),
             "data": {"corpus": "stdlib", "format": "auto", "val_fraction": 0.05},
             "experiments": [
@@ -142,7 +139,7 @@ def _write(root: Path, rows: list[dict], rng: np.random.Generator, sweep: str) -
                  "slots": list(SLOT_GRID), "budget": MEMORY_BUDGETS[1], "seeds": list(SEEDS)},
                 {"name": "search", "kind": "search", "p_tot_ratio": 4, "budget": 3e14, "n_trials": N_SEARCH,
                  "seed": 0}]}
-    (root / "spec.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+    (root / SPEC_FILE).write_text(yaml.safe_dump(spec, sort_keys=False))
 
 
 # ---------------------------------------------------------------------------------------------------------------
