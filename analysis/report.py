@@ -285,7 +285,8 @@ def _on_share_axis(rows: pd.DataFrame) -> np.ndarray:
 
 def _share_u_curve(rho: np.ndarray, loss: np.ndarray, seed: np.ndarray, *, n_resamples: int,
                    level: float) -> UCurveFit:
-    """The one call into the U-curve fitting API for the mix read-outs (the report's default curve)."""
+    """The one call into the U-curve fitting API for the mix read-outs: the parabola (the report's fallback
+    curve), since a share usually has one seed, where most resamples of the cubic keep too few rho values."""
     return fit_u_curve(rho, loss, seed, method="quadratic", n_resamples=n_resamples, level=level)
 
 
@@ -369,8 +370,8 @@ def draw_knowledge_mix(mix: KnowledgeMix, plot_dir: Path) -> dict[str, Path]:
 
 def knowledge_mix_blocks(mix: KnowledgeMix, figures: dict[str, Path]) -> list:
     b: list = [("h2", "Knowledge mix: rho* against the knowledge share")]
-    b.append(("p", "The built-in mix corpus (engram.mixcorpus): one U-curve per knowledge share (quadratic, as "
-                   "above). Per-kind losses are the final validation loss over the tokens of a fact's value "
+    b.append(("p", "The built-in mix corpus (engram.mixcorpus): one U-curve per knowledge share (the parabola, the "
+                   "report's fallback curve: a share's few points rarely carry the cubic's resamples). Per-kind losses are the final validation loss over the tokens of a fact's value "
                    "(knowledge) or of a rule's result (computation); the total is over every token. Hypothesis "
                    "the sweep tests: rho* falls as the share rises, and memory (rho < 1) lowers the knowledge "
                    "loss more than the computation loss."))
