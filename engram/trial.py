@@ -22,8 +22,9 @@ OverEncoding tables train at the base learning rate (`table_lr_mult`).
 
 Horizon: exactly one of train.steps / tokens / flops (`horizon_steps`). Validation: the first
 `train.eval_tokens` tokens of the validation split cut into non-overlapping windows, the same for every trial
-of a corpus. Train batches: random windows drawn by a generator seeded with `train.seed`. On CPU a seed gives
-bitwise-identical losses; a checkpointed-and-resumed trial gives the same losses as an uninterrupted one.
+of a corpus; on the mix corpus (engram.mixcorpus) the final evaluation also scores knowledge and computation
+answer tokens separately (`evaluate_by_kind`). Train batches: random windows drawn by a generator seeded with
+`train.seed`. On CPU a seed gives bitwise-identical losses; a checkpointed-and-resumed trial gives the same losses as an uninterrupted one.
 """
 
 from __future__ import annotations
