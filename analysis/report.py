@@ -371,10 +371,11 @@ def draw_knowledge_mix(mix: KnowledgeMix, plot_dir: Path) -> dict[str, Path]:
 def knowledge_mix_blocks(mix: KnowledgeMix, figures: dict[str, Path]) -> list:
     b: list = [("h2", "Knowledge mix: rho* against the knowledge share")]
     b.append(("p", "The built-in mix corpus (engram.mixcorpus): one U-curve per knowledge share (the parabola, the "
-                   "report's fallback curve: a share's few points rarely carry the cubic's resamples). Per-kind losses are the final validation loss over the tokens of a fact's value "
-                   "(knowledge) or of a rule's result (computation); the total is over every token. Hypothesis "
-                   "the sweep tests: rho* falls as the share rises, and memory (rho < 1) lowers the knowledge "
-                   "loss more than the computation loss."))
+                   "report's fallback curve: a share's few points rarely carry the cubic's resamples). Per-kind "
+                   "losses are the final validation loss over the tokens of a fact's value (knowledge) or of a "
+                   "rule's result (computation); the total is over every token. Hypothesis the sweep tests: "
+                   "rho* falls as the share rises, and memory (rho < 1) lowers the knowledge loss more than the "
+                   "computation loss."))
     rows = []
     for o in mix.optima:
         fit = o.fit

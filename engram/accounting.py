@@ -26,7 +26,7 @@ from engram.memory import memory_param_counts, memory_table_sizes, n_memory_tabl
 # MemoryConfig's lower bound on table size.
 MIN_ROWS_PER_TABLE = 16
 # Largest relative deviation of P_tot (from its target), P_act (from the rho = 1 model's) and tokens (between
-# the trials of one experiment and budget) that an allocation experiment accepts (DESIGN: "within 0.5%").
+# the trials of one experiment and budget) that an allocation experiment accepts (docs/fairness.md, "Tolerance").
 FAIR_TOLERANCE = 0.005
 SLOT_SEARCH = 8  # per-table row shifts tried to bring the tables' prime sizes nearest the row budget
 

@@ -24,7 +24,8 @@ Horizon: exactly one of train.steps / tokens / flops (`horizon_steps`). Validati
 `train.eval_tokens` tokens of the validation split cut into non-overlapping windows, the same for every trial
 of a corpus; on the mix corpus (engram.mixcorpus) the final evaluation also scores knowledge and computation
 answer tokens separately (`evaluate_by_kind`). Train batches: random windows drawn by a generator seeded with
-`train.seed`. On CPU a seed gives bitwise-identical losses; a checkpointed-and-resumed trial gives the same losses as an uninterrupted one.
+`train.seed`. On CPU a seed gives bitwise-identical losses; a checkpointed-and-resumed trial gives the same
+losses as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -401,7 +402,7 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Diagnostics: did the tables train, did the routers balance (DESIGN "Fair comparisons at small scale")
+# Diagnostics: did the tables train, did the routers balance (docs/fairness.md)
 
 
 class TableUsage:
