@@ -24,7 +24,8 @@ from engram.accounting import param_counts
 from engram.config import TrialConfig, to_dict
 from sweeps.footprint import format_bytes, trial_footprint
 from sweeps.plan import Throughput, plan_sweep
-from sweeps.spec import MemoryExperiment, engram_shape, load_spec
+from sweeps.sizing import memory_for_slots
+from sweeps.spec import MemoryExperiment, load_spec
 
 TINY_MODEL = {"vocab_size": 512, "seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
               "d_ff_dense": 64, "d_expert": 16, "n_routed": 4, "top_k": 2,
@@ -61,7 +62,7 @@ def main() -> None:
              (trials[i] for i in args.pick)]
     if args.slots is not None:
         exp = next(e for e in spec.experiments if isinstance(e, MemoryExperiment))
-        model = dataclasses.replace(spec.model, memory=engram_shape(spec, int(args.slots), exp.memory[0]))
+        model = dataclasses.replace(spec.model, memory=memory_for_slots(spec.model, int(args.slots), exp.memory[0]))
         base = next(t for t in trials if t.experiment == exp.name)
         cases.append((f"{exp.name}-{exp.memory[0]}-slots{int(args.slots)}", dataclasses.replace(base.config, model=model)))
     if args.tiny:

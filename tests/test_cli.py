@@ -174,10 +174,10 @@ def test_plan_prints_every_trial_and_marks_stored_ones(spec_dir: Path, capsys: p
     assert "fairness (tolerance 0.5%)" in out and "peak mem" in out
     # The worst P_act deviation from the rho = 1 model, as the accounting has it, is printed and within tolerance.
     from engram.accounting import FAIR_TOLERANCE, solve_allocation
-    from sweeps.spec import target_p_tot
+    from sweeps.sizing import target_p_tot
 
     spec = load_spec(path)
-    p_tot = target_p_tot(spec, spec.experiment("alloc"))
+    p_tot = target_p_tot(spec.model, spec.experiment("alloc"))
     devs = [abs(solve_allocation(spec.model, p_tot, t.rho).p_act_deviation) for t in trials if t.experiment == "alloc"]
     assert f"max |P_act/P_act(rho=1) - 1| = {100 * max(devs):.2f}%" in out and max(devs) <= FAIR_TOLERANCE
     assert not (spec_dir / "results").exists()  # plan writes nothing

@@ -9,11 +9,12 @@ import pandas as pd
 import pytest
 
 from engram.data import corpus_fingerprint
-from engram.trial import trial_id
 from engram.accounting import FAIR_TOLERANCE
+from engram.config import trial_id
 from sweeps.plan import (STARTUP_SECONDS, Throughput, calibrate_throughput, matmul_flops_per_second, plan_search_trial,
                          plan_sweep, plan_table)
-from sweeps.spec import parse_spec, target_p_tot
+from sweeps.sizing import target_p_tot
+from sweeps.spec import parse_spec
 from test_store import TINY_MODEL
 
 FIXED = Throughput(1e9, 2.0, "fixed for tests")
@@ -67,7 +68,7 @@ def test_grid_is_expanded_with_concrete_configs(base_dir: Path) -> None:
 
 def test_allocation_trials_hold_p_tot_and_move_rho(base_dir: Path) -> None:
     spec = spec_with(base_dir)
-    target = target_p_tot(spec, spec.experiments[0])
+    target = target_p_tot(spec.model, spec.experiments[0])
     alloc = [t for t in plan_sweep(spec, throughput=FIXED) if t.experiment == "alloc" and t.seed == 0
              and t.budget == 1.5e8]
     assert [t.rho for t in alloc] == [0.0, 0.5, 0.75, 1.0]
@@ -194,7 +195,7 @@ def test_plan_json_rows_and_lookups_per_row(base_dir: Path, capsys) -> None:
     # tokens x tables read per token / rows: one Engram layer of (N-1) K tables
     n_tables = 2 * 2  # TINY_MODEL's memory shape: max_ngram 3, 2 heads (test_store)
     t = next(t for t in trials if t.trial_id == engram["trial_id"])
-    from engram.memory import memory_primes
+    from engram.memory_layout import memory_primes
     assert engram["lookups_per_row"] == pytest.approx(
         t.tokens * n_tables / sum(memory_primes(t.config.model.memory)))
 
@@ -217,7 +218,7 @@ def test_a_p_tot_that_whole_experts_cannot_meet_is_refused(base_dir: Path) -> No
     from sweeps.spec import SpecError
 
     spec = spec_with(base_dir)
-    p_tot = target_p_tot(spec, spec.experiments[0])
+    p_tot = target_p_tot(spec.model, spec.experiments[0])
     expert = 3 * TINY_MODEL["d_model"] * TINY_MODEL["d_expert"] * (TINY_MODEL["n_layers"] - 1)
 
     def literal(s):
