@@ -231,7 +231,7 @@ def test_a_p_tot_that_whole_experts_cannot_meet_is_refused(base_dir: Path) -> No
 def test_search_rho_outside_the_fairness_tolerance_is_refused_when_suggested(tmp_path: Path) -> None:
     # The Ray tests' tiny backbone at d_model 16 and P_tot / P_act = 1.2: rho = 0 misses P_tot by ~0.7% (prime
     # table sizes on a model this small); the spec is accepted (rho = 1 holds), that suggestion is not.
-    from conftest import tiny_sweep
+    from sweeps.tiny import tiny_sweep
     from engram.accounting import AllocationError
 
     raw = {"name": "s", **tiny_sweep(model={"d_model": 16}), "experiments": [
