@@ -612,8 +612,8 @@ class _Trial:
         if self.checkpoint_dir is not None:
             if status == "ok":  # final weights stay next to the result; a diverged state is of no use
                 self._save(notify=False)
-            _atomic_write_bytes(self.checkpoint_dir / RESULT_FILE,
-                                json.dumps({"key": self.key, "result": result.to_dict()}).encode())
+            atomic_write(self.checkpoint_dir / RESULT_FILE,
+                         json.dumps({"key": self.key, "result": result.to_dict()}).encode())
             if self.on_checkpoint is not None:
                 self.on_checkpoint(self.checkpoint_dir)
         return result
@@ -663,10 +663,6 @@ def _check_key(state: dict[str, Any], key: str, path: Path) -> None:
     if state.get("key") != key:
         raise ValueError(f"checkpoint_dir: {path} belongs to another trial config (key {state.get('key')!r}, "
                          f"expected {key!r})")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, data)
 
 
 def _device_name(device: torch.device) -> str:

@@ -274,10 +274,6 @@ def parallel_slots(spec: SweepSpec) -> int:
 # The printed plan
 
 
-_si = format_si  # the plan's names for the shared formatters (engram.util)
-format_seconds = format_duration
-
-
 def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], throughput: Throughput,
                search_done: Mapping[str, int] | None = None) -> str:
     """The text `engram-sweep plan` prints: one row per trial, then deviations from targets, table-training
@@ -291,12 +287,12 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
         c, d = t.counts, dev.get(t.trial_id, {})
         rows.append([t.experiment, t.memory, "-" if t.rho is None else f"{t.rho:.3g}",
                      "-" if t.rho is None else f"{c.rho:.3f}", str(t.slots),
-                     str(t.config.model.n_routed), str(t.config.model.d_ff_dense), _si(c.p_tot),
-                     "-" if "p_tot" not in d else f"{100 * d['p_tot']:+.2f}%", _si(c.p_act),
-                     "-" if "p_act" not in d else f"{100 * d['p_act']:+.2f}%", _si(c.p_sparse), str(t.seed),
-                     _si(t.tokens), f"{t.flops_per_token * t.tokens:.2e}",
+                     str(t.config.model.n_routed), str(t.config.model.d_ff_dense), format_si(c.p_tot),
+                     "-" if "p_tot" not in d else f"{100 * d['p_tot']:+.2f}%", format_si(c.p_act),
+                     "-" if "p_act" not in d else f"{100 * d['p_act']:+.2f}%", format_si(c.p_sparse), str(t.seed),
+                     format_si(t.tokens), f"{t.flops_per_token * t.tokens:.2e}",
                      "-" if t.lookups_per_row is None else f"{t.lookups_per_row:.3g}",
-                     format_seconds(t.est_seconds), format_bytes(trial_footprint(t.config, t.counts).total),
+                     format_duration(t.est_seconds), format_bytes(trial_footprint(t.config, t.counts).total),
                      "yes" if t.trial_id in stored else "no"])
     if any(t.knowledge_share is not None for t in trials):  # the mix corpus: its knowledge share per row
         header.insert(1, "share")
@@ -312,7 +308,7 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
             n_done = min(exp.n_trials, (search_done or {}).get(exp.name, 0))
             eta += (exp.n_trials - n_done) * probe.est_seconds
             lines.append(f"{exp.name}: search, {exp.n_trials} Optuna trials over rho in [0, 1] at budget "
-                         f"{exp.budget:.2e} FLOPs ({n_done} stored), ~{format_seconds(probe.est_seconds)} each "
+                         f"{exp.budget:.2e} FLOPs ({n_done} stored), ~{format_duration(probe.est_seconds)} each "
                          f"(rho=1 estimate)")
     slots = parallel_slots(spec)
     lines.append(limits_text(spec, trials, slots))
@@ -330,8 +326,8 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
         "P_act held by narrowing the dense FFN (d_ff) by the memory's dense parameters (docs/fairness.md)",
     ]
     lines += table_training_warnings(spec, trials)
-    lines.append(f"ETA: {format_seconds(eta / slots)} with {slots} trial(s) at once "
-                 f"({format_seconds(eta)} of trial time; {throughput.source}; "
+    lines.append(f"ETA: {format_duration(eta / slots)} with {slots} trial(s) at once "
+                 f"({format_duration(eta)} of trial time; {throughput.source}; "
                  f"startup {throughput.startup_seconds:.0f}s/trial)")
     return "\n".join(lines)
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engram.accounting import param_counts, solve_allocation
 from engram.config import TrialConfig
 from sweeps.sizing import target_p_tot
 from sweeps.spec import (AllocationExperiment, FailAttempts, MemoryExperiment, SearchExperiment, SpecError,
@@ -57,8 +58,6 @@ def test_trial_train_sets_horizon_and_seed_from_the_experiment(spec_path: Path) 
 
 
 def test_p_tot_ratio_is_relative_to_the_pure_moe(spec_path: Path) -> None:
-    from engram.accounting import param_counts, solve_allocation
-
     spec = load_spec(spec_path)
     p_tot = target_p_tot(spec.model, spec.experiments[0])
     moe = param_counts(solve_allocation(spec.model, p_tot, 1.0).config)
