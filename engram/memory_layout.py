@@ -13,7 +13,6 @@ from __future__ import annotations
 from engram.config import MemoryConfig
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # Tables
 
