@@ -25,7 +25,7 @@ import pandas as pd
 import yaml
 from matplotlib.figure import Figure
 
-from analysis.contract import read_folder
+from analysis.contract import CURVES_DIR, RUNS_DIR, SPEC_FILE, read_folder
 from analysis.fits import (DROP_WARN_SHARE, LEVEL, N_RESAMPLES, REFERENCE_GAIN, Bootstrap, BudgetTrend, ChinchillaFit,
                            FitError, LogLinearFit, PowerLawFit, UCurveFit, fit_budget_trend, fit_chinchilla,
                            fit_loglinear, fit_power_law, fit_u_curve, single_threaded_blas)
@@ -74,15 +74,16 @@ class SweepAnalysis:
 
 
 def read_store(store_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """runs, curves (empty when absent) and the parsed spec.yaml (empty when absent) of a results folder."""
+    """runs, curves (empty when absent) and the parsed spec.yaml (empty when absent) of a results folder
+    (layout: analysis.contract)."""
     store_dir = Path(store_dir)
-    if not (store_dir / "runs").is_dir():
-        raise ValueError(f"store_dir: {store_dir} has no runs/ folder (not a results folder)")
-    runs = _read_folder(store_dir / "runs")
+    if not (store_dir / RUNS_DIR).is_dir():
+        raise ValueError(f"store_dir: {store_dir} has no {RUNS_DIR}/ folder (not a results folder)")
+    runs = _read_folder(store_dir / RUNS_DIR)
     if runs.empty:
-        raise ValueError(f"store_dir: {store_dir / 'runs'} holds no finished trials")
-    curves = _read_folder(store_dir / "curves") if (store_dir / "curves").is_dir() else pd.DataFrame()
-    spec_path = store_dir / "spec.yaml"
+        raise ValueError(f"store_dir: {store_dir / RUNS_DIR} holds no finished trials")
+    curves = _read_folder(store_dir / CURVES_DIR) if (store_dir / CURVES_DIR).is_dir() else pd.DataFrame()
+    spec_path = store_dir / SPEC_FILE
     spec = yaml.safe_load(spec_path.read_text()) if spec_path.is_file() else {}
     return runs, curves, spec if isinstance(spec, dict) else {}
 

@@ -24,12 +24,11 @@ import time
 import torch
 
 from engram.accounting import flops_per_token
-from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig
+from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig, horizon_steps
 from engram.data import prepare_data
 from engram.memory import build_compression
 from engram.model import EngramMoE
-from engram.trial import (build_optimizers, horizon_steps, keep_large_buffers_in_heap, resolve_precision,
-                          sample_batch, train_step)
+from engram.trial import build_optimizers, keep_large_buffers_in_heap, resolve_precision, sample_batch, train_step
 
 DEFAULT_BUDGET = 2e12  # FLOPs of a default sweep trial (sweep.yaml)
 

@@ -11,7 +11,7 @@
 
 Formulas follow the modules: attention is qkv + out projection (4 D^2), every FFN a bias-free SwiGLU
 (3 * D * hidden), RMSNorms carry a weight vector, the router a D x n_routed matrix (its selection bias is a buffer,
-not a parameter). Memory parameter counts come from `engram.memory`, their one home.
+not a parameter). Memory parameter counts and table sizes come from `engram.memory_layout`, their one home.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass
 
 from engram.config import MemoryConfig, ModelConfig
-from engram.memory import memory_param_counts, memory_table_sizes, n_memory_tables
+from engram.memory_layout import memory_param_counts, memory_table_sizes, n_memory_tables
 
 # MemoryConfig's lower bound on table size.
 MIN_ROWS_PER_TABLE = 16
@@ -261,7 +261,7 @@ def solve_allocation(base: ModelConfig, p_tot: float, rho: float) -> Allocation:
     back router columns; their net is taken out of the dense FFN's width (whole units of 3 * D * n_dense_layers
     parameters), so P_act matches the rho = 1 model's within half such a unit (docs/fairness.md). The table rows
     take what is left of P_tot after the experts, their router columns, the narrower dense FFN and the memory's
-    dense parameters, as distinct primes (engram.memory.table_primes) near an equal share per table. Where
+    dense parameters, as distinct primes (engram.memory_layout.table_primes) near an equal share per table. Where
     rounding gives back every expert of the rho = 1 model (rho within half an expert of 1), the result is that
     pure-MoE model, achieved rho 1.0.
     """

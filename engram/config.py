@@ -3,6 +3,9 @@
 Everything a trial needs is one `TrialConfig`. It is validated once, when built (`from_dict` turns plain
 mappings, e.g. parsed YAML, into these objects and names the field path of any mistake); after that nothing
 reads YAML or environment variables. "Off" is `None`, never `-1`.
+
+What follows from a config without torch is here too: a trial's identity (`trial_id`: the config's content hash,
+its data and RESULTS_VERSION) and its length in optimiser steps (`horizon_steps`).
 """
 
 from __future__ import annotations
@@ -24,6 +27,11 @@ MIX_CORPUS = "mix"
 # DataConfig fields that only the mix corpus reads: left out of the content hash of other corpora, so adding
 # them kept the trial ids of every stored trial on a file corpus or the stdlib.
 MIX_FIELDS = ("knowledge_share", "mix_entities", "mix_seed")
+# Part of every trial id and checkpoint key (engram.trial): bump it whenever a change to the model, data or
+# training code makes new losses incomparable with stored ones, so a sweep re-runs those trials instead of mixing
+# two code versions.
+RESULTS_VERSION = 3  # 2: validation windows spread over the whole validation split; 3: P_act held across rho
+                     # (narrower dense FFN), equal tokens per experiment, OverEncoding as Algorithm 1, train.precision
 
 
 class ConfigError(ValueError):
@@ -279,6 +287,22 @@ def config_hash(config: Any, *extra: str) -> str:
     """Content hash of a config (and extra strings such as a data fingerprint): stable across processes."""
     text = json.dumps(_hashed(to_dict(config)), sort_keys=True, separators=(",", ":")) + "|" + "|".join(extra)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def trial_id(config: TrialConfig, data_fingerprint: str) -> str:
+    """A trial's identity: content hash of its resolved config, its data and the results version."""
+    return config_hash(config, data_fingerprint, f"v{RESULTS_VERSION}")
+
+
+def horizon_steps(train: TrainConfig, flops_per_token: float, seq_len: int) -> int:
+    """Optimiser steps of a trial: train.steps, or tokens / (batch * seq_len), or flops / (fpt * batch * seq_len)."""
+    tokens_per_step = train.batch_size * seq_len
+    if train.steps is not None:
+        return train.steps
+    if train.tokens is not None:
+        return max(1, round(train.tokens / tokens_per_step))
+    assert train.flops is not None  # TrainConfig guarantees exactly one horizon
+    return max(1, round(train.flops / (flops_per_token * tokens_per_step)))
 
 
 def _hashed(plain: dict[str, Any]) -> dict[str, Any]:

@@ -20,7 +20,7 @@ Diagnostics (`TrialResult.diagnostics`, docs/fairness.md): reads per memory-tabl
 (`TableUsage`), the expert load of the last validation pass (`router_diagnostics`), the balance rate used.
 OverEncoding tables train at the base learning rate (`table_lr_mult`).
 
-Horizon: exactly one of train.steps / tokens / flops (`horizon_steps`). Validation: the first
+Horizon: exactly one of train.steps / tokens / flops (`engram.config.horizon_steps`). Validation: the first
 `train.eval_tokens` tokens of the validation split cut into non-overlapping windows, the same for every trial
 of a corpus; on the mix corpus (engram.mixcorpus) the final evaluation also scores knowledge and computation
 answer tokens separately (`evaluate_by_kind`). Train batches: random windows drawn by a generator seeded with
@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from engram.accounting import ParamCounts, flops_per_token, param_counts
-from engram.config import TrainConfig, TrialConfig, config_hash
+from engram.config import RESULTS_VERSION, TrainConfig, TrialConfig, config_hash, horizon_steps
 from engram.data import prepare_data
 from engram.memory import build_compression
 from engram.mixcorpus import COMPUTATION, KNOWLEDGE
@@ -53,10 +53,6 @@ from engram.model import EngramMoE
 from engram.moe import effective_balance_rate
 from engram.util import atomic_write, format_duration, format_si
 
-# Part of every trial id and checkpoint key: bump it whenever a change to the model, data or training code makes
-# new losses incomparable with stored ones, so a sweep re-runs those trials instead of mixing two code versions.
-RESULTS_VERSION = 3  # 2: validation windows spread over the whole validation split; 3: P_act held across rho
-                     # (narrower dense FFN), equal tokens per experiment, OverEncoding as Algorithm 1, train.precision
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
 # Train-loss points kept per curve (besides the evaluations): enough for a smooth plot, small in Parquet.
@@ -80,11 +76,6 @@ def keep_large_buffers_in_heap() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # glibc's <malloc.h>
     return bool(mallopt(m_mmap_threshold, 1 << 30)) and bool(mallopt(m_trim_threshold, (1 << 31) - 1))
-
-
-def trial_id(config: TrialConfig, data_fingerprint: str) -> str:
-    """A trial's identity: content hash of its resolved config, its data and the results version."""
-    return config_hash(config, data_fingerprint, f"v{RESULTS_VERSION}")
 
 
 @dataclass(frozen=True)
@@ -157,17 +148,6 @@ def format_progress(p: Progress) -> str:
     return (f"step {p.step}/{p.total_steps} ({100 * p.step / max(p.total_steps, 1):.0f}%) | "
             f"{format_si(p.tokens)} tok | train {p.train_loss:.3f} | val {val} | lr {p.lr:.2e} | "
             f"{format_duration(p.elapsed)}, eta {format_duration(eta)}")
-
-
-def horizon_steps(train: TrainConfig, flops_per_token: float, seq_len: int) -> int:
-    """Optimiser steps of a trial: train.steps, or tokens / (batch * seq_len), or flops / (fpt * batch * seq_len)."""
-    tokens_per_step = train.batch_size * seq_len
-    if train.steps is not None:
-        return train.steps
-    if train.tokens is not None:
-        return max(1, round(train.tokens / tokens_per_step))
-    assert train.flops is not None  # TrainConfig guarantees exactly one horizon
-    return max(1, round(train.flops / (flops_per_token * tokens_per_step)))
 
 
 def lr_factor(train: TrainConfig, step: int, total_steps: int) -> float:
@@ -632,8 +612,8 @@ class _Trial:
         if self.checkpoint_dir is not None:
             if status == "ok":  # final weights stay next to the result; a diverged state is of no use
                 self._save(notify=False)
-            _atomic_write_bytes(self.checkpoint_dir / RESULT_FILE,
-                                json.dumps({"key": self.key, "result": result.to_dict()}).encode())
+            atomic_write(self.checkpoint_dir / RESULT_FILE,
+                         json.dumps({"key": self.key, "result": result.to_dict()}).encode())
             if self.on_checkpoint is not None:
                 self.on_checkpoint(self.checkpoint_dir)
         return result
@@ -683,10 +663,6 @@ def _check_key(state: dict[str, Any], key: str, path: Path) -> None:
     if state.get("key") != key:
         raise ValueError(f"checkpoint_dir: {path} belongs to another trial config (key {state.get('key')!r}, "
                          f"expected {key!r})")
-
-
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    atomic_write(path, data)
 
 
 def _device_name(device: torch.device) -> str:

@@ -35,16 +35,13 @@ from sweeps.launcher import RESUME_DIR, TUNE_DIR  # noqa: E402
 from sweeps.plan import plan_sweep  # noqa: E402
 from sweeps.spec import load_spec  # noqa: E402
 from sweeps.store import COMPLETE_STATUSES, ResultStore  # noqa: E402
+from sweeps.tiny import tiny_sweep  # noqa: E402
 
+# The tiny sweep (sweeps/tiny.py) with a wider model and rarer evaluations and checkpoints: trials of ~10 s.
 SMALL_SPEC = {
     "name": "killcheck",
-    "data": {"corpus": "stdlib", "max_bytes": 300_000},
-    "model": {"vocab_size": 512, "seq_len": 32, "d_model": 48, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
-              "d_ff_dense": 96, "d_expert": 24, "n_routed": 4, "top_k": 2,
-              "memory": {"layers": [1], "max_ngram": 3, "n_heads": 2, "d_head": 8}},
-    "train": {"batch_size": 8, "lr": 3.0e-3, "warmup_steps": 5, "eval_interval": 100, "eval_tokens": 1024,
-              "checkpoint_interval": 50, "device": "cpu"},
-    "resources": {"cpus_per_trial": 1, "max_retries": 1},
+    **tiny_sweep(model={"d_model": 48, "d_ff_dense": 96, "d_expert": 24},
+                 train={"warmup_steps": 5, "eval_interval": 100, "checkpoint_interval": 50}),
     "experiments": [
         {"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [0.5, 0.8, 1.0], "budgets": [1.5e11],
          "seeds": [0, 1]},

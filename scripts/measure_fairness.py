@@ -21,7 +21,8 @@ import torch
 
 from engram.trial import keep_large_buffers_in_heap, run_trial
 from sweeps.plan import Throughput, plan_search_trial, plan_sweep
-from sweeps.spec import engram_shape, load_spec
+from sweeps.sizing import memory_for_slots
+from sweeps.spec import load_spec
 
 
 def _proportional_update(self) -> None:
@@ -41,8 +42,8 @@ def _run_per_row(config):
     relative to their init RMS (one JSON line per bin)."""
     import numpy as np
 
-    from engram.config import config_hash
-    from engram.trial import RESULTS_VERSION, _Trial, resolve_device
+    from engram.config import RESULTS_VERSION, config_hash
+    from engram.trial import _Trial, resolve_device
 
     device = resolve_device(config.train.device)
     trial = _Trial(config, device, config_hash(config, f"v{RESULTS_VERSION}"), None, None, None, None)
@@ -80,7 +81,7 @@ def main(argv: list[str]) -> None:
         else:
             trials = [t for t in plan_sweep(spec, throughput=Throughput(1e9, 0, "-")) if t.experiment == "memory"]
             config = trials[0].config
-            memory = engram_shape(spec, int(float(kw.get("slots", 1e5))), kw.get("memory", "engram"))
+            memory = memory_for_slots(spec.model, int(float(kw.get("slots", 1e5))), kw.get("memory", "engram"))
             config = dataclasses.replace(config, model=dataclasses.replace(config.model, memory=memory),
                                          train=dataclasses.replace(config.train, seed=seed))
         model, train = config.model, config.train

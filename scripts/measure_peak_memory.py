@@ -24,11 +24,15 @@ from engram.accounting import param_counts
 from engram.config import TrialConfig, to_dict
 from sweeps.footprint import format_bytes, trial_footprint
 from sweeps.plan import Throughput, plan_sweep
-from sweeps.spec import MemoryExperiment, engram_shape, load_spec
+from sweeps.sizing import memory_for_slots
+from sweeps.spec import MemoryExperiment, load_spec
+from sweeps.tiny import tiny_sweep
 
-TINY_MODEL = {"vocab_size": 512, "seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
-              "d_ff_dense": 64, "d_expert": 16, "n_routed": 4, "top_k": 2,
-              "memory": {"kind": "engram", "slots": 2000, "layers": [1], "max_ngram": 3, "n_heads": 2, "d_head": 8}}
+
+def tiny_model() -> dict:
+    """The tests' tiny model (sweeps/tiny.py) with 2000 Engram slots."""
+    model = tiny_sweep()["model"]
+    return {**model, "memory": {**model["memory"], "kind": "engram", "slots": 2000}}
 
 
 def peak_rss_bytes(config: TrialConfig, tmp: Path, label: str) -> int:
@@ -61,13 +65,13 @@ def main() -> None:
              (trials[i] for i in args.pick)]
     if args.slots is not None:
         exp = next(e for e in spec.experiments if isinstance(e, MemoryExperiment))
-        model = dataclasses.replace(spec.model, memory=engram_shape(spec, int(args.slots), exp.memory[0]))
+        model = dataclasses.replace(spec.model, memory=memory_for_slots(spec.model, int(args.slots), exp.memory[0]))
         base = next(t for t in trials if t.experiment == exp.name)
         cases.append((f"{exp.name}-{exp.memory[0]}-slots{int(args.slots)}", dataclasses.replace(base.config, model=model)))
     if args.tiny:
         from engram.config import from_dict
 
-        tiny = from_dict(TrialConfig, {"model": TINY_MODEL, "data": to_dict(spec.data),
+        tiny = from_dict(TrialConfig, {"model": tiny_model(), "data": to_dict(spec.data),
                                        "train": {"steps": 1, "batch_size": 8, "eval_tokens": 1024}})
         cases.append(("tiny", tiny))
     print(f"{'trial':42s} {'estimate':>10s} {'measured':>10s} {'ratio':>6s}")

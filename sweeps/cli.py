@@ -241,13 +241,14 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from analysis.contract import RUNS_DIR
     from analysis.report import write_report
     from sweeps.store import ResultStore
 
     if not args.results_dir.is_dir():
         raise UserError(f"{args.results_dir}: no such results folder")
-    if not (args.results_dir / "runs").is_dir():
-        raise UserError(f"{args.results_dir}: no runs/ folder (not a results folder, or no trial finished yet)")
+    if not (args.results_dir / RUNS_DIR).is_dir():
+        raise UserError(f"{args.results_dir}: no {RUNS_DIR}/ folder (not a results folder, or no trial finished yet)")
     store = ResultStore(args.results_dir)
     damaged = warn_damaged(store)
     if store.runs().empty:

@@ -33,14 +33,13 @@ import pandas as pd
 from analysis.diagnostics import TRAINED_LOOKUPS_PER_ROW
 from engram.accounting import (FAIR_TOLERANCE, AllocationError, ParamCounts, check_fair, flops_per_token,
                                param_counts, solve_allocation)
-from engram.config import DataConfig, MemoryConfig, ModelConfig, TrialConfig
+from engram.config import DataConfig, MemoryConfig, ModelConfig, TrialConfig, horizon_steps, trial_id
 from engram.data import corpus_fingerprint
-from engram.memory import expected_lookups_per_row
-from engram.trial import horizon_steps, resolve_precision, trial_id
+from engram.memory_layout import expected_lookups_per_row
 from engram.util import format_duration, format_si, format_table
 from sweeps.footprint import format_bytes, limits_text, trial_footprint
-from sweeps.spec import (AllocationExperiment, MemoryExperiment, SearchExperiment, SweepSpec, engram_shape,
-                         target_p_tot)
+from sweeps.sizing import memory_for_slots, target_p_tot
+from sweeps.spec import AllocationExperiment, MemoryExperiment, SearchExperiment, SweepSpec
 
 # Measured 2026-11-29 on 2-core machines: trials of the default sweep's models reach 0.45 of the calibration
 # matmul's FLOP/s when two run at once (median over the 21 trials of `make sweep` on a fresh clone: 47.5 vs
@@ -128,7 +127,7 @@ def plan_sweep(spec: SweepSpec, *, throughput: Throughput | None = None) -> list
     trials: list[PlannedTrial] = []
     for exp in spec.experiments:
         if isinstance(exp, AllocationExperiment):
-            p_tot = target_p_tot(spec, exp)
+            p_tot = target_p_tot(spec.model, exp)
             for data in exp.data_configs(spec.data):  # the knowledge_share axis, if any: outermost
                 data_fingerprint = fingerprint if data == spec.data else corpus_fingerprint(data)
                 for budget in exp.budgets:
@@ -142,7 +141,7 @@ def plan_sweep(spec: SweepSpec, *, throughput: Throughput | None = None) -> list
             tokens = reference_tokens(spec, memory_free_model(spec), exp.budget)
             for kind in exp.memory:
                 for slots in (exp.slots if kind != "none" else (0,)):  # one memory-free point
-                    model = dataclasses.replace(spec.model, memory=engram_shape(spec, slots, kind))
+                    model = dataclasses.replace(spec.model, memory=memory_for_slots(spec.model, slots, kind))
                     for seed in exp.seeds:
                         trials.append(_planned(spec, exp.name, exp.kind, model, None, exp.budget, seed,
                                                fingerprint, throughput, tokens, slots=int(slots)))
@@ -165,7 +164,7 @@ def plan_search_trial(spec: SweepSpec, experiment: str, rho: float, seed: int, *
         raise ValueError(f"experiment: {experiment!r} is a {exp.kind} experiment, not a search")
     if not 0 <= rho <= 1:
         raise ValueError(f"rho: expected a number in [0, 1], got {rho}")
-    p_tot = target_p_tot(spec, exp)
+    p_tot = target_p_tot(spec.model, exp)
     alloc = solve_allocation(spec.model, p_tot, float(rho))
     check_fair(alloc)  # AllocationError: a rho this shape cannot hold within the fairness tolerance
     model = alloc.config
@@ -202,7 +201,7 @@ def _planned(spec: SweepSpec, experiment: str, kind: str, model: ModelConfig, rh
              budget: float, seed: int, fingerprint: str, throughput: Throughput, tokens: int,
              slots: int | None = None, data: DataConfig | None = None) -> PlannedTrial:
     """`slots`: the grid value of a memory experiment (Engram rows; OverEncoding's table gets the rows of equal
-    table parameters, sweeps.spec.engram_shape); by default the model's table rows. `data`: the trial's corpus
+    table parameters, sweeps.sizing.memory_for_slots); by default the model's table rows. `data`: the trial's corpus
     when the experiment sweeps the mix corpus's knowledge share (default: the spec's)."""
     config = TrialConfig(model=model, data=spec.data if data is None else data,
                          train=spec.trial_train(budget, seed, tokens))
@@ -231,7 +230,9 @@ def calibrate_throughput(spec: SweepSpec, runs: pd.DataFrame | None = None) -> T
                               f"measured: median {rate / 1e9:.2f} GFLOP/s over {len(ok)} finished trials")
     peak = matmul_flops_per_second(spec.model.d_model, spec.train.batch_size * spec.model.seq_len,
                                    threads=max(1, int(spec.resources.cpus_per_trial)))
-    import torch
+    import torch  # only calibrating needs torch: importing the plan does not
+
+    from engram.trial import resolve_precision
 
     efficiency = CPU_EFFICIENCY
     if resolve_precision(spec.train.precision, torch.device("cpu")) == "bf16":
@@ -273,10 +274,6 @@ def parallel_slots(spec: SweepSpec) -> int:
 # The printed plan
 
 
-_si = format_si  # the plan's names for the shared formatters (engram.util)
-format_seconds = format_duration
-
-
 def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], throughput: Throughput,
                search_done: Mapping[str, int] | None = None) -> str:
     """The text `engram-sweep plan` prints: one row per trial, then deviations from targets, table-training
@@ -290,12 +287,12 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
         c, d = t.counts, dev.get(t.trial_id, {})
         rows.append([t.experiment, t.memory, "-" if t.rho is None else f"{t.rho:.3g}",
                      "-" if t.rho is None else f"{c.rho:.3f}", str(t.slots),
-                     str(t.config.model.n_routed), str(t.config.model.d_ff_dense), _si(c.p_tot),
-                     "-" if "p_tot" not in d else f"{100 * d['p_tot']:+.2f}%", _si(c.p_act),
-                     "-" if "p_act" not in d else f"{100 * d['p_act']:+.2f}%", _si(c.p_sparse), str(t.seed),
-                     _si(t.tokens), f"{t.flops_per_token * t.tokens:.2e}",
+                     str(t.config.model.n_routed), str(t.config.model.d_ff_dense), format_si(c.p_tot),
+                     "-" if "p_tot" not in d else f"{100 * d['p_tot']:+.2f}%", format_si(c.p_act),
+                     "-" if "p_act" not in d else f"{100 * d['p_act']:+.2f}%", format_si(c.p_sparse), str(t.seed),
+                     format_si(t.tokens), f"{t.flops_per_token * t.tokens:.2e}",
                      "-" if t.lookups_per_row is None else f"{t.lookups_per_row:.3g}",
-                     format_seconds(t.est_seconds), format_bytes(trial_footprint(t.config, t.counts).total),
+                     format_duration(t.est_seconds), format_bytes(trial_footprint(t.config, t.counts).total),
                      "yes" if t.trial_id in stored else "no"])
     if any(t.knowledge_share is not None for t in trials):  # the mix corpus: its knowledge share per row
         header.insert(1, "share")
@@ -311,7 +308,7 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
             n_done = min(exp.n_trials, (search_done or {}).get(exp.name, 0))
             eta += (exp.n_trials - n_done) * probe.est_seconds
             lines.append(f"{exp.name}: search, {exp.n_trials} Optuna trials over rho in [0, 1] at budget "
-                         f"{exp.budget:.2e} FLOPs ({n_done} stored), ~{format_seconds(probe.est_seconds)} each "
+                         f"{exp.budget:.2e} FLOPs ({n_done} stored), ~{format_duration(probe.est_seconds)} each "
                          f"(rho=1 estimate)")
     slots = parallel_slots(spec)
     lines.append(limits_text(spec, trials, slots))
@@ -329,8 +326,8 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
         "P_act held by narrowing the dense FFN (d_ff) by the memory's dense parameters (docs/fairness.md)",
     ]
     lines += table_training_warnings(spec, trials)
-    lines.append(f"ETA: {format_seconds(eta / slots)} with {slots} trial(s) at once "
-                 f"({format_seconds(eta)} of trial time; {throughput.source}; "
+    lines.append(f"ETA: {format_duration(eta / slots)} with {slots} trial(s) at once "
+                 f"({format_duration(eta)} of trial time; {throughput.source}; "
                  f"startup {throughput.startup_seconds:.0f}s/trial)")
     return "\n".join(lines)
 
@@ -343,7 +340,7 @@ def fairness_deviations(spec: SweepSpec, trials: list[PlannedTrial]) -> dict[str
     for exp in spec.experiments:
         if isinstance(exp, MemoryExperiment):
             continue
-        p_tot = target_p_tot(spec, exp)
+        p_tot = target_p_tot(spec.model, exp)
         p_act_ref = solve_allocation(spec.model, p_tot, 1.0).counts.p_act
         for t in trials:
             if t.experiment == exp.name:

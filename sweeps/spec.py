@@ -22,8 +22,10 @@ from typing import Any, Union
 
 import yaml
 
-from engram.config import (MIX_CORPUS, ConfigError, DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig,
-                           from_dict, to_dict)
+from engram.accounting import AllocationError, check_fair, moe_model_for_p_tot, solve_allocation
+from engram.config import (MIX_CORPUS, ConfigError, DataConfig, ModelConfig, TrainConfig, TrialConfig, from_dict,
+                           to_dict)
+from sweeps.sizing import memory_for_slots, step_flops, target_p_tot
 
 EXPERIMENT_KINDS = ("allocation", "memory", "search")
 SWEEP_MEMORY_KINDS = ("engram", "overencoding", "none")  # none: the memory-free point of a memory experiment
@@ -385,51 +387,19 @@ def _resolve_data(data: DataConfig, base_dir: Path, path: str) -> DataConfig:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Feasibility (runs the allocation solver; nothing is tokenized or built)
-
-
-def engram_shape(spec: SweepSpec, slots: int, kind: str = "engram") -> MemoryConfig:
-    """The spec's memory shape with a kind and slot count filled in; kind "none" is the memory-free model.
-
-    `slots` counts Engram rows (d_head wide). OverEncoding rows are d_model / ((N-1) * K) wide, so its table gets
-    slots * d_head / that width rows: equal table parameters at equal `slots` (the same rows at the default
-    shape, where both widths are 16)."""
-    if kind == "none":
-        return MemoryConfig()
-    if kind == "overencoding":
-        width = spec.model.d_model // ((spec.model.memory.max_ngram - 1) * spec.model.memory.n_heads)
-        slots = round(int(slots) * spec.model.memory.d_head / max(width, 1))
-    return dataclasses.replace(spec.model.memory, kind=kind, slots=int(slots))
-
-
-def target_p_tot(spec: SweepSpec, exp: AllocationExperiment | SearchExperiment) -> float:
-    """The experiment's P_tot target: `p_tot`, or `p_tot_ratio` times P_act of the rho = 1 (pure MoE) model of
-    that P_tot (engram.accounting.p_tot_for_ratio)."""
-    from engram.accounting import p_tot_for_ratio
-
-    if exp.p_tot is not None:
-        return float(exp.p_tot)
-    return float(p_tot_for_ratio(spec.model, exp.p_tot_ratio))
-
-
-def step_flops(spec: SweepSpec, model: ModelConfig) -> float:
-    """FLOPs of one optimiser step of `model` under the spec's batch: the least budget a trial can have."""
-    from engram.accounting import flops_per_token
-
-    return flops_per_token(model) * spec.train.batch_size * model.seq_len
+# Feasibility (runs the allocation solver through sweeps.sizing; nothing is tokenized or built)
 
 
 def _check_feasible(spec: SweepSpec, exp: Experiment, path: str) -> None:
-    from engram.accounting import AllocationError, check_fair, moe_model_for_p_tot, solve_allocation
-
+    batch_size = spec.train.batch_size
     if isinstance(exp, MemoryExperiment):
         for i, slots in enumerate(exp.slots):
             for kind in exp.memory:
                 try:
-                    model = dataclasses.replace(spec.model, memory=engram_shape(spec, slots, kind))
+                    model = dataclasses.replace(spec.model, memory=memory_for_slots(spec.model, slots, kind))
                 except ConfigError as err:
                     raise ConfigError(f"{path}.slots[{i}]: {str(err).split(': ', 1)[-1]} (memory {kind})") from None
-                need = step_flops(spec, model)
+                need = step_flops(model, batch_size)
                 if exp.budget < need:
                     raise ConfigError(f"{path}.budget: expected at least {need:.3g} FLOPs (one step of the "
                                       f"{kind} model with {slots} slots), got {exp.budget:.3g}")
@@ -437,7 +407,7 @@ def _check_feasible(spec: SweepSpec, exp: Experiment, path: str) -> None:
 
     target_field = "p_tot" if exp.p_tot is not None else "p_tot_ratio"
     try:
-        p_tot = target_p_tot(spec, exp)
+        p_tot = target_p_tot(spec.model, exp)
         moe_model_for_p_tot(spec.model, p_tot)  # P_tot below P_act of the smallest MoE fails here
         check_fair(solve_allocation(spec.model, p_tot, 1.0))  # a P_tot target whole experts cannot meet
     except (AllocationError, ValueError) as err:
@@ -455,7 +425,7 @@ def _check_feasible(spec: SweepSpec, exp: Experiment, path: str) -> None:
             model = alloc.config
         except (AllocationError, ValueError) as err:
             raise ConfigError(f"{where}: infeasible allocation at rho={rho:g}: {err}") from None
-        need = step_flops(spec, model)
+        need = step_flops(model, batch_size)
         for j, budget in enumerate(budgets):
             if budget < need:
                 bpath = f"{path}.budgets[{j}]" if isinstance(exp, AllocationExperiment) else f"{path}.budget"

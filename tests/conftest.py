@@ -1,5 +1,5 @@
-"""Test-wide settings and shared pieces: Ray's environment, one torch thread for the tiny models, the token cache,
-and the tiny sweep the Ray tests run (tests/test_launcher.py, tests/test_cluster.py).
+"""Test-wide settings and shared pieces: Ray's environment, one torch thread for the tiny models, the token cache.
+The tiny sweep the Ray tests run is `sweeps.tiny.tiny_sweep` (shared with scripts/kill_check.py).
 
 Every Ray started by a test in this process must see the same token-auth mode: Ray reads it once per process,
 and a test that starts Ray with auth on (Ray 2.60's default) breaks every later Ray of the session that turns
@@ -9,35 +9,14 @@ is for tests only, users keep Ray's defaults.
 
 from __future__ import annotations
 
-import copy
 import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 TEST_RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
-
-# The sweep sections (all but name and experiments) of the Ray tests' tiny trials: a few dozen steps each.
-_TINY_SWEEP: dict[str, Any] = {
-    "data": {"corpus": "stdlib", "max_bytes": 300_000},
-    "model": {"vocab_size": 512, "seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
-              "d_ff_dense": 64, "d_expert": 16, "n_routed": 4, "top_k": 2,
-              "memory": {"layers": [1], "max_ngram": 3, "n_heads": 2, "d_head": 8}},
-    "train": {"batch_size": 8, "lr": 3.0e-3, "warmup_steps": 2, "eval_interval": 10, "eval_tokens": 1024,
-              "checkpoint_interval": 10, "device": "cpu"},
-    "resources": {"cpus_per_trial": 1, "max_retries": 1},
-}
-
-
-def tiny_sweep(**changes: dict[str, Any]) -> dict[str, Any]:
-    """A fresh copy of the tiny sweep sections, each section in `changes` updated key by key."""
-    out = copy.deepcopy(_TINY_SWEEP)
-    for section, values in changes.items():
-        out[section] = {**out.get(section, {}), **values}
-    return out
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -1,6 +1,11 @@
-"""Accounting against the real modules, FLOPs per token, and the allocation solver on a fine rho grid."""
+"""Accounting against the real modules, FLOPs per token, the allocation solver on a fine rho grid, and counting
+and planning without torch."""
 
 import dataclasses
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -198,3 +203,17 @@ def test_check_fair_refuses_a_p_tot_target_whole_experts_miss():
     off = moe.counts.p_tot + 0.45 * expert  # nearly half an expert from any realisable P_tot: ~1.3%
     with pytest.raises(AllocationError, match=f"nearest realisable P_tot {moe.counts.p_tot}"):
         check_fair(solve_allocation(ENGRAM_SHAPE, off, 0.5))
+
+
+def test_counting_and_planning_import_without_torch():
+    # Counting parameters, parsing a spec and planning a sweep are arithmetic: importing them must not pull in
+    # torch (seconds of start-up and gigabytes of memory in a process that trains nothing). A fresh interpreter,
+    # because this one has torch loaded already.
+    modules = ("engram.config", "engram.memory_layout", "engram.accounting", "sweeps.sizing", "sweeps.spec",
+               "sweeps.plan")
+    script = (f"import sys\nimport {', '.join(modules)}\n"
+              "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('torch.')))")
+    repo = Path(__file__).resolve().parents[1]
+    out = subprocess.run([sys.executable, "-c", script], cwd=repo, capture_output=True, text=True, check=True,
+                         env={**os.environ, "PYTHONPATH": str(repo)})
+    assert out.stdout.strip() == "[]"

@@ -13,8 +13,10 @@ from typing import Any, Callable
 import pytest
 import yaml
 
+from engram.accounting import FAIR_TOLERANCE, solve_allocation
 from sweeps.cli import main
 from sweeps.plan import plan_sweep
+from sweeps.sizing import target_p_tot
 from sweeps.spec import load_spec
 from sweeps.store import ResultStore, curve_frame, result_row
 
@@ -173,11 +175,8 @@ def test_plan_prints_every_trial_and_marks_stored_ones(spec_dir: Path, capsys: p
     assert "ETA:" in out and "search: search, 3 Optuna trials over rho in [0, 1] at budget 1.50e+08 FLOPs (0 stored)" in out
     assert "fairness (tolerance 0.5%)" in out and "peak mem" in out
     # The worst P_act deviation from the rho = 1 model, as the accounting has it, is printed and within tolerance.
-    from engram.accounting import FAIR_TOLERANCE, solve_allocation
-    from sweeps.spec import target_p_tot
-
     spec = load_spec(path)
-    p_tot = target_p_tot(spec, spec.experiment("alloc"))
+    p_tot = target_p_tot(spec.model, spec.experiment("alloc"))
     devs = [abs(solve_allocation(spec.model, p_tot, t.rho).p_act_deviation) for t in trials if t.experiment == "alloc"]
     assert f"max |P_act/P_act(rho=1) - 1| = {100 * max(devs):.2f}%" in out and max(devs) <= FAIR_TOLERANCE
     assert not (spec_dir / "results").exists()  # plan writes nothing

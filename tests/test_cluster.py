@@ -26,8 +26,7 @@ from sweeps.launcher import RESUME_DIR, TUNE_DIR, launch
 from sweeps.plan import plan_sweep
 from sweeps.spec import parse_spec
 from sweeps.store import ResultStore
-
-from conftest import tiny_sweep  # tests/ is on sys.path (pytest's default rootdir-less import)
+from sweeps.tiny import tiny_sweep
 
 BASE = tiny_sweep(train={"eval_interval": 50, "checkpoint_interval": 25}, resources={"max_retries": 2})
 ROOT = Path(__file__).resolve().parents[1]

@@ -14,7 +14,7 @@ import torch
 from analysis.diagnostics import BALANCED_MAX_LOAD, TRAINED_LOOKUPS_PER_ROW, diagnostics_table
 from analysis.report import write_report
 from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig
-from engram.memory import memory_primes
+from engram.memory_layout import memory_primes
 from engram.model import EngramMoE
 from engram.trial import run_trial
 

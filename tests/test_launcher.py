@@ -19,8 +19,7 @@ from sweeps.launcher import RESUME_DIR, STATE_DIR, TUNE_DIR, launch
 from sweeps.plan import plan_sweep
 from sweeps.spec import SpecError, parse_spec
 from sweeps.store import ResultStore
-
-from conftest import tiny_sweep  # tests/ is on sys.path (pytest's default rootdir-less import)
+from sweeps.tiny import tiny_sweep
 
 BASE = tiny_sweep()
 BUDGET = 2.0e9  # ~30 optimiser steps of the tiny model

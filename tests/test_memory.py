@@ -1,4 +1,5 @@
-"""Tests of engram/memory.py: compression, primes, hashing, the Engram module, OverEncoding, parameter counts."""
+"""Tests of engram/memory.py (compression, hashing, the Engram module, OverEncoding) and engram/memory_layout.py
+(primes, table sizes, parameter counts against the modules)."""
 
 from __future__ import annotations
 
@@ -21,14 +22,16 @@ from engram.memory import (
     OverEncoding,
     build_compression,
     compression_ratio,
+    hash_multipliers,
+    ngram_ids_mod,
+)
+from engram.memory_layout import (
     d_mem,
     engram_param_counts,
-    hash_multipliers,
     memory_param_counts,
     memory_primes,
     n_memory_tables,
     overencoding_param_counts,
-    ngram_ids_mod,
     overencoding_table_sizes,
     table_primes,
 )

@@ -26,13 +26,12 @@ from sweeps.cli import main
 from sweeps.plan import plan_sweep
 from sweeps.spec import SpecError, parse_spec
 from sweeps.store import ResultStore, curve_frame, result_row
+from sweeps.tiny import tiny_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 N_BYTES = 120_000  # 60 documents
 MIX = DataConfig(corpus="mix", max_bytes=N_BYTES, mix_entities=200, val_fraction=0.2)
-TINY_MODEL = {"vocab_size": 512, "seq_len": 32, "d_model": 32, "n_layers": 2, "n_heads": 2, "n_dense_layers": 1,
-              "d_ff_dense": 64, "n_shared_experts": 1, "d_expert": 16, "n_routed": 4, "top_k": 2,
-              "memory": {"layers": [1], "max_ngram": 3, "n_heads": 2, "d_head": 8}}
+TINY_MODEL = tiny_sweep()["model"]
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 

@@ -8,12 +8,15 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from engram.accounting import FAIR_TOLERANCE, AllocationError
+from engram.config import trial_id
 from engram.data import corpus_fingerprint
-from engram.trial import trial_id
-from engram.accounting import FAIR_TOLERANCE
+from engram.memory_layout import memory_primes
 from sweeps.plan import (STARTUP_SECONDS, Throughput, calibrate_throughput, matmul_flops_per_second, plan_search_trial,
                          plan_sweep, plan_table)
-from sweeps.spec import parse_spec, target_p_tot
+from sweeps.sizing import target_p_tot
+from sweeps.spec import SpecError, parse_spec
+from sweeps.tiny import tiny_sweep
 from test_store import TINY_MODEL
 
 FIXED = Throughput(1e9, 2.0, "fixed for tests")
@@ -67,7 +70,7 @@ def test_grid_is_expanded_with_concrete_configs(base_dir: Path) -> None:
 
 def test_allocation_trials_hold_p_tot_and_move_rho(base_dir: Path) -> None:
     spec = spec_with(base_dir)
-    target = target_p_tot(spec, spec.experiments[0])
+    target = target_p_tot(spec.model, spec.experiments[0])
     alloc = [t for t in plan_sweep(spec, throughput=FIXED) if t.experiment == "alloc" and t.seed == 0
              and t.budget == 1.5e8]
     assert [t.rho for t in alloc] == [0.0, 0.5, 0.75, 1.0]
@@ -194,7 +197,6 @@ def test_plan_json_rows_and_lookups_per_row(base_dir: Path, capsys) -> None:
     # tokens x tables read per token / rows: one Engram layer of (N-1) K tables
     n_tables = 2 * 2  # TINY_MODEL's memory shape: max_ngram 3, 2 heads (test_store)
     t = next(t for t in trials if t.trial_id == engram["trial_id"])
-    from engram.memory import memory_primes
     assert engram["lookups_per_row"] == pytest.approx(
         t.tokens * n_tables / sum(memory_primes(t.config.model.memory)))
 
@@ -214,10 +216,8 @@ def test_plan_warns_when_slots_outrun_the_budget(base_dir: Path) -> None:
 
 
 def test_a_p_tot_that_whole_experts_cannot_meet_is_refused(base_dir: Path) -> None:
-    from sweeps.spec import SpecError
-
     spec = spec_with(base_dir)
-    p_tot = target_p_tot(spec, spec.experiments[0])
+    p_tot = target_p_tot(spec.model, spec.experiments[0])
     expert = 3 * TINY_MODEL["d_model"] * TINY_MODEL["d_expert"] * (TINY_MODEL["n_layers"] - 1)
 
     def literal(s):
@@ -230,9 +230,6 @@ def test_a_p_tot_that_whole_experts_cannot_meet_is_refused(base_dir: Path) -> No
 def test_search_rho_outside_the_fairness_tolerance_is_refused_when_suggested(tmp_path: Path) -> None:
     # The Ray tests' tiny backbone at d_model 16 and P_tot / P_act = 1.2: rho = 0 misses P_tot by ~0.7% (prime
     # table sizes on a model this small); the spec is accepted (rho = 1 holds), that suggestion is not.
-    from conftest import tiny_sweep
-    from engram.accounting import AllocationError
-
     raw = {"name": "s", **tiny_sweep(model={"d_model": 16}), "experiments": [
         {"name": "search", "kind": "search", "p_tot_ratio": 1.2, "budget": 2.0e9, "n_trials": 2, "seed": 0}]}
     spec = parse_spec(raw, tmp_path)

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from engram.accounting import param_counts, solve_allocation
 from engram.config import TrialConfig
+from sweeps.sizing import target_p_tot
 from sweeps.spec import (AllocationExperiment, FailAttempts, MemoryExperiment, SearchExperiment, SpecError,
-                         dump_spec, load_spec, load_trial_config, parse_spec, target_p_tot)
+                         dump_spec, load_spec, load_trial_config, parse_spec)
 from test_store import TINY_MODEL
 
 SPEC = {
@@ -43,7 +45,7 @@ def test_load_fills_defaults_and_resolves_paths_next_to_the_spec(spec_path: Path
     alloc, mem, search = spec.experiments
     assert isinstance(alloc, AllocationExperiment) and alloc.budgets == (1.5e8,) and alloc.seeds == (0,)
     assert isinstance(mem, MemoryExperiment) and mem.slots == (200, 2000) and mem.memory == ("engram",)
-    assert isinstance(search, SearchExperiment) and search.seed == 0 and target_p_tot(spec, search) == 6e4
+    assert isinstance(search, SearchExperiment) and search.seed == 0 and target_p_tot(spec.model, search) == 6e4
     assert spec.resources.cpus_per_trial == 1 and spec.resources.max_retries == 2
     assert spec.testing.fail_attempts is None
     assert spec.model.memory.kind == "none" and spec.model.memory.n_heads == 2  # the shape, no kind
@@ -56,10 +58,8 @@ def test_trial_train_sets_horizon_and_seed_from_the_experiment(spec_path: Path) 
 
 
 def test_p_tot_ratio_is_relative_to_the_pure_moe(spec_path: Path) -> None:
-    from engram.accounting import param_counts, solve_allocation
-
     spec = load_spec(spec_path)
-    p_tot = target_p_tot(spec, spec.experiments[0])
+    p_tot = target_p_tot(spec.model, spec.experiments[0])
     moe = param_counts(solve_allocation(spec.model, p_tot, 1.0).config)
     assert moe.p_tot / moe.p_act == pytest.approx(3, rel=0.02)
 

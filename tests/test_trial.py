@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from engram.accounting import flops_per_token
-from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig
+from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig, horizon_steps
 from engram.model import EngramMoE
 from engram.trial import (
     RESULT_FILE,
@@ -25,7 +25,6 @@ from engram.trial import (
     clip_grad_norm,
     cpu_has_native_bf16,
     format_progress,
-    horizon_steps,
     lr_factor,
     resolve_precision,
     run_trial,
@@ -370,8 +369,7 @@ def test_format_progress_is_one_line_with_the_figures() -> None:
 
 
 def test_trial_id_covers_config_data_and_results_version() -> None:
-    from engram.config import config_hash
-    from engram.trial import RESULTS_VERSION, trial_id
+    from engram.config import RESULTS_VERSION, config_hash, trial_id
 
     config = TrialConfig(model=MODEL, data=DATA, train=TRAIN)
     assert trial_id(config, "data-a") == trial_id(TrialConfig(model=MODEL, data=DATA, train=TRAIN), "data-a")
