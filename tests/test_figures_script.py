@@ -1,5 +1,5 @@
-"""scripts/readme_figures.py on a synthetic store (analysis.synthetic): both PNGs written, small; a missing or empty
-store is one line and exit status 2, with nothing written."""
+"""scripts/readme_figures.py on a synthetic store (analysis.synthetic): both PNGs written, small; a missing or
+empty store is one line and exit status 2, with nothing written."""
 
 from __future__ import annotations
 
