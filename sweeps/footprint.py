@@ -42,6 +42,10 @@ LOGIT_COPIES = 3
 # A trial planned to take longer than this (at the plan's throughput) is refused by `run`: such a budget is a typo
 # (1e30 for 1e13), not an experiment. A year is far beyond any sweep this tool is sized for.
 MAX_TRIAL_SECONDS = 365 * 24 * 3600.0
+# The plan's throughput is calibrated on this machine's CPU, meaningless for a trial that trains on a GPU
+# (`train.device: cuda` or `resources.gpus_per_trial` > 0). Such a trial is refused only past what a year at
+# 1 PFLOP/s would train (about one H200's dense bf16 peak): a typo, not an experiment.
+GPU_MAX_TRIAL_FLOPS = MAX_TRIAL_SECONDS * 1e15
 # Measured peaks were up to 8% above the estimate (docs/reliability.md): a trial must fit with this margin.
 FIT_MARGIN = 1.1
 
@@ -118,6 +122,11 @@ def trial_field(spec: SweepSpec, trial: PlannedTrial, part: str) -> str:
     return "train.batch_size"
 
 
+def trains_on_gpu(spec: SweepSpec, trial: PlannedTrial) -> bool:
+    """Whether `trial` trains on a GPU: its config asks for cuda, or the spec gives each trial a GPU."""
+    return trial.config.train.device == "cuda" or spec.resources.gpus_per_trial > 0
+
+
 def check_trials_fit(spec: SweepSpec, trials: list[PlannedTrial], memory_bytes: int, where: str) -> None:
     """Refuse (SpecError naming the spec field) the first trial whose estimated peak, with FIT_MARGIN, exceeds
     `memory_bytes` (`where`: "this machine's", "the largest node's") or whose planned time exceeds
@@ -133,7 +142,11 @@ def check_trials_fit(spec: SweepSpec, trials: list[PlannedTrial], memory_bytes: 
                       else f"activations and logits {format_bytes(fp.activations + fp.logits)}")
             raise SpecError(f"{trial_field(spec, t, part)}: {what} need ~{format_bytes(fp.total)} per trial "
                             f"({detail}), more than {where} {format_bytes(memory_bytes)} of memory")
-        if not math.isfinite(t.est_seconds) or t.est_seconds > MAX_TRIAL_SECONDS:
+        if trains_on_gpu(spec, t):
+            if not math.isfinite(t.budget) or t.budget > GPU_MAX_TRIAL_FLOPS:
+                raise SpecError(f"{trial_field(spec, t, 'budget')}: {t.budget:.3g} FLOPs would take more than a "
+                                f"year per trial even at 1 PFLOP/s on a GPU (a typo?)")
+        elif not math.isfinite(t.est_seconds) or t.est_seconds > MAX_TRIAL_SECONDS:
             raise SpecError(f"{trial_field(spec, t, 'budget')}: {t.budget:.3g} FLOPs would take ~"
                             f"{t.est_seconds / 3600:.3g} hours per trial at the planned throughput "
                             f"(more than a year; a typo?)")
