@@ -24,6 +24,9 @@ MIX_CORPUS = "mix"
 # DataConfig fields that only the mix corpus reads: left out of the content hash of other corpora, so adding
 # them kept the trial ids of every stored trial on a file corpus or the stdlib.
 MIX_FIELDS = ("knowledge_share", "mix_entities", "mix_seed")
+# ModelConfig fields added after trials were stored, whose None (off) is what every earlier trial ran: left out
+# of the content hash while None, so adding them kept those trials' ids.
+HASH_OMITTED_AT_NONE = ("balance_aux",)
 
 
 class ConfigError(ValueError):
@@ -107,6 +110,10 @@ class ModelConfig:
     # balance_travel / steps), so a short trial balances too (engram.moe.effective_balance_rate); None: the fixed
     # balance_rate alone (DeepSeek-V3's setting for long runs).
     balance_travel: float | None = 1.0
+    # Alpha of DeepSeek-V3's complementary sequence-wise balance loss, added to the training loss of every MoE
+    # layer (engram.moe.sequence_balance_loss); None: off, the bias alone balances. Left out of the content hash
+    # while None (HASH_OMITTED_AT_NONE), so configs written before it keep their trial ids.
+    balance_aux: float | None = None
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -126,6 +133,7 @@ class ModelConfig:
         if self.balance_rate < 0:
             raise ConfigError(f"balance_rate: expected >= 0, got {self.balance_rate}")
         _positive("balance_travel", self.balance_travel, allow_none=True)
+        _positive("balance_aux", self.balance_aux, allow_none=True)
         n_slices = (self.memory.max_ngram - 1) * self.memory.n_heads
         if self.memory.kind == "overencoding" and self.d_model % n_slices:
             raise ConfigError(f"d_model: expected a multiple of (memory.max_ngram - 1) * memory.n_heads = "
@@ -283,11 +291,16 @@ def config_hash(config: Any, *extra: str) -> str:
 
 def _hashed(plain: dict[str, Any]) -> dict[str, Any]:
     """The mapping `config_hash` hashes: a DataConfig (on its own or as a TrialConfig's `data`) without the
-    MIX_FIELDS unless its corpus is the mix corpus."""
+    MIX_FIELDS unless its corpus is the mix corpus; a ModelConfig (on its own or as `model`) without the
+    HASH_OMITTED_AT_NONE fields that are None."""
     data = plain.get("data") if isinstance(plain.get("data"), dict) else plain
     if "corpus" in data and all(f in data for f in MIX_FIELDS) and data["corpus"] != MIX_CORPUS:
         stripped = {k: v for k, v in data.items() if k not in MIX_FIELDS}
-        return stripped if data is plain else {**plain, "data": stripped}
+        plain = stripped if data is plain else {**plain, "data": stripped}
+    model = plain.get("model") if isinstance(plain.get("model"), dict) else plain
+    if "memory" in model and any(f in model and model[f] is None for f in HASH_OMITTED_AT_NONE):
+        stripped = {k: v for k, v in model.items() if not (k in HASH_OMITTED_AT_NONE and v is None)}
+        plain = stripped if model is plain else {**plain, "model": stripped}
     return plain
 
 
