@@ -335,7 +335,7 @@ def train_step(model: EngramMoE, batch_BT: torch.Tensor, dense_opt: torch.optim.
     if not math.isfinite(grad_norm):
         return loss_value, grad_norm
     for group in dense_opt.param_groups:
-        group["lr"] = lr * group.get("lr_mult", 1.0)
+        group["lr"] = lr
     dense_opt.step()
     dense_opt.zero_grad(set_to_none=True)
     if sparse_opt is not None:
