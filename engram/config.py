@@ -32,6 +32,12 @@ MIX_FIELDS = ("knowledge_share", "mix_entities", "mix_seed")
 # two code versions.
 RESULTS_VERSION = 3  # 2: validation windows spread over the whole validation split; 3: P_act held across rho
                      # (narrower dense FFN), equal tokens per experiment, OverEncoding as Algorithm 1, train.precision
+# ModelConfig fields added after trials were stored, whose None (off) is what every earlier trial ran: left out
+# of the content hash while None, so adding them kept those trials' ids.
+HASH_OMITTED_AT_NONE = ("balance_aux",)
+# MemoryConfig fields that only OverEncoding reads: in the content hash of OverEncoding configs only, so adding
+# them kept the ids of every Engram and memory-free trial (and changed those of OverEncoding, whose model changed).
+OVERENCODING_FIELDS = ("overencoding_mean",)
 
 
 class ConfigError(ValueError):
@@ -71,6 +77,11 @@ class MemoryConfig:
     # Std of the tables' N(0, std) init; None: the paper's value for the kind (Engram 1.0, as the demo code's
     # nn.Embedding; OverEncoding 0.02, the token embedding's). engram.memory holds both defaults.
     table_init_std: float | None = None
+    # OverEncoding only: True divides (token embedding + slices) by 1 + k(N-1), as Algorithm 1 of arXiv 2501.16975
+    # writes it; False (default): their plain sum. Why the sum: with the division the input embedding starts 9x
+    # smaller than the blocks' outputs and a laptop trial scored worse than no memory (docs/fairness.md). Enters
+    # the content hash of OverEncoding configs only (OVERENCODING_FIELDS).
+    overencoding_mean: bool = False
 
     def __post_init__(self) -> None:
         _choice("kind", self.kind, MEMORY_KINDS)
@@ -115,6 +126,10 @@ class ModelConfig:
     # balance_travel / steps), so a short trial balances too (engram.moe.effective_balance_rate); None: the fixed
     # balance_rate alone (DeepSeek-V3's setting for long runs).
     balance_travel: float | None = 1.0
+    # Alpha of DeepSeek-V3's complementary sequence-wise balance loss, added to the training loss of every MoE
+    # layer (engram.moe.sequence_balance_loss); None: off, the bias alone balances. Left out of the content hash
+    # while None (HASH_OMITTED_AT_NONE), so configs written before it keep their trial ids.
+    balance_aux: float | None = None
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -134,6 +149,7 @@ class ModelConfig:
         if self.balance_rate < 0:
             raise ConfigError(f"balance_rate: expected >= 0, got {self.balance_rate}")
         _positive("balance_travel", self.balance_travel, allow_none=True)
+        _positive("balance_aux", self.balance_aux, allow_none=True)
         n_slices = (self.memory.max_ngram - 1) * self.memory.n_heads
         if self.memory.kind == "overencoding" and self.d_model % n_slices:
             raise ConfigError(f"d_model: expected a multiple of (memory.max_ngram - 1) * memory.n_heads = "
@@ -307,12 +323,28 @@ def horizon_steps(train: TrainConfig, flops_per_token: float, seq_len: int) -> i
 
 def _hashed(plain: dict[str, Any]) -> dict[str, Any]:
     """The mapping `config_hash` hashes: a DataConfig (on its own or as a TrialConfig's `data`) without the
-    MIX_FIELDS unless its corpus is the mix corpus."""
+    MIX_FIELDS unless its corpus is the mix corpus; a ModelConfig (on its own or as `model`) without the
+    HASH_OMITTED_AT_NONE fields that are None; a MemoryConfig (anywhere) without the OVERENCODING_FIELDS unless its
+    kind is OverEncoding."""
     data = plain.get("data") if isinstance(plain.get("data"), dict) else plain
     if "corpus" in data and all(f in data for f in MIX_FIELDS) and data["corpus"] != MIX_CORPUS:
         stripped = {k: v for k, v in data.items() if k not in MIX_FIELDS}
-        return stripped if data is plain else {**plain, "data": stripped}
+        plain = stripped if data is plain else {**plain, "data": stripped}
+    model = plain.get("model") if isinstance(plain.get("model"), dict) else plain
+    if "memory" in model and isinstance(model["memory"], dict):
+        stripped = {k: v for k, v in model.items() if not (k in HASH_OMITTED_AT_NONE and v is None)}
+        stripped["memory"] = _hashed_memory(model["memory"])
+        plain = stripped if model is plain else {**plain, "model": stripped}
+    elif "kind" in plain and "slots" in plain:  # a MemoryConfig on its own
+        plain = _hashed_memory(plain)
     return plain
+
+
+def _hashed_memory(memory: dict[str, Any]) -> dict[str, Any]:
+    """A MemoryConfig's mapping without the OVERENCODING_FIELDS unless its kind is OverEncoding."""
+    if memory.get("kind") == "overencoding":
+        return memory
+    return {k: v for k, v in memory.items() if k not in OVERENCODING_FIELDS}
 
 
 def _join(path: str, name: str) -> str:

@@ -277,7 +277,8 @@ class OverEncoding(nn.Module):
     For each order n = 2..N and slice j = 1..k (k = memory.n_heads), table index = (n-2)k + j holds
     m + 2 * index rows of width w = D / (k(N-1)) and is read at the n-gram id modulo its size (exact ids in base
     V over raw token ids, no tokenizer compression, no hashing); each slice goes through its own
-    Linear(w -> D); the input embedding becomes (token embedding + sum of the slices' projections) / (1 + k(N-1)).
+    Linear(w -> D); the input embedding becomes token embedding + sum of the slices' projections, divided by
+    1 + k(N-1) as Algorithm 1 writes it only with `memory.overencoding_mean` (why not by default: forward).
 
     The k(N-1) projections are stored side by side as one bias-free Linear(k(N-1) * w -> D): applying it to the
     concatenated slices is exactly the sum of the per-slice Linears (slice h is `proj.weight[:, h*w:(h+1)*w]`),
@@ -293,6 +294,7 @@ class OverEncoding(nn.Module):
         if vocab_size <= 0 or vocab_size >= HASH_ID_LIMIT:
             raise ValueError(f"vocab_size: expected 1..{HASH_ID_LIMIT - 1}, got {vocab_size}")
         self.max_ngram, self.n_heads, self.vocab_size = cfg.max_ngram, cfg.n_heads, vocab_size
+        self.mean = cfg.overencoding_mean
         self.n_slices = overencoding_n_slices(cfg)
         self.width = overencoding_width(cfg, d_model)
         sizes = overencoding_table_sizes(cfg)
@@ -324,4 +326,8 @@ class OverEncoding(nn.Module):
                              f"got {tuple(ids_BT.shape)}")
         rows_BTHW = self.tables(self.table_indices(ids_BT))
         ngram_BTD = self.proj(rows_BTHW.flatten(start_dim=2).to(tok_emb_BTD.dtype))
-        return (tok_emb_BTD + ngram_BTD) / (1 + self.n_slices)
+        # The plain sum by default: Algorithm 1's division by 1 + k(N-1) (`memory.overencoding_mean`) starts the
+        # input 9x smaller than the blocks' outputs at the default shape; a short trial never recovered from it
+        # (LOG.md, issue 7: 5.77 nats divided, 4.87 summed, 5.46 without memory).
+        x_BTD = tok_emb_BTD + ngram_BTD
+        return x_BTD / (1 + self.n_slices) if self.mean else x_BTD

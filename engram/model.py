@@ -104,7 +104,7 @@ class Block(nn.Module):
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff_dense, out_std=out_std)
         else:
             self.ffn = MoE(cfg.d_model, cfg.d_expert, cfg.n_routed, cfg.top_k, cfg.n_shared_experts,
-                           cfg.balance_rate, out_std=out_std)
+                           cfg.balance_rate, balance_aux=cfg.balance_aux, out_std=out_std)
 
     def forward(self, x_BTD: Tensor, ids_BT: Tensor, cos_TF: Tensor, sin_TF: Tensor) -> Tensor:
         if self.engram is not None:
@@ -171,6 +171,13 @@ class EngramMoE(nn.Module):
 
     def moe_layers(self) -> list[MoE]:
         return [b.ffn for b in self.blocks if isinstance(b.ffn, MoE)]
+
+    def balance_loss(self) -> Tensor | None:
+        """The MoE layers' balance losses of the last training forward, summed, and cleared (None: none)."""
+        losses = [moe.aux_loss for moe in self.moe_layers() if moe.aux_loss is not None]
+        for moe in self.moe_layers():
+            moe.aux_loss = None
+        return torch.stack(losses).sum() if losses else None
 
     @torch.no_grad()
     def update_router_biases(self) -> None:

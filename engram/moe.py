@@ -2,14 +2,15 @@
 auxiliary-loss-free load balancing.
 
 References: DeepSeekMoE (arXiv 2401.06066) for shared + fine-grained experts; DeepSeek-V3 (arXiv 2412.19437,
-§2.1.2) for sigmoid affinities and the bias that steers selection only; torchtitan's MoE for the balancing
-bookkeeping (bias is a buffer, counts gathered in training, update outside autograd after the optimiser step).
+§2.1.2) for sigmoid affinities, the bias that steers selection only and the complementary sequence-wise balance
+loss; torchtitan's MoE for the balancing bookkeeping (bias is a buffer, counts gathered in training, update
+outside autograd after the optimiser step).
 
 Every expert (and the shared block, and a dense FFN) is a SwiGLU MLP without biases: 3 * d_model * d_hidden
 parameters. SwiGLU is what DeepSeek's models use; `engram.accounting` counts exactly this.
 
 Shape legend: T tokens (batch and time flattened), D d_model, H hidden width, E routed experts, K top_k,
-S = T * K token-expert assignments.
+S = T * K token-expert assignments; B sequences and L positions of one sequence (T = B * L) in the balance loss.
 """
 
 from __future__ import annotations
@@ -138,17 +139,20 @@ class MoE(nn.Module):
 
     Routing (DeepSeek-V3): affinities s = sigmoid(x W_r); experts are SELECTED by s + bias, the mixing weights are
     the affinities of the selected experts normalised to sum 1 - the bias never enters them. `bias` is a buffer
-    nudged by `update_bias` toward equal load from the counts gathered while `self.training`.
+    nudged by `update_bias` toward equal load from the counts gathered while `self.training`. With `balance_aux`
+    (alpha) set, a training forward also leaves alpha x `sequence_balance_loss` in `aux_loss` for the caller to add
+    to the loss (DeepSeek-V3's complementary loss; the model collects it with `EngramMoE.balance_loss`).
     Consequence of the normalisation: with top_k = 1 the weight is always 1 and the router gets no gradient;
     selection then learns only through the balancing bias (fine-grained MoE uses top_k > 1).
     """
 
     def __init__(self, d_model: int, d_expert: int, n_routed: int, top_k: int, n_shared: int,
-                 balance_rate: float, *, out_std: float = INIT_STD):
+                 balance_rate: float, *, balance_aux: float | None = None, out_std: float = INIT_STD):
         super().__init__()
         if not 1 <= top_k <= n_routed:
             raise ValueError(f"top_k: expected 1..n_routed={n_routed}, got {top_k}")
-        self.n_routed, self.top_k, self.balance_rate = n_routed, top_k, balance_rate
+        self.n_routed, self.top_k, self.balance_rate, self.balance_aux = n_routed, top_k, balance_rate, balance_aux
+        self.aux_loss: Tensor | None = None  # alpha x balance loss of the last training forward, until collected
         self.shared = SwiGLU(d_model, n_shared * d_expert, out_std=out_std) if n_shared > 0 else None
         self.router = nn.Linear(d_model, n_routed, bias=False)
         nn.init.normal_(self.router.weight, std=INIT_STD)
@@ -162,21 +166,32 @@ class MoE(nn.Module):
         # last training step, the load of the validation set under the final router (`load_stats`).
         self.register_buffer("eval_counts", torch.zeros(n_routed, dtype=torch.long), persistent=False)
 
-    def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
-        """Selected experts (T, K) and their mixing weights (T, K)."""
+    def affinities(self, x_TD: Tensor) -> Tensor:
+        """Sigmoid affinities (T, E)."""
         # In fp32 even under bf16 autocast (as DeepSeek-V3's gate): bf16 affinities would tie experts and round
         # the mixing weights; the router is a (D, E) matmul, a negligible share of the layer.
         with torch.autocast(x_TD.device.type, enabled=False):
-            scores_TE = torch.sigmoid(self.router(x_TD.to(self.router.weight.dtype)))
+            return torch.sigmoid(self.router(x_TD.to(self.router.weight.dtype)))
+
+    def select(self, scores_TE: Tensor) -> tuple[Tensor, Tensor]:
+        """Selected experts (T, K) (by affinity + bias) and their mixing weights (T, K) (affinities only)."""
         _, expert_TK = torch.topk(scores_TE.detach() + self.bias, self.top_k, dim=-1)
         weight_TK = scores_TE.gather(1, expert_TK)
-        weight_TK = weight_TK / weight_TK.sum(dim=-1, keepdim=True)
-        return expert_TK, weight_TK
+        return expert_TK, weight_TK / weight_TK.sum(dim=-1, keepdim=True)
+
+    def route(self, x_TD: Tensor) -> tuple[Tensor, Tensor]:
+        """Selected experts (T, K) and their mixing weights (T, K)."""
+        return self.select(self.affinities(x_TD))
 
     def forward(self, x_BTD: Tensor) -> Tensor:
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
-        expert_TK, weight_TK = self.route(x_TD)
+        scores_TE = self.affinities(x_TD)
+        expert_TK, weight_TK = self.select(scores_TE)
+        if self.training and self.balance_aux is not None:
+            seq_len = shape[-2] if x_BTD.dim() >= 3 else shape[0]  # a (T, D) input is one sequence
+            self.aux_loss = self.balance_aux * sequence_balance_loss(scores_TE.view(-1, seq_len, self.n_routed),
+                                                                     expert_TK.view(-1, seq_len, self.top_k))
         flat_expert_S = expert_TK.flatten()
         counts_E = torch.bincount(flat_expert_S, minlength=self.n_routed)
         if self.training:
@@ -218,6 +233,26 @@ class MoE(nn.Module):
             return None
         load_E = self.eval_counts.double() / (total / self.n_routed)
         return float(load_E.max()), float(load_E.min()), int((load_E < STARVED_LOAD).sum())
+
+
+def sequence_balance_loss(scores_BLE: Tensor, expert_BLK: Tensor) -> Tensor:
+    """DeepSeek-V3's complementary sequence-wise balance loss without its alpha (arXiv 2412.19437, eqs. 17-20):
+    the mean over sequences of sum_i f_i P_i, f_i = E / (K L) x (assignments of the sequence's L tokens to expert
+    i), P_i = the sequence's mean of expert i's affinity normalised over all E experts.
+
+    f is counted from the selection (no gradient); P carries the gradient to the router. Why: early in a short
+    trial the affinities hardly depend on the token, so a bias moves whole herds of tokens between experts; this
+    gradient trains the router itself to spread them (alpha 0.01 at the default sweep: max/mean 1.5-1.9 against
+    2.6-3.0 with the bias alone; LOG.md, issue 7). At equal load (f_i = 1 for all i) the loss is sum_i P_i = 1
+    whatever the affinities, so its gradient is zero.
+    """
+    n_seq, seq_len, top_k = expert_BLK.shape
+    n_routed = scores_BLE.shape[-1]
+    count_BE = torch.zeros(n_seq, n_routed, device=scores_BLE.device, dtype=scores_BLE.dtype)
+    count_BE.scatter_add_(1, expert_BLK.reshape(n_seq, -1), count_BE.new_ones(n_seq, seq_len * top_k))
+    f_BE = count_BE * (n_routed / (top_k * seq_len))
+    p_BE = (scores_BLE / scores_BLE.sum(dim=-1, keepdim=True)).mean(dim=1)
+    return (f_BE * p_BE).sum(dim=-1).mean()
 
 
 def effective_balance_rate(balance_rate: float, balance_travel: float | None, total_steps: int) -> float:

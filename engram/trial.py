@@ -306,10 +306,11 @@ def train_step(model: EngramMoE, batch_BT: torch.Tensor, dense_opt: torch.optim.
         precision = resolve_precision(train.precision, batch_BT.device)
     with _autocast(batch_BT.device, precision):
         _, loss = model(batch_BT[:, :-1], batch_BT[:, 1:])
-    loss_value = float(loss.detach())
+    loss_value = float(loss.detach())  # the language-model loss; a balance loss (model.balance_aux) only trains
+    aux = model.balance_loss()
     if not math.isfinite(loss_value):
         return loss_value, float("nan")
-    loss.backward()
+    (loss if aux is None else loss + aux).backward()
     grad_norm = float(clip_grad_norm(params, train.grad_clip))
     if not math.isfinite(grad_norm):
         return loss_value, grad_norm

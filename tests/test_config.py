@@ -44,3 +44,36 @@ def test_errors_name_the_field(data, message):
 def test_memory_off_needs_no_slots():
     assert MemoryConfig(kind="none", slots=0).kind == "none"
     assert TrainConfig(flops=1e12).flops == 1e12
+
+
+def test_balance_aux_parses_is_recorded_and_keeps_old_trial_ids_while_off():
+    import hashlib
+    import json
+
+    config = from_dict(TrialConfig, {"model": {"balance_aux": "1e-2"}})
+    assert config.model.balance_aux == 0.01 and to_dict(config)["model"]["balance_aux"] == 0.01
+    assert from_dict(TrialConfig, to_dict(config)) == config
+    assert TrialConfig().model.balance_aux is None  # off by default
+    with pytest.raises(ConfigError, match=r"^trial\.model\.balance_aux: expected a positive number"):
+        from_dict(TrialConfig, {"model": {"balance_aux": 0}}, "trial")
+    # The hash of a config without the knob, as config_hash computed it before the field (and the OverEncoding-only
+    # memory.overencoding_mean) existed.
+    for plain in (to_dict(TrialConfig()), to_dict(from_dict(TrialConfig, {"data": {"corpus": "mix"}}))):
+        del plain["model"]["balance_aux"], plain["model"]["memory"]["overencoding_mean"]
+        if plain["data"]["corpus"] != "mix":
+            plain["data"] = {k: v for k, v in plain["data"].items()
+                             if k not in ("knowledge_share", "mix_entities", "mix_seed")}
+        text = json.dumps(plain, sort_keys=True, separators=(",", ":")) + "|" + "v9"
+        before = hashlib.sha256(text.encode()).hexdigest()[:16]
+        assert config_hash(from_dict(TrialConfig, plain), "v9") == before
+    assert config_hash(config, "v9") != config_hash(TrialConfig(), "v9")
+
+
+def test_overencoding_mean_enters_the_ids_of_overencoding_configs_only():
+    engram = {"model": {"memory": {"kind": "engram", "slots": 1000}}}
+    oe = {"model": {"memory": {"kind": "overencoding", "slots": 1000}}}
+    assert config_hash(from_dict(TrialConfig, engram)) == config_hash(
+        from_dict(TrialConfig, {"model": {"memory": {**engram["model"]["memory"], "overencoding_mean": True}}}))
+    assert config_hash(from_dict(TrialConfig, oe)) != config_hash(
+        from_dict(TrialConfig, {"model": {"memory": {**oe["model"]["memory"], "overencoding_mean": True}}}))
+    assert from_dict(TrialConfig, oe).model.memory.overencoding_mean is False

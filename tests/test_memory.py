@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -356,13 +357,28 @@ def test_overencoding_shapes_and_moduli_follow_algorithm_1():
                 for j in range(2):
                     h = (n - 2) * 2 + j
                     assert int(idx_BTH[b, t, h]) == ngram_id % (100 + 2 * (h + 1))
-    # output: (token embedding + sum of each slice's own projection) / (1 + k(N-1))
+    # output: token embedding + sum of each slice's own projection; divided by 1 + k(N-1) = 7 only with
+    # overencoding_mean (Algorithm 1 as written; off by default, docs/fairness.md)
     tok_BTD = torch.randn(2, 9, D)
     rows_BTHW = module.tables.table.weight[idx_BTH + module.tables.offsets]
     slices = [rows_BTHW[:, :, h] @ module.proj.weight[:, h * 4:(h + 1) * 4].T for h in range(6)]
+    torch.testing.assert_close(module(ids_BT, tok_BTD), tok_BTD + sum(slices))
+    module.mean = True
     torch.testing.assert_close(module(ids_BT, tok_BTD), (tok_BTD + sum(slices)) / 7)
     module(ids_BT, tok_BTD).sum().backward()
     assert module.tables.table.weight.grad.is_sparse
+    assert OverEncoding(dataclasses.replace(cfg, overencoding_mean=True), D, vocab_size=V).mean
+
+
+def test_overencoding_keeps_the_token_embedding_at_its_scale():
+    """The default form passes the token embedding through unshrunk (the divided form scaled it by 1/9 at the
+    default shape, and a default-size trial scored worse than no memory)."""
+    cfg = MemoryConfig(kind="overencoding", slots=10_000, max_ngram=3, n_heads=4)
+    module = OverEncoding(cfg, 128, vocab_size=4096)
+    tok_BTD = torch.randn(2, 16, 128) * 0.02
+    with torch.no_grad():
+        module.proj.weight.zero_()  # no n-gram signal: the output is the token embedding as the model gets it
+        torch.testing.assert_close(module(torch.randint(0, 4096, (2, 16)), tok_BTD), tok_BTD)
 
 
 def test_ngram_ids_mod_is_exact_where_v_to_the_n_overflows_int64():

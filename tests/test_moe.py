@@ -211,3 +211,86 @@ def test_load_stats_count_eval_forwards_since_the_last_update():
     assert starved == int((moe.eval_counts.double() / (200 / 8) < 0.1).sum())
     moe.update_bias()  # a training step's update starts a new window
     assert moe.load_stats() is None
+
+
+def _balance_loss_ref(scores_BLE, expert_BLK):
+    """DeepSeek-V3 eqs. 17-20 written out: per sequence, sum over experts of f_i * P_i; mean over sequences."""
+    n_seq, seq_len, top_k = expert_BLK.shape
+    n_routed = scores_BLE.shape[-1]
+    total = 0.0
+    for b in range(n_seq):
+        for i in range(n_routed):
+            f_i = n_routed / (top_k * seq_len) * sum(int(i in expert_BLK[b, t].tolist()) for t in range(seq_len))
+            p_i = sum(scores_BLE[b, t, i] / scores_BLE[b, t].sum() for t in range(seq_len)) / seq_len
+            total = total + f_i * p_i
+    return total / n_seq
+
+
+def test_sequence_balance_loss_matches_the_paper_written_out():
+    from engram.moe import sequence_balance_loss
+
+    torch.manual_seed(5)
+    scores_BLE = torch.rand(3, 7, 6, dtype=torch.float64)
+    expert_BLK = torch.stack([torch.randperm(6)[:2] for _ in range(21)]).view(3, 7, 2)
+    torch.testing.assert_close(sequence_balance_loss(scores_BLE, expert_BLK), _balance_loss_ref(scores_BLE, expert_BLK))
+
+
+def test_sequence_balance_loss_is_flat_at_equal_load_and_pushes_load_off_busy_experts():
+    from engram.moe import sequence_balance_loss
+
+    torch.manual_seed(6)
+    logits_BLE = torch.randn(2, 8, 4, dtype=torch.float64, requires_grad=True)
+    # Equal load in every sequence: tokens cycle through the expert pairs (0, 1) and (2, 3).
+    balanced_BLK = torch.tensor([[0, 1], [2, 3]]).repeat(2, 4, 1)
+    loss = sequence_balance_loss(torch.sigmoid(logits_BLE), balanced_BLK)
+    (grad,) = torch.autograd.grad(loss, logits_BLE)
+    assert loss.item() == pytest.approx(1.0) and grad.abs().max() < 1e-12
+    # Every token on experts 0 and 1, its two highest affinities: a loss above 1, whose gradient lowers their
+    # affinities and raises the others'.
+    herded_BLK = torch.tensor([0, 1]).repeat(2, 8, 1)
+    loss = sequence_balance_loss(torch.sigmoid(logits_BLE + torch.tensor([3.0, 3.0, 0.0, 0.0])), herded_BLK)
+    (grad,) = torch.autograd.grad(loss, logits_BLE)
+    assert loss.item() > 1.0
+    assert (grad[..., :2] > 0).all() and (grad[..., 2:] < 0).all()
+
+
+def test_balance_aux_loss_alone_balances_a_herding_router_and_is_left_for_training_forwards_only():
+    """No bias step (balance_rate 0): only the balance loss's gradient trains the router. The router of
+    _biased_router_moe sends every token to experts 0 and 1; 120 SGD steps on the loss spread the load."""
+    def train(alpha):
+        moe, u_D = _biased_router_moe(0.0)
+        moe.balance_aux = alpha
+        opt = torch.optim.SGD(moe.router.parameters(), lr=10.0)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(120):
+            moe(torch.randn(4, 64, 16, generator=gen) + u_D)
+            if moe.aux_loss is not None:
+                moe.aux_loss.backward()
+                opt.step()
+                opt.zero_grad()
+                moe.aux_loss = None
+            moe.update_bias()
+        moe.eval()
+        with torch.no_grad():
+            moe(torch.randn(4096, 16, generator=gen) + u_D)
+        assert moe.aux_loss is None  # eval forwards leave no loss
+        return moe.load_stats()
+
+    assert train(None)[0] > 3.0  # without it nothing moves: every token on 2 of 8 experts (max / mean 4)
+    max_load, min_load, starved = train(1.0)
+    assert max_load <= 1.5 and starved == 0
+
+
+def test_model_collects_and_clears_the_layers_balance_losses():
+    from engram.config import ModelConfig
+    from engram.model import EngramMoE
+
+    cfg = ModelConfig(vocab_size=64, seq_len=16, d_model=16, n_layers=3, n_heads=2, n_dense_layers=1, d_ff_dense=32,
+                      d_expert=8, n_routed=4, top_k=2, balance_aux=0.1)
+    model = EngramMoE(cfg)
+    ids_BT = torch.randint(0, 64, (2, 17))
+    model(ids_BT[:, :-1], ids_BT[:, 1:])
+    aux = model.balance_loss()
+    assert aux is not None and aux.requires_grad and aux.item() > 0
+    assert model.balance_loss() is None  # cleared
+    assert EngramMoE(ModelConfig(**{**cfg.__dict__, "balance_aux": None})).balance_loss() is None

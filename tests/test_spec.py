@@ -115,3 +115,19 @@ def test_trial_config_file_resolves_corpus_and_names_fields(spec_path: Path) -> 
     path.write_text(yaml.safe_dump({"train": {"steps": 3, "warmup": 1}}))
     with pytest.raises(SpecError, match=r"^train.warmup: unknown key"):
         load_trial_config(path)
+
+
+def test_balance_aux_reaches_every_allocation_model(spec_path: Path) -> None:
+    from sweeps.plan import allocation_model
+
+    raw = copy.deepcopy(SPEC)
+    raw["model"] = {**raw["model"], "balance_aux": 0.01}
+    spec_path.write_text(yaml.safe_dump(raw))
+    spec = load_spec(spec_path)
+    alloc = spec.experiments[0]
+    assert spec.model.balance_aux == 0.01
+    assert {allocation_model(spec, target_p_tot(spec, alloc), rho).balance_aux for rho in alloc.rho} == {0.01}
+    raw["model"]["balance_aux"] = -1
+    spec_path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(SpecError, match=r"^model\.balance_aux: expected a positive number"):
+        load_spec(spec_path)
