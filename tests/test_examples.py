@@ -26,8 +26,7 @@ from sweeps.launcher import launch
 from sweeps.plan import Throughput, plan_sweep, table_training_warnings
 from sweeps.spec import AllocationExperiment, MemoryExperiment, load_spec, parse_spec
 from sweeps.store import ResultStore
-
-from conftest import tiny_sweep  # tests/ is on sys.path
+from sweeps.tiny import tiny_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))

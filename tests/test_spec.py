@@ -126,7 +126,7 @@ def test_balance_aux_reaches_every_allocation_model(spec_path: Path) -> None:
     spec = load_spec(spec_path)
     alloc = spec.experiments[0]
     assert spec.model.balance_aux == 0.01
-    assert {allocation_model(spec, target_p_tot(spec, alloc), rho).balance_aux for rho in alloc.rho} == {0.01}
+    assert {allocation_model(spec, target_p_tot(spec.model, alloc), rho).balance_aux for rho in alloc.rho} == {0.01}
     raw["model"]["balance_aux"] = -1
     spec_path.write_text(yaml.safe_dump(raw))
     with pytest.raises(SpecError, match=r"^model\.balance_aux: expected a positive number"):
