@@ -1,13 +1,15 @@
 """Issue 7 measurements: one default-size trial per case, printing its loss and diagnostics as one JSON line.
 
-    PYTHONPATH=$PWD nice -n 10 python -m scripts.measure_fairness CASE [CASE ...]
+    PYTHONPATH=$PWD nice -n 10 python -m scripts.measure_fairness [--spec SPEC] CASE [CASE ...]
 
 A CASE is `name:key=value,key=value` over: rho (allocation trial of the default sweep at P_tot/P_act 4),
 slots / memory (memory-experiment trial on the default backbone; memory engram | overencoding | none), seed,
 balance_rate, travel (model.balance_travel, or none), update=proportional (experiment only: bias step
 proportional to the clipped relative load error), init_std, lr_mult, flops (default 2e12), perrow=1 (also print
 the mean RMS update of rows binned by their reads). Uses the default sweep's model, data and train settings
-(sweep.yaml), one thread. The numbers these gave are in LOG.md (2026-11-30, issue 7).
+(sweep.yaml, or --spec SPEC; a `rho` case needs a search experiment in it, whose P_tot it uses), one thread.
+The numbers these gave are in LOG.md (2026-11-30, issue 7), measured on the default of that day (P_tot/P_act 4,
+with a search experiment): `git show 4fb2401:sweep.yaml` is that spec.
 """
 
 from __future__ import annotations
@@ -64,16 +66,25 @@ def _run_per_row(config):
 
 
 def main(argv: list[str]) -> None:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    spec_path = "sweep.yaml"
+    if argv[0] == "--spec":
+        spec_path, argv = argv[1], argv[2:]
     torch.set_num_threads(1)
     keep_large_buffers_in_heap()
-    spec = load_spec("sweep.yaml")
+    spec = load_spec(spec_path)
+    searches = [e.name for e in spec.experiments if e.kind == "search"]
     for case in argv:
         name, _, rest = case.partition(":")
         kw = dict(item.split("=") for item in rest.split(",") if item)
         seed = int(kw.get("seed", 0))
         flops = float(kw.get("flops", 2e12))
         if "rho" in kw:
-            trial = plan_search_trial(spec, "search", float(kw["rho"]), seed, throughput=Throughput(1e9, 0, "-"))
+            if not searches:
+                sys.exit(f"measure_fairness: {spec_path}: a rho case needs a search experiment in the spec")
+            trial = plan_search_trial(spec, searches[0], float(kw["rho"]), seed, throughput=Throughput(1e9, 0, "-"))
             config = trial.config
             if flops != 2e12:
                 config = dataclasses.replace(config, train=dataclasses.replace(
