@@ -27,6 +27,7 @@ from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import LogNorm, Normalize
+from matplotlib.ticker import NullFormatter
 
 from analysis.fits import BudgetTrend, IsoFlopFit, LogLinearFit, PowerLawFit, UCurveFit
 
@@ -228,6 +229,7 @@ def plot_memory_comparison(ax: Axes, points: pd.DataFrame, *, title: str = "No m
         ax.plot(means.index, means.to_numpy(), color=color, lw=1.6, marker="_", label=f"{kind} (seed mean)")
     if len(points[points["memory"] != "none"]):
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # within a decade, minor labels overprint each other
     ax.set_xlabel("memory table parameters (log scale); hollow: outside the trained regime")
     ax.set_ylabel("validation loss (nats/token)")
     ax.set_title(title, fontsize=10)
