@@ -6,13 +6,15 @@ an embedded local Ray when no address is given, otherwise a connection to an exi
 
 - driver.py: `launch`, Ray's session and output, the Tune run, the summary (what changes with Ray or Tune);
 - worker.py: the trainable that runs one trial in a Ray worker, and its resume protocol (checkpoint folders);
-- search.py: the searcher that feeds Tune the grid trials and then the Optuna suggestions of `search` experiments;
-- recorder.py: the Tune callback that writes each finished trial into the store and draws the progress line.
+- search.py: the searcher that feeds Tune the grid trials and then the Optuna suggestions of `search` experiments,
+  and `SearchTrials`, which plans the concrete trial of each suggestion;
+- recorder.py: the Tune callback that writes each finished trial into the store;
+- progress.py: the one-line progress view (counts and ETA) the recorder keeps.
 
 How one sweep runs (docs/reliability.md, docs/cluster.md):
 - One Tune run per launch: a searcher hands out the grid trials (allocation, memory) first, then each `search`
   experiment's suggestions from Tune's OptunaSearch (TPE seeded with the experiment's seed, rho ~ U[0, 1],
-  warm-started with the search trials already stored); the driver resolves each suggested rho into a concrete
+  warm-started with the search trials already stored); `SearchTrials` resolves each suggested rho into a concrete
   trial (`plan.plan_search_trial`) before Tune starts it, so trainables only ever run given configs.
 - A trial is `engram.trial.run_trial` inside a Tune function trainable given `resources.cpus_per_trial` CPUs
   (torch threads follow) and `gpus_per_trial` GPUs (fractions share a device). Each run_trial checkpoint is

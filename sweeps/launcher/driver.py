@@ -27,7 +27,8 @@ from engram.config import to_dict
 from engram.data import corpus_fingerprint
 from sweeps.footprint import check_trials_fit
 from sweeps.launcher.recorder import Recorder, now
-from sweeps.launcher.search import PendingSearch, SweepSearcher, n_search_done, pending_searches
+from sweeps.launcher.search import (PendingSearch, SearchTrials, SweepSearcher, n_search_done,
+                                    pending_searches)
 from sweeps.launcher.worker import METRIC, RESUME_DIR, TUNE_DIR, Payload, clean_tune_dir, trainable
 from sweeps.plan import PlannedTrial, calibrate_throughput
 from sweeps.spec import SpecError, SweepSpec
@@ -114,7 +115,8 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
     fingerprint = corpus_fingerprint(spec.data)
     throughput = calibrate_throughput(spec, store.runs())
     n_requested = len(grid) + sum(v.n_left for v in searches.values())
-    recorder = Recorder(spec, store, grid, searches, stream, fingerprint, throughput, resume_root)
+    search_trials = SearchTrials(spec, fingerprint, throughput)
+    recorder = Recorder(spec, store, grid, searches, stream, search_trials, resume_root)
     clean_tune_dir(tune_root, keep={t.trial_id for t in grid})
     tune_seconds = 0.0
     with _quiet(log_path) as (terminal, log):
@@ -147,7 +149,7 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
             n_left = {name: pending.n_left for name, pending in searches.items()}
             stored = store.runs()
             stored = stored[stored["status"].isin(COMPLETE_STATUSES)]
-            searcher = SweepSearcher([t.trial_id for t in grid], optuna, n_left, recorder.resolve_search,
+            searcher = SweepSearcher([t.trial_id for t in grid], optuna, n_left, search_trials.resolve,
                                       dict(zip(stored["trial_id"], stored["final_val_loss"].astype(float))))
             t_tune = time.perf_counter()
             _run_tune(spec, payload, storage, recorder, searcher, num_samples=n_requested)

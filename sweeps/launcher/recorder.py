@@ -1,4 +1,5 @@
-"""The driver's Tune callback: each finished trial written to the store at once, and the progress line."""
+"""The driver's Tune callback: each finished trial written to the store at once (the progress line it keeps is
+`sweeps.launcher.progress`, the search trials it records are resolved by `sweeps.launcher.search.SearchTrials`)."""
 
 from __future__ import annotations
 
@@ -6,43 +7,35 @@ import contextlib
 import datetime as dt
 import json
 import os
-import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
 from ray import tune
 
 from engram.trial import TrialResult
-from engram.util import format_duration
 from sweeps.launcher.worker import drop_resume
-from sweeps.plan import PlannedTrial, Throughput, plan_search_trial
+from sweeps.launcher.progress import ProgressLine
+from sweeps.plan import PlannedTrial
 from sweeps.spec import SweepSpec
 from sweeps.store import ResultStore, curve_frame, result_row
 
 if TYPE_CHECKING:
-    from sweeps.launcher.search import PendingSearch
-
-# The live line is redrawn at most this often on a terminal, and printed at most this often to a log/pipe
-# (besides every change in the done/failed counts).
-REFRESH_TTY_S = 1.0
-REFRESH_PIPE_S = 60.0
+    from sweeps.launcher.search import PendingSearch, SearchTrials
 
 
 class Recorder(tune.Callback):
     """Writes each finished trial to the store at once and keeps the one-line progress view."""
 
     def __init__(self, spec: SweepSpec, store: ResultStore, grid: list[PlannedTrial],
-                 searches: dict[str, PendingSearch], stream: TextIO | None, fingerprint: str,
-                 throughput: Throughput, resume_root: Path | None) -> None:
+                 searches: dict[str, PendingSearch], stream: TextIO | None, search_trials: SearchTrials,
+                 resume_root: Path | None) -> None:
         self.spec, self.store, self.resume_root = spec, store, resume_root
-        self.fingerprint, self.throughput = fingerprint, throughput
+        self.search_trials = search_trials
         self.planned = {t.trial_id: t for t in grid}
-        self.planned_search: dict[str, PlannedTrial] = {}
-        self.n_total = len(grid) + sum(v.n_left for v in searches.values())
-        self.search_est = self._search_estimate(searches)
-        self.stream: TextIO | None = stream
+        n_total = len(grid) + sum(v.n_left for v in searches.values())
+        self.view = ProgressLine(spec.name, n_total, {t.trial_id: t.est_seconds for t in grid},
+                                 search_trials.estimate_seconds(searches), stream)
         self.log: TextIO | None = None
-        self.n_slots = 1
         self.statuses: list[str] = []
         self.recorded_ids: list[str] = []
         self.trial_seconds = 0.0
@@ -53,8 +46,10 @@ class Recorder(tune.Callback):
         self._progress: dict[str, float] = {}  # Tune trial id -> fraction done, while running
         self._retries = 0
         self._actual_over_est: list[tuple[float, float]] = []
-        self._last_line, self._last_draw = "", 0.0
-        self._tty = False
+
+    @property
+    def n_slots(self) -> int:
+        return self.view.n_slots
 
     def __getstate__(self) -> dict[str, Any]:
         # Tune pickles its callbacks into every experiment-state snapshot (for Tuner.restore, which the launcher
@@ -62,15 +57,13 @@ class Recorder(tune.Callback):
         return {}
 
     def attach(self, stream: TextIO, log: TextIO, n_slots: int) -> None:
-        self.stream, self.log, self.n_slots = stream, log, n_slots
-        self._tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.log = log
+        self.view.attach(stream, n_slots)
         self._draw(force=True)
 
     def close(self) -> None:
         self._draw(force=True)
-        if self.stream is not None and self._tty:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.view.close()
 
     # -- Tune hooks ---------------------------------------------------------------------------------------------
 
@@ -104,21 +97,12 @@ class Recorder(tune.Callback):
 
     # -- recording ----------------------------------------------------------------------------------------------
 
-    def resolve_search(self, experiment: str, rho: float) -> PlannedTrial:
-        """The concrete trial of search `experiment` at a suggested `rho` (kept for its row)."""
-        planned = plan_search_trial(self.spec, experiment, rho, self.spec.experiment(experiment).seed,
-                                    throughput=self.throughput, fingerprint=self.fingerprint)
-        self.planned_search[planned.trial_id] = planned
-        return planned
-
     def _planned(self, trial, reported_id: str | None) -> PlannedTrial:
         tid = trial.config["trial_id"]
         assert reported_id is None or reported_id == tid, (reported_id, tid)
         if tid in self.planned:
             return self.planned[tid]
-        if tid not in self.planned_search:  # the searcher's instance was a copy: resolve again (deterministic)
-            self.resolve_search(trial.config["search"], float(trial.config["rho"]))
-        return self.planned_search[tid]
+        return self.search_trials.planned_for(tid, trial.config["search"], float(trial.config["rho"]))
 
     def _write(self, trial, planned: PlannedTrial, result: TrialResult | None, error: str | None,
                setup_seconds: float | None = None, resumed: bool = False) -> None:
@@ -145,59 +129,11 @@ class Recorder(tune.Callback):
                 self.setup_seconds.append(setup_seconds)
             self._actual_over_est.append((result.wall_seconds, planned.est_seconds))
 
-    # -- the progress line --------------------------------------------------------------------------------------
-
-    def _search_estimate(self, searches: dict[str, PendingSearch]) -> float:
-        if not searches:
-            return 0.0
-        name = next(iter(searches))
-        # rho = 1: realisable whenever the spec loaded (checked there); P_act, hence the cost, barely moves with rho
-        return plan_search_trial(self.spec, name, 1.0, self.spec.experiment(name).seed, throughput=self.throughput,
-                                 fingerprint=self.fingerprint).est_seconds
-
-    def _eta_seconds(self) -> float:
-        est_of = {t.trial_id: t.est_seconds for t in self.planned.values()}
-        done_ids = set(self.recorded_ids)
-        pending = sum(s for tid, s in est_of.items() if tid not in done_ids)
-        n_search_left = self.n_total - len(self.planned) - sum(1 for i in self.recorded_ids if i not in est_of)
-        pending += max(0, n_search_left) * self.search_est
-        # Running trials: take off the part they have done (their planned time x fraction done).
-        mean_est = pending / max(1, self.n_total - len(self.statuses))
-        pending -= sum(frac * mean_est for frac in self._progress.values())
-        if self._actual_over_est:  # calibrate the plan's estimate with the trials measured so far
-            actual, est = map(sum, zip(*self._actual_over_est))
-            if est > 0:
-                pending *= actual / est
-        return max(0.0, pending) / self.n_slots
-
-    def _line(self) -> str:
-        n_done = len(self.statuses)
-        n_failed, n_div = self.statuses.count("failed"), self.statuses.count("diverged")
-        eta = self._eta_seconds()  # plan estimates, scaled by measured / estimated time of finished trials
-        parts = [f"[{self.spec.name}] {n_done}/{self.n_total} done", f"{len(self._progress)} running",
-                 f"{n_failed} failed", f"{n_div} diverged"]
-        if self._retries:
-            parts.append(f"{self._retries} retried")
-        parts.append("ETA " + format_duration(eta))
-        return " | ".join(parts)
+    # -- the progress line (sweeps.launcher.progress) -------------------------------------------------------------
 
     def _draw(self, force: bool = False) -> None:
-        if self.stream is None:
-            return
-        t_now = time.monotonic()
-        line = self._line()
-        # A terminal redraws on any change; a log or pipe gets a line when a trial ends (and now and then).
-        cut = " | ETA" if self._tty else " | "
-        changed = line.split(cut)[0] != self._last_line.split(cut)[0]
-        wait = REFRESH_TTY_S if self._tty else REFRESH_PIPE_S
-        if not (changed or t_now - self._last_draw >= wait or (force and line != self._last_line)):
-            return
-        if self._tty:
-            self.stream.write("\r\x1b[K" + line)
-        else:
-            self.stream.write(line + "\n")
-        self.stream.flush()
-        self._last_line, self._last_draw = line, t_now
+        self.view.draw(self.statuses, self.recorded_ids, self._progress, self._retries, self._actual_over_est,
+                       force=force)
 
 
 def _error_text(trial) -> str:

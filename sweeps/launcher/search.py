@@ -1,6 +1,6 @@
 """The searcher of a launch: the grid trials first, then each `search` experiment's Optuna suggestions.
 
-A suggested rho is resolved into a concrete trial by the driver's callback (`Recorder.resolve_search`); a
+A suggested rho is resolved into a concrete trial by `SearchTrials.resolve` (which the recorder reads back); a
 suggestion whose model the sweep already has (nearby rhos round to one model) is answered with its known loss and
 Optuna is asked again, so no model is trained twice.
 """
@@ -17,11 +17,43 @@ from ray.tune.search.optuna import OptunaSearch
 from engram.accounting import AllocationError
 from engram.config import to_dict
 from sweeps.launcher.worker import METRIC
-from sweeps.plan import PlannedTrial
+from sweeps.plan import PlannedTrial, Throughput, plan_search_trial
 from sweeps.spec import SweepSpec
 from sweeps.store import COMPLETE_STATUSES, ResultStore
 
 MAX_RESUGGESTIONS = 50  # Optuna suggestions tried for one search trial before its experiment counts as exhausted
+
+
+class SearchTrials:
+    """The concrete trials of the search experiments, planned from suggested rhos and kept for their rows.
+    Planning is deterministic, so a copy of this object (Tune may copy its searcher) resolves a suggestion to the
+    same trial."""
+
+    def __init__(self, spec: SweepSpec, fingerprint: str, throughput: Throughput) -> None:
+        self.spec, self.fingerprint, self.throughput = spec, fingerprint, throughput
+        self.planned: dict[str, PlannedTrial] = {}
+
+    def resolve(self, experiment: str, rho: float) -> PlannedTrial:
+        """The trial of search `experiment` at a suggested `rho`."""
+        planned = plan_search_trial(self.spec, experiment, rho, self.spec.experiment(experiment).seed,
+                                    throughput=self.throughput, fingerprint=self.fingerprint)
+        self.planned[planned.trial_id] = planned
+        return planned
+
+    def planned_for(self, trial_id: str, experiment: str, rho: float) -> PlannedTrial:
+        """The planned trial `trial_id` (of `experiment` at `rho`), resolving it again if this copy has not."""
+        if trial_id not in self.planned:
+            self.resolve(experiment, rho)
+        return self.planned[trial_id]
+
+    def estimate_seconds(self, searches: dict[str, PendingSearch]) -> float:
+        """Planned seconds of one search trial (at rho = 1: realisable whenever the spec loaded, and P_act, hence
+        the cost, barely moves with rho); 0 without searches."""
+        if not searches:
+            return 0.0
+        name = next(iter(searches))
+        return plan_search_trial(self.spec, name, 1.0, self.spec.experiment(name).seed, throughput=self.throughput,
+                                 fingerprint=self.fingerprint).est_seconds
 
 
 class SweepSearcher(Searcher):
