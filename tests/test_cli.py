@@ -15,9 +15,10 @@ import yaml
 
 from engram.accounting import FAIR_TOLERANCE, solve_allocation
 from sweeps.cli import main
-from sweeps.plan import plan_sweep
+from sweeps.footprint import check_trials_fit
+from sweeps.plan import Throughput, plan_sweep
 from sweeps.sizing import target_p_tot
-from sweeps.spec import load_spec
+from sweeps.spec import SpecError, load_spec, parse_spec
 from sweeps.store import ResultStore, curve_frame, result_row
 
 from test_store import TINY_MODEL, fake_result  # tests/ is on sys.path (pytest's default rootdir-less import)
@@ -406,29 +407,22 @@ def test_run_refuses_an_absurd_budget(spec_dir: Path, capsys: pytest.CaptureFixt
     assert not (spec_dir / "results").exists()
 
 
-def test_gpu_trials_are_not_refused_on_the_cpu_calibrated_eta(spec_dir: Path,
-                                                              capsys: pytest.CaptureFixture) -> None:
+def test_gpu_trials_are_not_refused_on_the_cpu_calibrated_eta(spec_dir: Path) -> None:
     # 1e22 FLOPs is centuries on this CPU but days on a GPU cluster: only a GPU-sized absurdity is refused.
-    from sweeps.footprint import check_trials_fit
-    from sweeps.plan import Throughput
-    from sweeps.spec import SpecError, parse_spec
-
-    def plan_grid(s):
-        return plan_sweep(s, throughput=Throughput(1e11, 5.0, "fixed for the test"))
+    def check(spec: dict[str, Any]) -> None:
+        parsed = parse_spec(spec, spec_dir)
+        trials = plan_sweep(parsed, throughput=Throughput(1e11, 5.0, "fixed for the test"))
+        check_trials_fit(parsed, trials, 10**15, "this machine's")
 
     spec = copy.deepcopy(BASE_SPEC)
     spec["experiments"][0]["budgets"] = [1e22]
-    cpu = parse_spec(spec, spec_dir)
-    trials = plan_grid(cpu)
     with pytest.raises(SpecError, match=r"experiments\[0\]\.budgets\[0\]: 1e\+22 FLOPs would take ~"):
-        check_trials_fit(cpu, trials, 10**15, "this machine's")
+        check(spec)
     spec["resources"] = {**spec.get("resources", {}), "gpus_per_trial": 1}
-    gpu = parse_spec(spec, spec_dir)
-    check_trials_fit(gpu, plan_grid(gpu), 10**15, "this machine's")
+    check(spec)
     spec["experiments"][0]["budgets"] = [1e30]
-    gpu = parse_spec(spec, spec_dir)
     with pytest.raises(SpecError, match=r"budgets\[0\]: 1e\+30 FLOPs would take more than a year per trial even"):
-        check_trials_fit(gpu, plan_grid(gpu), 10**15, "this machine's")
+        check(spec)
 
 
 def test_rerun_of_a_finished_sweep_writes_nothing_and_counts_every_stored_row(spec_dir: Path,
