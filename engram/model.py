@@ -15,10 +15,13 @@ at small scale (GPT-2, nanoGPT); P_tot excludes embedding and head either way, a
 whether tied or not. Parameter counts and FLOPs live next door in `engram.accounting`.
 
 Mixed precision (`train.precision: bf16`, engram.trial): the model runs under `torch.autocast(dtype=bfloat16)`
-with fp32 parameters. The residual stream, norms, rotary positions, router and every softmax stay fp32; matmuls
-run in bf16. Where autocast alone would fall off a fast kernel, the code handles dtypes itself: `RMSNorm` takes
-the input's dtype, attention on CPU runs in fp32 (the CPU flash kernel's bf16 backward is 4x slower than its
-fp32 one), and the LM head and loss are one chunked kernel (`head_cross_entropy`).
+with fp32 parameters (master weights, gradients and optimiser state stay fp32). Matmuls run in bf16; the router,
+rotary positions, the Engram gate and conv and every softmax run in fp32. On CPU the residual stream itself is
+bf16 (cast once after the embedding), so matmul inputs need no casts and the norms, residual adds and SwiGLU
+products run on bf16 tensors; on CUDA it stays fp32. Where autocast alone would fall off a fast kernel, the code
+handles dtypes itself: `RMSNorm` takes the input's dtype (its kernel accumulates in fp32), attention on CPU runs
+in fp32 (the CPU flash kernel's bf16 backward is 4x slower than its fp32 one), mixed-dtype products are avoided
+(PyTorch's slow path), and the LM head and loss are one chunked kernel (`head_cross_entropy`).
 
 Shape legend: B batch, T time, D d_model, H attention heads, Dh head size, F = Dh / 2 rotary frequencies,
 V vocabulary, N = B * T positions, C positions of one chunk.
@@ -73,18 +76,22 @@ class Attention(nn.Module):
 
     def forward(self, x_BTD: Tensor, cos_TF: Tensor, sin_TF: Tensor) -> Tensor:
         B, T, D = x_BTD.shape
-        qkv = self.qkv(x_BTD).view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
+        cpu_autocast = x_BTD.device.type == "cpu" and torch.is_autocast_enabled("cpu")
+        qkv = self.qkv(x_BTD)
+        if cpu_autocast:
+            # fp32 attention under CPU autocast: the CPU flash kernel's bf16 backward is 4x slower than its fp32
+            # one (35.6 vs 8.3 ms for a default layer, one thread), and a hand-written bf16 attention measured
+            # 2x slower than fp32 flash (LOG.md). Cast once here, before the rotary: a bf16 q times the fp32
+            # tables would take PyTorch's slow mixed-dtype path (~3x a same-dtype product).
+            qkv = qkv.float()
+        qkv = qkv.view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
         q_BHTDh, k_BHTDh, v_BHTDh = qkv.unbind(0)
         # Rotary in fp32 (the tables are fp32, so bf16 q and k are promoted), as Llama does.
         q_BHTDh = apply_rotary(q_BHTDh, cos_TF[:T], sin_TF[:T])
         k_BHTDh = apply_rotary(k_BHTDh, cos_TF[:T], sin_TF[:T])
-        if x_BTD.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # fp32 attention under CPU autocast: the CPU flash kernel's bf16 backward is 4x slower than its fp32
-            # one (35.6 vs 8.3 ms for a default layer, one thread), and a hand-written bf16 attention measured
-            # 2x slower than fp32 flash (LOG.md). Attention is ~10% of a default step's FLOPs.
+        if cpu_autocast:
             with torch.autocast("cpu", enabled=False):
-                y_BHTDh = F.scaled_dot_product_attention(q_BHTDh.float(), k_BHTDh.float(), v_BHTDh.float(),
-                                                         is_causal=True)
+                y_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BHTDh, v_BHTDh, is_causal=True)
         else:
             y_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BHTDh, v_BHTDh, is_causal=True)
         return self.proj(y_BHTDh.transpose(1, 2).reshape(B, T, D))
@@ -108,7 +115,7 @@ class Block(nn.Module):
 
     def forward(self, x_BTD: Tensor, ids_BT: Tensor, cos_TF: Tensor, sin_TF: Tensor) -> Tensor:
         if self.engram is not None:
-            x_BTD = x_BTD + self.engram(x_BTD, ids_BT)
+            x_BTD = x_BTD + self.engram(x_BTD, ids_BT).to(x_BTD.dtype)
         x_BTD = x_BTD + self.attn(self.norm_attn(x_BTD), cos_TF, sin_TF)
         return x_BTD + self.ffn(self.norm_ffn(x_BTD))
 
@@ -153,6 +160,11 @@ class EngramMoE(nn.Module):
         x_BTD = self.wte(idx_BT)
         if self.overencoding is not None:
             x_BTD = self.overencoding(idx_BT, x_BTD)
+        if x_BTD.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            # The residual stream in bf16 under CPU autocast: every matmul input is then bf16 already, and the
+            # norms, residual adds and SwiGLU products run on bf16 tensors instead of casting between fp32 and
+            # bf16 around every matmul (docs/benchmarks.md: casts were 15% of a bf16 step).
+            x_BTD = x_BTD.to(torch.get_autocast_dtype("cpu"))
         for block in self.blocks:
             x_BTD = block(x_BTD, idx_BT, self.rope_cos, self.rope_sin)
         x_BTD = self.norm_out(x_BTD)
@@ -246,20 +258,25 @@ class _HeadCrossEntropy(torch.autograd.Function):
             chunk = slice(start, min(start + rows, N))
             x_CD, t_C1 = x_ND[chunk], targets_N[chunk].unsqueeze(1)
             logits_CV = torch.mm(x_CD, w_VD.t()).to(acc)
-            target_logit_C = logits_CV.gather(1, t_C1).squeeze(1)
+            target_logit_C1 = logits_CV.gather(1, t_C1)
             if not needs_grad:
-                loss_N[chunk] = torch.logsumexp(logits_CV, dim=1) - target_logit_C
+                loss_N[chunk] = torch.logsumexp(logits_CV, dim=1) - target_logit_C1.squeeze(1)
                 continue
-            # lse = max - log p[argmax]: p[argmax] >= 1/V never underflows; one exp pass (the softmax) in all.
-            max_C, argmax_C = logits_CV.max(dim=1)
-            p_CV = torch.softmax(logits_CV, dim=1)
-            loss_N[chunk] = max_C - p_CV.gather(1, argmax_C.unsqueeze(1)).squeeze(1).log() - target_logit_C
-            p_CV.scatter_add_(1, t_C1, p_CV.new_full(t_C1.shape, -1.0))  # d loss_n / d logits = p - onehot
+            # One exp pass in place: e = exp(logits - max), sum >= 1 (the max's own term), lse = max + log(sum).
+            max_C1 = logits_CV.amax(dim=1, keepdim=True)  # amax: no argmax, ~7x cheaper than max(dim)
+            e_CV = logits_CV.sub_(max_C1).exp_()
+            sum_C1 = e_CV.sum(dim=1, keepdim=True)
+            loss_N[chunk] = (max_C1 + sum_C1.log() - target_logit_C1).squeeze(1)
+            # d loss_n / d logits = p - onehot; the target's entry p_t - 1 is formed in fp32, then rounded.
+            p_target_C1 = (target_logit_C1 - max_C1).exp_().div_(sum_C1).sub_(1.0)
             if g_NV is None:
+                p_CV = e_CV.div_(sum_C1).scatter_(1, t_C1, p_target_C1)
                 torch.mm(p_CV, w_VD, out=dx_ND[chunk])
                 dw_VD.addmm_(p_CV.t(), x_CD)
             else:
-                g_CV = g_NV[chunk].copy_(p_CV)
+                # Divide in place, then round into the bf16 buffer: division with a bf16 out= measured 1.8 ms per
+                # (128, 4096) chunk against ~0.5 ms for the two steps.
+                g_CV = g_NV[chunk].copy_(e_CV.div_(sum_C1)).scatter_(1, t_C1, p_target_C1.to(g_NV.dtype))
                 torch.mm(g_CV, w_VD, out=dx_ND[chunk])
         if needs_grad:
             if g_NV is not None:

@@ -259,6 +259,27 @@ def test_bf16_autocast_step_is_close_to_fp32_with_fp32_loss_and_gradients_and_no
             assert F.cosine_similarity(g.flatten(), g_ref.flatten(), dim=0) > 0.95
 
 
+@pytest.mark.parametrize("cfg", [SMALL, ENGRAM, OVERENC], ids=["moe", "engram", "overencoding"])
+def test_residual_stream_is_bf16_under_cpu_autocast_and_fp32_without(cfg):
+    # Under CPU autocast the blocks pass bf16 activations (no fp32 <-> bf16 casts around every matmul); an Engram
+    # block hands its (fp32-computed) output back in the stream's dtype. Without autocast everything stays fp32.
+    torch.manual_seed(12)
+    model = EngramMoE(cfg)
+    idx, _ = batch(cfg, B=2)
+    seen: list[tuple[torch.dtype, torch.dtype]] = []
+    hooks = [b.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
+             for b in model.blocks]
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(idx)
+        assert seen == [(torch.bfloat16, torch.bfloat16)] * cfg.n_layers
+        seen.clear()
+        model(idx)
+        assert seen == [(torch.float32, torch.float32)] * cfg.n_layers
+    for h in hooks:
+        h.remove()
+
+
 def test_rotary_scores_depend_only_on_relative_position():
     cos_TF, sin_TF = rotary_tables(seq_len=32, d_head=8, theta=10000.0)
     torch.manual_seed(10)
