@@ -23,7 +23,7 @@ handles dtypes itself: `RMSNorm` takes the input's dtype (its kernel accumulates
 in fp32 (the CPU flash kernel's bf16 backward is 4x slower than its fp32 one), mixed-dtype products are avoided
 (PyTorch's slow path), and the LM head and loss are one chunked kernel (`head_cross_entropy`).
 
-Shape legend: B batch, T time, D d_model, H attention heads, Dh head size, F = Dh / 2 rotary frequencies,
+Shape legend: B batch, T time, D d_model, H attention heads, Dh head size,
 V vocabulary, N = B * T positions, C positions of one chunk.
 """
 
@@ -54,15 +54,19 @@ class RMSNorm(nn.RMSNorm):
 
 
 def rotary_tables(seq_len: int, d_head: int, theta: float) -> tuple[Tensor, Tensor]:
-    """cos, sin of shape (T, Dh/2) for positions 0..seq_len-1."""
+    """Full-width tables (T, Dh) for positions 0..seq_len-1: cos = [cos, cos] and signed sin = [-sin, sin] over the
+    Dh/2 frequencies, so that `apply_rotary` is two products and one add."""
     inv_freq = 1.0 / theta ** (torch.arange(0, d_head, 2, dtype=torch.float64) / d_head)
     angle_TF = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
-    return angle_TF.cos().float(), angle_TF.sin().float()
+    cos_TF, sin_TF = angle_TF.cos().float(), angle_TF.sin().float()
+    return torch.cat((cos_TF, cos_TF), dim=-1), torch.cat((-sin_TF, sin_TF), dim=-1)
 
 
-def apply_rotary(x_BHTDh: Tensor, cos_TF: Tensor, sin_TF: Tensor) -> Tensor:
-    x1, x2 = x_BHTDh.chunk(2, dim=-1)
-    return torch.cat((x1 * cos_TF - x2 * sin_TF, x1 * sin_TF + x2 * cos_TF), dim=-1)
+def apply_rotary(x_TDh: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
+    """Rotate the pairs (x_i, x_{i + Dh/2}) of the last dimension: (x1 cos - x2 sin, x1 sin + x2 cos). The tables
+    (from `rotary_tables`) broadcast against x's leading dimensions."""
+    x1, x2 = x_TDh.chunk(2, dim=-1)
+    return x_TDh * cos_TDh + torch.cat((x2, x1), dim=-1) * sin_TDh
 
 
 class Attention(nn.Module):
@@ -74,7 +78,7 @@ class Attention(nn.Module):
         nn.init.normal_(self.qkv.weight, std=INIT_STD)
         nn.init.normal_(self.proj.weight, std=out_std)
 
-    def forward(self, x_BTD: Tensor, cos_TF: Tensor, sin_TF: Tensor) -> Tensor:
+    def forward(self, x_BTD: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
         B, T, D = x_BTD.shape
         cpu_autocast = x_BTD.device.type == "cpu" and torch.is_autocast_enabled("cpu")
         qkv = self.qkv(x_BTD)
@@ -84,11 +88,12 @@ class Attention(nn.Module):
             # 2x slower than fp32 flash (LOG.md). Cast once here, before the rotary: a bf16 q times the fp32
             # tables would take PyTorch's slow mixed-dtype path (~3x a same-dtype product).
             qkv = qkv.float()
-        qkv = qkv.view(B, T, 3, self.n_heads, D // self.n_heads).permute(2, 0, 3, 1, 4)
-        q_BHTDh, k_BHTDh, v_BHTDh = qkv.unbind(0)
-        # Rotary in fp32 (the tables are fp32, so bf16 q and k are promoted), as Llama does.
-        q_BHTDh = apply_rotary(q_BHTDh, cos_TF[:T], sin_TF[:T])
-        k_BHTDh = apply_rotary(k_BHTDh, cos_TF[:T], sin_TF[:T])
+        qkv_BT3HDh = qkv.view(B, T, 3, self.n_heads, D // self.n_heads)
+        # Rotary in fp32 (the tables are fp32, so bf16 q and k are promoted), as Llama does; q and k together in the
+        # projection's own layout: 1.8x faster than per tensor on permuted views (1.3 vs 2.4 ms forward, default layer, one thread).
+        qk_BT2HDh = apply_rotary(qkv_BT3HDh[:, :, :2], cos_TDh[:T, None, None], sin_TDh[:T, None, None])
+        q_BHTDh, k_BHTDh = qk_BT2HDh.permute(2, 0, 3, 1, 4).unbind(0)
+        v_BHTDh = qkv_BT3HDh[:, :, 2].transpose(1, 2)
         if cpu_autocast:
             with torch.autocast("cpu", enabled=False):
                 y_BHTDh = F.scaled_dot_product_attention(q_BHTDh, k_BHTDh, v_BHTDh, is_causal=True)
@@ -113,10 +118,10 @@ class Block(nn.Module):
             self.ffn = MoE(cfg.d_model, cfg.d_expert, cfg.n_routed, cfg.top_k, cfg.n_shared_experts,
                            cfg.balance_rate, balance_aux=cfg.balance_aux, out_std=out_std)
 
-    def forward(self, x_BTD: Tensor, ids_BT: Tensor, cos_TF: Tensor, sin_TF: Tensor) -> Tensor:
+    def forward(self, x_BTD: Tensor, ids_BT: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
         if self.engram is not None:
             x_BTD = x_BTD + self.engram(x_BTD, ids_BT).to(x_BTD.dtype)
-        x_BTD = x_BTD + self.attn(self.norm_attn(x_BTD), cos_TF, sin_TF)
+        x_BTD = x_BTD + self.attn(self.norm_attn(x_BTD), cos_TDh, sin_TDh)
         return x_BTD + self.ffn(self.norm_ffn(x_BTD))
 
 
@@ -147,9 +152,9 @@ class EngramMoE(nn.Module):
         else:
             self.head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
             nn.init.normal_(self.head.weight, std=INIT_STD)
-        cos_TF, sin_TF = rotary_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos_TF, persistent=False)
-        self.register_buffer("rope_sin", sin_TF, persistent=False)
+        cos_TDh, sin_TDh = rotary_tables(cfg.seq_len, cfg.d_model // cfg.n_heads, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos_TDh, persistent=False)
+        self.register_buffer("rope_sin", sin_TDh, persistent=False)
 
     def forward(self, idx_BT: Tensor, targets_BT: Tensor | None = None) -> tuple[Tensor | None, Tensor | None]:
         """Without targets: logits (B, T, V) and None. With targets: None and the mean next-token cross-entropy
