@@ -125,7 +125,7 @@ def matmul_flops_per_second(dtype: torch.dtype, n: int = MATMUL_N, repeats: int 
 PROFILE_GROUPS = (
     ("matmul (mm, bmm, addmm, linear)", ("aten::mm", "aten::bmm", "aten::addmm", "aten::addmm_", "aten::linear")),
     ("attention (flash kernel)", ("flash_attention",)),
-    ("softmax / max / logsumexp (loss)", ("softmax", "aten::max", "logsumexp")),
+    ("softmax / max / exp / logsumexp (loss)", ("softmax", "aten::max", "aten::amax", "aten::exp_", "logsumexp")),
     ("dtype casts and copies", ("aten::copy_", "aten::_to_copy", "aten::to")),
     ("optimisers (fused AdamW, SparseAdam, clipping)", ("adamw", "sparse", "coalesce", "norm", "foreach")),
     ("elementwise (mul, add, silu, sigmoid, ...)", ("aten::mul", "aten::add", "aten::sub", "aten::div", "silu",
