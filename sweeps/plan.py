@@ -49,7 +49,7 @@ from sweeps.spec import AllocationExperiment, MemoryExperiment, SearchExperiment
 CPU_EFFICIENCY = 0.45
 # Trial throughput in bf16 over fp32 on a CPU with native bf16 (train.precision auto -> bf16 there): measured
 # 1.28-1.30 for default-size steps with and without Engram, fp32 and bf16 interleaved in one run
-# (benchmarks/bench_trial.py, 2026-11-30 ~19:45 UTC, 2-core machine with one other job; docs/benchmarks.md).
+# (benchmarks/bench_trial.py, 2026-11-30 ~18:44 UTC, 2-core machine with one other job; docs/benchmarks.md).
 # The calibration matmul stays fp32.
 BF16_CPU_SPEEDUP = 1.3
 # Per-trial fixed cost outside the training loop: model build, token cache load, first evaluation set-up.
