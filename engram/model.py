@@ -14,13 +14,12 @@ trains on a laptop the vocabulary matrix is a large share of all weights, tying 
 at small scale (GPT-2, nanoGPT); P_tot excludes embedding and head either way, and the head's FLOPs are counted
 whether tied or not. Parameter counts and FLOPs live next door in `engram.accounting`.
 
-Mixed precision (`train.precision: bf16`, engram.trial): the model runs under `torch.autocast(dtype=bfloat16)`
-with fp32 parameters (master weights, gradients and optimiser state stay fp32). Matmuls run in bf16; the router,
-rotary positions, the Engram gate and conv and every softmax run in fp32. On CPU the residual stream itself is
-bf16 (cast once after the embedding), so matmul inputs need no casts and the norms, residual adds and SwiGLU
-products run on bf16 tensors; on CUDA it stays fp32. Where autocast alone would fall off a fast kernel, the code
-handles dtypes itself: `RMSNorm` takes the input's dtype (its kernel accumulates in fp32), attention on CPU runs
-in fp32 (the CPU flash kernel's bf16 backward is 4x slower than its fp32 one), mixed-dtype products are avoided
+Mixed precision (`train.precision: bf16`, engram.trial): the model runs under `torch.autocast(dtype=bfloat16)` with
+fp32 parameters (master weights, gradients and optimiser state stay fp32). Matmuls run in bf16; the residual stream,
+router, rotary positions, the Engram gate and conv and every softmax run in fp32 (a bf16 residual stream was
+measured and dropped: no faster step; LOG.md, issue 9). Where autocast alone would fall off a fast kernel, the code
+handles dtypes itself: `RMSNorm` takes the input's dtype (its kernel accumulates in fp32), attention on CPU runs in
+fp32 (the CPU flash kernel's bf16 backward is 4x slower than its fp32 one), mixed-dtype products are avoided
 (PyTorch's slow path), and the LM head and loss are one chunked kernel (`head_cross_entropy`).
 
 Shape legend: B batch, T time, D d_model, H attention heads, Dh head size,
@@ -122,7 +121,7 @@ class Block(nn.Module):
 
     def forward(self, x_BTD: Tensor, ids_BT: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
         if self.engram is not None:
-            x_BTD = x_BTD + self.engram(x_BTD, ids_BT).to(x_BTD.dtype)
+            x_BTD = x_BTD + self.engram(x_BTD, ids_BT)
         x_BTD = x_BTD + self.attn(self.norm_attn(x_BTD), cos_TDh, sin_TDh)
         return x_BTD + self.ffn(self.norm_ffn(x_BTD))
 
@@ -167,11 +166,6 @@ class EngramMoE(nn.Module):
         x_BTD = self.wte(idx_BT)
         if self.overencoding is not None:
             x_BTD = self.overencoding(idx_BT, x_BTD)
-        if x_BTD.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            # The residual stream in bf16 under CPU autocast: every matmul input is then bf16 already, and the
-            # norms, residual adds and SwiGLU products run on bf16 tensors instead of casting between fp32 and
-            # bf16 around every matmul (docs/benchmarks.md: casts were 15% of a bf16 step).
-            x_BTD = x_BTD.to(torch.get_autocast_dtype("cpu"))
         for block in self.blocks:
             x_BTD = block(x_BTD, idx_BT, self.rope_cos, self.rope_sin)
         x_BTD = self.norm_out(x_BTD)

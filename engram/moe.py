@@ -202,7 +202,10 @@ class MoE(nn.Module):
         order_S = flat_expert_S.argsort(stable=True)
         token_S = order_S // self.top_k
         # index_select (backward: index_add) rather than x[idx] (backward: a slower accumulating index_put).
-        y_SD = grouped_swiglu(x_TD.index_select(0, token_S), self.w_in, self.w_out, tuple(counts_E.tolist()))
+        x_in_TD = x_TD
+        if x_TD.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            x_in_TD = x_TD.to(torch.get_autocast_dtype("cpu"))  # cast the T rows before the gather doubles them
+        y_SD = grouped_swiglu(x_in_TD.index_select(0, token_S), self.w_in, self.w_out, tuple(counts_E.tolist()))
         # The mixing weights in y's dtype (bf16 under autocast): a mixed-dtype product takes a ~3x slower path.
         y_SD = y_SD * weight_TK.flatten().index_select(0, order_S).unsqueeze(1).to(y_SD.dtype)
         y_TD = x_TD.new_zeros(x_TD.shape, dtype=y_SD.dtype).index_add_(0, token_S, y_SD)

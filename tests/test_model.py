@@ -260,24 +260,20 @@ def test_bf16_autocast_step_is_close_to_fp32_with_fp32_loss_and_gradients_and_no
 
 
 @pytest.mark.parametrize("cfg", [SMALL, ENGRAM, OVERENC], ids=["moe", "engram", "overencoding"])
-def test_residual_stream_is_bf16_under_cpu_autocast_and_fp32_without(cfg):
-    # Under CPU autocast the blocks pass bf16 activations (no fp32 <-> bf16 casts around every matmul); an Engram
-    # block hands its (fp32-computed) output back in the stream's dtype. Without autocast everything stays fp32.
+def test_residual_stream_stays_fp32_under_cpu_autocast(cfg):
+    # Under bf16 autocast only the matmuls run in bf16: the blocks pass fp32 activations (a bf16 residual stream
+    # measured no faster and is not what the loss parity figures were taken with).
     torch.manual_seed(12)
     model = EngramMoE(cfg)
     idx, _ = batch(cfg, B=2)
     seen: list[tuple[torch.dtype, torch.dtype]] = []
     hooks = [b.register_forward_hook(lambda m, args, out: seen.append((args[0].dtype, out.dtype)))
              for b in model.blocks]
-    with torch.no_grad():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            model(idx)
-        assert seen == [(torch.bfloat16, torch.bfloat16)] * cfg.n_layers
-        seen.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         model(idx)
-        assert seen == [(torch.float32, torch.float32)] * cfg.n_layers
     for h in hooks:
         h.remove()
+    assert seen == [(torch.float32, torch.float32)] * cfg.n_layers
 
 
 def test_rotary_scores_depend_only_on_relative_position():
