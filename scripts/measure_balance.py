@@ -4,7 +4,7 @@
 
 A CASE is `name:key=value,...` over: rho (an allocation rho of sweep.yaml, default 1.0), seed (0), flops (the
 spec's budget, 4e12; the experiment's tokens scale with it), aux (model.balance_aux, or none), travel
-(model.balance_travel, or none), moments (model.balance_moments), and the
+(model.balance_travel, or none), rate (model.balance_rate), moments (model.balance_moments), and the
 experiment-only variants below, none of which the library keeps (each did worse, or no better, than the default
 in LOG.md, 2026-11-30, "router balance, third pass"):
 
@@ -124,6 +124,8 @@ def main(argv: list[str]) -> None:
             model = dataclasses.replace(model, balance_aux=None if kw["aux"] == "none" else float(kw["aux"]))
         if "moments" in kw:
             model = dataclasses.replace(model, balance_moments=float(kw["moments"]))
+        if "rate" in kw:
+            model = dataclasses.replace(model, balance_rate=float(kw["rate"]))
         if "travel" in kw:
             model = dataclasses.replace(model, balance_travel=None if kw["travel"] == "none" else float(kw["travel"]))
         if "flops" in kw:  # the experiment trains every rho on the same tokens: scale them with the budget
