@@ -5,8 +5,8 @@
 A CASE is `name:key=value,...` over: rho (an allocation rho of sweep.yaml, default 1.0), seed (0), flops (the
 spec's budget, 4e12; the experiment's tokens scale with it), aux (model.balance_aux, or none), travel
 (model.balance_travel, or none), rate (model.balance_rate), moments (model.balance_moments), and the
-experiment-only variants below, none of which the library keeps (each did worse, or no better, than the default
-in LOG.md, 2026-11-30, "router balance, third pass"):
+experiment-only variants below, which the library does not keep (LOG.md, 2026-11-30, "router balance, third
+pass": each balanced worse or no better than the default; commonmode is the first half of balance_moments):
 
   noise=S[,noise_frac=F]  Gaussian noise of std S on the selection scores in training (Shazeer et al. 2017's
                           noisy top-k), falling linearly to zero at F (0.5) of the trial's steps
