@@ -141,7 +141,8 @@ class MoE(nn.Module):
     the affinities of the selected experts normalised to sum 1 - the bias never enters them. `bias` is a buffer
     nudged by `update_bias` toward equal load from the counts gathered while `self.training`. With `balance_aux`
     (alpha) set, a training forward also leaves alpha x `sequence_balance_loss` in `aux_loss` for the caller to add
-    to the loss (DeepSeek-V3's complementary loss; the model collects it with `EngramMoE.balance_loss`).
+    to the loss (DeepSeek-V3's complementary loss; the model collects it with `EngramMoE.balance_loss`); with
+    `balance_moments` (beta), beta x `router_moment_loss` as well.
     Consequence of the normalisation: with top_k = 1 the weight is always 1 and the router gets no gradient;
     selection then learns only through the balancing bias (fine-grained MoE uses top_k > 1).
     """
@@ -277,7 +278,7 @@ def router_moment_loss(logits_TE: Tensor) -> Tensor:
     expert (pure MoE, 64 experts; LOG.md, 2026-11-30, "router balance, third pass"). Two things herd the tokens.
     Experts' mean logits drift apart (an early-trained expert wins every token, and the LM gradient then raises its
     affinity for every token), and that common part moves whole herds, which the bias and the sequence-wise loss
-    (its gradient is the same for every token of a sequence) can only shift to the next expert; and, with the
+    (its gradient is nearly the same for every token of a sequence) can only shift to the next expert; and, with the
     means held equal, experts whose logit varies more across tokens win most top-k picks. This loss pulls both
     moments together and leaves the token-dependent part, which is what a router is for. It narrows the
     affinities, so pair it with a smaller bias step (travel 0.25 at the default sweep): beta 10 there brought
