@@ -34,7 +34,7 @@ RESULTS_VERSION = 3  # 2: validation windows spread over the whole validation sp
                      # (narrower dense FFN), equal tokens per experiment, OverEncoding as Algorithm 1, train.precision
 # ModelConfig fields added after trials were stored, whose None (off) is what every earlier trial ran: left out
 # of the content hash while None, so adding them kept those trials' ids.
-HASH_OMITTED_AT_NONE = ("balance_aux",)
+HASH_OMITTED_AT_NONE = ("balance_aux", "balance_moments")
 # MemoryConfig fields that only OverEncoding reads: in the content hash of OverEncoding configs only, so adding
 # them kept the ids of every Engram and memory-free trial (and changed those of OverEncoding, whose model changed).
 OVERENCODING_FIELDS = ("overencoding_mean",)
@@ -130,6 +130,10 @@ class ModelConfig:
     # layer (engram.moe.sequence_balance_loss); None: off, the bias alone balances. Left out of the content hash
     # while None (HASH_OMITTED_AT_NONE), so configs written before it keep their trial ids.
     balance_aux: float | None = None
+    # Beta of the router-moment loss (engram.moe.router_moment_loss: the spread across experts of the router
+    # logit's batch mean and batch std), added to the training loss of every MoE layer; None: off. Left out of the
+    # content hash while None, as balance_aux.
+    balance_moments: float | None = None
     tie_embeddings: bool = True
     rope_theta: float = 10000.0
     memory: MemoryConfig = field(default_factory=MemoryConfig)
@@ -150,6 +154,7 @@ class ModelConfig:
             raise ConfigError(f"balance_rate: expected >= 0, got {self.balance_rate}")
         _positive("balance_travel", self.balance_travel, allow_none=True)
         _positive("balance_aux", self.balance_aux, allow_none=True)
+        _positive("balance_moments", self.balance_moments, allow_none=True)
         n_slices = (self.memory.max_ngram - 1) * self.memory.n_heads
         if self.memory.kind == "overencoding" and self.d_model % n_slices:
             raise ConfigError(f"d_model: expected a multiple of (memory.max_ngram - 1) * memory.n_heads = "

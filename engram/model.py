@@ -117,7 +117,8 @@ class Block(nn.Module):
             self.ffn = SwiGLU(cfg.d_model, cfg.d_ff_dense, out_std=out_std)
         else:
             self.ffn = MoE(cfg.d_model, cfg.d_expert, cfg.n_routed, cfg.top_k, cfg.n_shared_experts,
-                           cfg.balance_rate, balance_aux=cfg.balance_aux, out_std=out_std)
+                           cfg.balance_rate, balance_aux=cfg.balance_aux, balance_moments=cfg.balance_moments,
+                           out_std=out_std)
 
     def forward(self, x_BTD: Tensor, ids_BT: Tensor, cos_TDh: Tensor, sin_TDh: Tensor) -> Tensor:
         if self.engram is not None:

@@ -141,18 +141,22 @@ class MoE(nn.Module):
     the affinities of the selected experts normalised to sum 1 - the bias never enters them. `bias` is a buffer
     nudged by `update_bias` toward equal load from the counts gathered while `self.training`. With `balance_aux`
     (alpha) set, a training forward also leaves alpha x `sequence_balance_loss` in `aux_loss` for the caller to add
-    to the loss (DeepSeek-V3's complementary loss; the model collects it with `EngramMoE.balance_loss`).
+    to the loss (DeepSeek-V3's complementary loss; the model collects it with `EngramMoE.balance_loss`); with
+    `balance_moments` (beta), beta x `router_moment_loss` as well.
     Consequence of the normalisation: with top_k = 1 the weight is always 1 and the router gets no gradient;
     selection then learns only through the balancing bias (fine-grained MoE uses top_k > 1).
     """
 
     def __init__(self, d_model: int, d_expert: int, n_routed: int, top_k: int, n_shared: int,
-                 balance_rate: float, *, balance_aux: float | None = None, out_std: float = INIT_STD):
+                 balance_rate: float, *, balance_aux: float | None = None, balance_moments: float | None = None,
+                 out_std: float = INIT_STD):
         super().__init__()
         if not 1 <= top_k <= n_routed:
             raise ValueError(f"top_k: expected 1..n_routed={n_routed}, got {top_k}")
         self.n_routed, self.top_k, self.balance_rate, self.balance_aux = n_routed, top_k, balance_rate, balance_aux
-        self.aux_loss: Tensor | None = None  # alpha x balance loss of the last training forward, until collected
+        self.balance_moments = balance_moments
+        # alpha x balance loss + beta x router-moment loss of the last training forward, until collected
+        self.aux_loss: Tensor | None = None
         self.shared = SwiGLU(d_model, n_shared * d_expert, out_std=out_std) if n_shared > 0 else None
         self.router = nn.Linear(d_model, n_routed, bias=False)
         nn.init.normal_(self.router.weight, std=INIT_STD)
@@ -166,12 +170,16 @@ class MoE(nn.Module):
         # last training step, the load of the validation set under the final router (`load_stats`).
         self.register_buffer("eval_counts", torch.zeros(n_routed, dtype=torch.long), persistent=False)
 
-    def affinities(self, x_TD: Tensor) -> Tensor:
-        """Sigmoid affinities (T, E)."""
+    def logits(self, x_TD: Tensor) -> Tensor:
+        """Router logits (T, E): the affinities before the sigmoid."""
         # In fp32 even under bf16 autocast (as DeepSeek-V3's gate): bf16 affinities would tie experts and round
         # the mixing weights; the router is a (D, E) matmul, a negligible share of the layer.
         with torch.autocast(x_TD.device.type, enabled=False):
-            return torch.sigmoid(self.router(x_TD.to(self.router.weight.dtype)))
+            return self.router(x_TD.to(self.router.weight.dtype))
+
+    def affinities(self, x_TD: Tensor) -> Tensor:
+        """Sigmoid affinities (T, E)."""
+        return torch.sigmoid(self.logits(x_TD))
 
     def select(self, scores_TE: Tensor) -> tuple[Tensor, Tensor]:
         """Selected experts (T, K) (by affinity + bias) and their mixing weights (T, K) (affinities only)."""
@@ -186,12 +194,18 @@ class MoE(nn.Module):
     def forward(self, x_BTD: Tensor) -> Tensor:
         shape = x_BTD.shape
         x_TD = x_BTD.reshape(-1, shape[-1])
-        scores_TE = self.affinities(x_TD)
+        logits_TE = self.logits(x_TD)
+        scores_TE = torch.sigmoid(logits_TE)
         expert_TK, weight_TK = self.select(scores_TE)
-        if self.training and self.balance_aux is not None:
-            seq_len = shape[-2] if x_BTD.dim() >= 3 else shape[0]  # a (T, D) input is one sequence
-            self.aux_loss = self.balance_aux * sequence_balance_loss(scores_TE.view(-1, seq_len, self.n_routed),
-                                                                     expert_TK.view(-1, seq_len, self.top_k))
+        if self.training:
+            losses = []
+            if self.balance_aux is not None:
+                seq_len = shape[-2] if x_BTD.dim() >= 3 else shape[0]  # a (T, D) input is one sequence
+                losses.append(self.balance_aux * sequence_balance_loss(scores_TE.view(-1, seq_len, self.n_routed),
+                                                                       expert_TK.view(-1, seq_len, self.top_k)))
+            if self.balance_moments is not None:
+                losses.append(self.balance_moments * router_moment_loss(logits_TE))
+            self.aux_loss = sum(losses) if losses else None
         flat_expert_S = expert_TK.flatten()
         counts_E = torch.bincount(flat_expert_S, minlength=self.n_routed)
         if self.training:
@@ -257,6 +271,24 @@ def sequence_balance_loss(scores_BLE: Tensor, expert_BLK: Tensor) -> Tensor:
     f_BE = count_BE * (n_routed / (top_k * seq_len))
     p_BE = (scores_BLE / scores_BLE.sum(dim=-1, keepdim=True)).mean(dim=1)
     return (f_BE * p_BE).sum(dim=-1).mean()
+
+
+def router_moment_loss(logits_TE: Tensor) -> Tensor:
+    """The variance across experts of the router logit's mean over the tokens, plus the variance across experts of
+    its standard deviation over the tokens (unbiased estimates, T and E >= 2); zero when every expert's logit has
+    the same mean and spread over the batch.
+
+    Why: at the end of a short default trial the routers without their bias send max/mean 10-13 of the load to one
+    expert (pure MoE, 64 experts; LOG.md, 2026-11-30, "router balance, third pass"). Two things herd the tokens.
+    Experts' mean logits drift apart (an early-trained expert wins every token, and the LM gradient then raises its
+    affinity for every token), and that common part moves whole herds, which the bias and the sequence-wise loss
+    (its gradient is nearly the same for every token of a sequence) can only shift to the next expert; and, with the
+    means held equal, experts whose logit varies more across tokens win most top-k picks. This loss pulls both
+    moments together and leaves the token-dependent part, which is what a router is for. It narrows the
+    affinities, so pair it with a smaller bias step (travel 0.25 at the default sweep): beta 10 there brought
+    max/mean from 1.67-2.22 to 1.36-1.69 and the pure MoE's loss down 0.12 nats (docs/fairness.md).
+    """
+    return logits_TE.mean(dim=0).var() + logits_TE.std(dim=0).var()
 
 
 def effective_balance_rate(balance_rate: float, balance_travel: float | None, total_steps: int) -> float:

@@ -241,7 +241,7 @@ def test_train_config_mistake_is_one_line(spec_dir: Path, capsys: pytest.Capture
     path = write_spec(spec_dir, {"model": {"d_modle": 8}, "train": {"steps": 1}}, "trial.yaml")
     assert main(["train", "--config", str(path)]) == 2
     assert capsys.readouterr().err.strip() == ("engram-sweep: error: model.d_modle: unknown key (expected one of "
-                                               "balance_aux, balance_rate, balance_travel, d_expert, d_ff_dense, d_model, memory, "
+                                               "balance_aux, balance_moments, balance_rate, balance_travel, d_expert, d_ff_dense, d_model, memory, "
                                                "n_dense_layers, "
                                                "n_heads, n_layers, n_routed, n_shared_experts, rope_theta, seq_len, "
                                                "tie_embeddings, top_k, vocab_size)")

@@ -59,7 +59,8 @@ def test_balance_aux_parses_is_recorded_and_keeps_old_trial_ids_while_off():
     # The hash of a config without the knob, as config_hash computed it before the field (and the OverEncoding-only
     # memory.overencoding_mean) existed.
     for plain in (to_dict(TrialConfig()), to_dict(from_dict(TrialConfig, {"data": {"corpus": "mix"}}))):
-        del plain["model"]["balance_aux"], plain["model"]["memory"]["overencoding_mean"]
+        del plain["model"]["balance_aux"], plain["model"]["balance_moments"]
+        del plain["model"]["memory"]["overencoding_mean"]
         if plain["data"]["corpus"] != "mix":
             plain["data"] = {k: v for k, v in plain["data"].items()
                              if k not in ("knowledge_share", "mix_entities", "mix_seed")}
@@ -67,6 +68,16 @@ def test_balance_aux_parses_is_recorded_and_keeps_old_trial_ids_while_off():
         before = hashlib.sha256(text.encode()).hexdigest()[:16]
         assert config_hash(from_dict(TrialConfig, plain), "v9") == before
     assert config_hash(config, "v9") != config_hash(TrialConfig(), "v9")
+
+
+def test_balance_moments_parses_and_enters_the_id_only_when_set():
+    config = from_dict(TrialConfig, {"model": {"balance_moments": "10"}})
+    assert config.model.balance_moments == 10.0 and from_dict(TrialConfig, to_dict(config)) == config
+    assert TrialConfig().model.balance_moments is None
+    assert config_hash(from_dict(TrialConfig, {"model": {"balance_moments": None}})) == config_hash(TrialConfig())
+    assert config_hash(config) != config_hash(TrialConfig())
+    with pytest.raises(ConfigError, match=r"^trial\.model\.balance_moments: expected a positive number"):
+        from_dict(TrialConfig, {"model": {"balance_moments": -1}}, "trial")
 
 
 def test_overencoding_mean_enters_the_ids_of_overencoding_configs_only():

@@ -294,3 +294,51 @@ def test_model_collects_and_clears_the_layers_balance_losses():
     assert aux is not None and aux.requires_grad and aux.item() > 0
     assert model.balance_loss() is None  # cleared
     assert EngramMoE(ModelConfig(**{**cfg.__dict__, "balance_aux": None})).balance_loss() is None
+
+
+def test_router_moment_loss_is_zero_for_equal_moments_and_pulls_a_common_offset_back():
+    from engram.moe import router_moment_loss
+
+    gen = torch.Generator().manual_seed(0)
+    column_T = torch.randn(256, generator=gen)
+    column_T = column_T - column_T.mean()  # mean 0, so scaling an expert's logits below changes its std only
+    # Every expert sees the same logits over the batch in another order: equal means and stds.
+    equal_TE = torch.stack([column_T[torch.randperm(256, generator=gen)] for _ in range(4)], dim=1)
+    assert router_moment_loss(equal_TE).item() == pytest.approx(0.0, abs=1e-10)
+    logits_TE = (equal_TE + torch.tensor([2.0, 0.0, 0.0, 0.0])).requires_grad_()
+    loss = router_moment_loss(logits_TE)
+    (grad_TE,) = torch.autograd.grad(loss, logits_TE)
+    assert loss.item() == pytest.approx(1.0, rel=1e-5)  # var([2, 0, 0, 0]), unbiased
+    assert (grad_TE[:, 0] > 0).all() and (grad_TE[:, 1:] < 0).all()  # descent lowers expert 0, raises the rest
+    spread_TE = (equal_TE * torch.tensor([3.0, 1.0, 1.0, 1.0])).requires_grad_()
+    (grad_TE,) = torch.autograd.grad(router_moment_loss(spread_TE), spread_TE)
+    # Descent shrinks the wider expert's logits toward its mean: the gradient has the sign of the centred logit.
+    centred_T = spread_TE[:, 0].detach() - spread_TE[:, 0].detach().mean()
+    assert ((grad_TE[:, 0] * centred_T)[centred_T.abs() > 1e-3] > 0).all()
+
+
+def test_balance_moments_alone_balances_a_herding_router_and_only_in_training():
+    """No bias step and no sequence-wise loss: only the moment loss's gradient trains the router of
+    _biased_router_moe, which sends every token to experts 0 and 1; 120 SGD steps on it spread the load."""
+    def train(beta):
+        moe, u_D = _biased_router_moe(0.0)
+        moe.balance_moments = beta
+        opt = torch.optim.SGD(moe.router.parameters(), lr=1.0)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(120):
+            moe(torch.randn(4, 64, 16, generator=gen) + u_D)
+            if moe.aux_loss is not None:
+                moe.aux_loss.backward()
+                opt.step()
+                opt.zero_grad()
+                moe.aux_loss = None
+            moe.update_bias()
+        moe.eval()
+        with torch.no_grad():
+            moe(torch.randn(4096, 16, generator=gen) + u_D)
+        assert moe.aux_loss is None  # eval forwards leave no loss
+        return moe.load_stats()
+
+    assert train(None)[0] > 3.0  # every token on 2 of 8 experts (max / mean 4)
+    max_load, min_load, starved = train(1.0)
+    assert max_load <= 1.5 and starved == 0

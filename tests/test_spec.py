@@ -117,17 +117,20 @@ def test_trial_config_file_resolves_corpus_and_names_fields(spec_path: Path) -> 
         load_trial_config(path)
 
 
-def test_balance_aux_reaches_every_allocation_model(spec_path: Path) -> None:
+def test_balance_knobs_reach_every_allocation_model(spec_path: Path) -> None:
     from sweeps.plan import allocation_model
 
     raw = copy.deepcopy(SPEC)
-    raw["model"] = {**raw["model"], "balance_aux": 0.01}
+    raw["model"] = {**raw["model"], "balance_aux": 0.01, "balance_moments": 10}
     spec_path.write_text(yaml.safe_dump(raw))
     spec = load_spec(spec_path)
     alloc = spec.experiments[0]
     assert spec.model.balance_aux == 0.01
-    assert {allocation_model(spec, target_p_tot(spec.model, alloc), rho).balance_aux for rho in alloc.rho} == {0.01}
-    raw["model"]["balance_aux"] = -1
-    spec_path.write_text(yaml.safe_dump(raw))
-    with pytest.raises(SpecError, match=r"^model\.balance_aux: expected a positive number"):
-        load_spec(spec_path)
+    models = [allocation_model(spec, target_p_tot(spec.model, alloc), rho) for rho in alloc.rho]
+    assert {(m.balance_aux, m.balance_moments) for m in models} == {(0.01, 10.0)}
+    for name in ("balance_aux", "balance_moments"):
+        bad = copy.deepcopy(raw)
+        bad["model"][name] = -1
+        spec_path.write_text(yaml.safe_dump(bad))
+        with pytest.raises(SpecError, match=rf"^model\.{name}: expected a positive number"):
+            load_spec(spec_path)
