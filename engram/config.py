@@ -30,8 +30,9 @@ MIX_FIELDS = ("knowledge_share", "mix_entities", "mix_seed")
 # Part of every trial id and checkpoint key (engram.trial): bump it whenever a change to the model, data or
 # training code makes new losses incomparable with stored ones, so a sweep re-runs those trials instead of mixing
 # two code versions.
-RESULTS_VERSION = 3  # 2: validation windows spread over the whole validation split; 3: P_act held across rho
-                     # (narrower dense FFN), equal tokens per experiment, OverEncoding as Algorithm 1, train.precision
+RESULTS_VERSION = 4  # 2: validation windows spread over the whole validation split; 3: P_act held across rho
+                     # (narrower dense FFN), equal tokens per experiment, OverEncoding as Algorithm 1, train.precision;
+                     # 4: bf16 on CPU rounds differently (fused loss chunks, rotary and expert casts; LOG.md, issue 9)
 # ModelConfig fields added after trials were stored, whose None (off) is what every earlier trial ran: left out
 # of the content hash while None, so adding them kept those trials' ids.
 HASH_OMITTED_AT_NONE = ("balance_aux", "balance_moments")
