@@ -142,7 +142,8 @@ class MoE(nn.Module):
     nudged by `update_bias` toward equal load from the counts gathered while `self.training`. With `balance_aux`
     (alpha) set, a training forward also leaves alpha x `sequence_balance_loss` in `aux_loss` for the caller to add
     to the loss (DeepSeek-V3's complementary loss; the model collects it with `EngramMoE.balance_loss`); with
-    `balance_moments` (beta), beta x `router_moment_loss` as well.
+    `balance_moments` (beta), beta x `router_moment_loss` as well, unless every expert is selected (n_routed ==
+    top_k: nothing to balance).
     Consequence of the normalisation: with top_k = 1 the weight is always 1 and the router gets no gradient;
     selection then learns only through the balancing bias (fine-grained MoE uses top_k > 1).
     """
@@ -203,7 +204,9 @@ class MoE(nn.Module):
                 seq_len = shape[-2] if x_BTD.dim() >= 3 else shape[0]  # a (T, D) input is one sequence
                 losses.append(self.balance_aux * sequence_balance_loss(scores_TE.view(-1, seq_len, self.n_routed),
                                                                        expert_TK.view(-1, seq_len, self.top_k)))
-            if self.balance_moments is not None:
+            if self.balance_moments is not None and self.n_routed > self.top_k:
+                # With every expert selected (rho = 0's top_k of top_k) there is no load to balance, and the loss
+                # only constrains the mixing weights: it cost that model ~0.28 nats (LOG.md, issue 10, D3).
                 losses.append(self.balance_moments * router_moment_loss(logits_TE))
             self.aux_loss = sum(losses) if losses else None
         flat_expert_S = expert_TK.flatten()

@@ -342,3 +342,22 @@ def test_balance_moments_alone_balances_a_herding_router_and_only_in_training():
     assert train(None)[0] > 3.0  # every token on 2 of 8 experts (max / mean 4)
     max_load, min_load, starved = train(1.0)
     assert max_load <= 1.5 and starved == 0
+
+
+def test_balance_moments_is_not_applied_when_every_expert_is_selected():
+    # n_routed == top_k (an allocation's rho = 0): the load is equal by construction, so no moment loss; the
+    # sequence-wise loss is constant there (f_i = 1 for all i) and stays.
+    torch.manual_seed(3)
+    x = torch.randn(2, 8, 16)
+    every = MoE(16, 8, 2, 2, 1, 0.0, balance_moments=10.0)
+    every.train()
+    every(x)
+    assert every.aux_loss is None
+    both = MoE(16, 8, 2, 2, 1, 0.0, balance_aux=0.01, balance_moments=10.0)
+    both.train()
+    both(x)
+    assert both.aux_loss is not None and both.aux_loss.item() == pytest.approx(0.01)
+    routed = MoE(16, 8, 4, 2, 1, 0.0, balance_moments=10.0)
+    routed.train()
+    routed(x)
+    assert routed.aux_loss is not None and routed.aux_loss.item() > 0
