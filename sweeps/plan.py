@@ -41,17 +41,15 @@ from sweeps.footprint import format_bytes, limits_text, trial_footprint
 from sweeps.sizing import memory_for_slots, target_p_tot
 from sweeps.spec import AllocationExperiment, MemoryExperiment, SearchExperiment, SweepSpec
 
-# Measured 2026-11-29 on 2-core machines: trials of the default sweep's models reach 0.45 of the calibration
-# matmul's FLOP/s when two run at once (median over the 21 trials of `make sweep` on a fresh clone: 47.5 vs
-# ~105 GFLOP/s; small models lose to routing, embedding lookups and sparse table updates), 0.26-0.45 on a machine
-# shared with other heavy jobs (docs/sweep-spec.md, "Sizing the default sweep"). With 0.3 the first plan
-# over-estimated the default sweep 1.6-1.8x.
-CPU_EFFICIENCY = 0.45
-# Trial throughput in bf16 over fp32 on a CPU with native bf16 (train.precision auto -> bf16 there): measured
-# 1.28-1.30 for default-size steps with and without Engram, fp32 and bf16 interleaved in one run
-# (benchmarks/bench_trial.py, 2026-11-30 ~18:44 UTC, 2-core machine with one other job; docs/benchmarks.md).
-# The calibration matmul stays fp32.
+# Real trial throughput over the calibration matmul's FLOP/s. Measured 2026-11-30 on the default sweep (D4,
+# `make sweep` on a fresh clone of an idle 2-core machine, 2 trials at once, bf16): median 41.4 GFLOP/s of training
+# compute per trial's wall second against a 139.6 GFLOP/s calibration -> 0.30 in bf16 (P_tot/P_act 8 backbones, up
+# to 64 experts: routing and sparse tables weigh more than in the fp32 default of 2026-11-29, which measured 0.45).
+# The fp32 figure divides by the bf16/fp32 ratio of whole default-size trials (1.20-1.38, benchmarks/
+# bench_precision.py; docs/benchmarks.md). The constants before this (0.45 x 1.1-1.3) made the ETA 1.3-1.7x short.
+CPU_EFFICIENCY_BF16 = 0.30
 BF16_CPU_SPEEDUP = 1.3
+CPU_EFFICIENCY = CPU_EFFICIENCY_BF16 / BF16_CPU_SPEEDUP
 # Per-trial fixed cost outside the training loop: model build, token cache load, first evaluation set-up.
 STARTUP_SECONDS = 5.0
 CALIBRATION_SECONDS = 0.15
