@@ -240,11 +240,10 @@ class Engram(nn.Module):
                              f"got {tuple(ids_BT.shape)}")
         e_BTM = self.lookup(ids_BT)
         # Under bf16 autocast the projections run in bf16; the gate (norms, dot product, sigmoid), the gated value
-        # and the conv run in fp32, as the residual stream does: the norms keep their fused kernels, and the depthwise conv's bf16 kernel is slower than its fp32 one on CPU
-        # (12.2 vs 11.1 ms, fwd + bwd, one thread).
-        h_BTD = h_BTD.float()
-        k_BTD = self.key_proj(e_BTM).float()
-        gated_BTD = self.gate(h_BTD, k_BTD) * self.value_proj(e_BTM).float()
+        # and the conv stay in the residual stream's dtype: the norms then keep their fused kernels, and the
+        # depthwise conv's bf16 kernel is slower than its fp32 one on CPU (12.2 vs 11.1 ms, fwd + bwd, one thread).
+        k_BTD = self.key_proj(e_BTM).to(h_BTD.dtype)
+        gated_BTD = self.gate(h_BTD, k_BTD) * self.value_proj(e_BTM).to(h_BTD.dtype)
         x_BDT = self.norm_conv(gated_BTD).transpose(1, 2)
         left_pad = (self.conv.kernel_size[0] - 1) * self.conv.dilation[0]  # causal: only past positions
         with torch.autocast(h_BTD.device.type, enabled=False):

@@ -88,9 +88,9 @@ class Attention(nn.Module):
             # tables would take PyTorch's slow mixed-dtype path (~3x a same-dtype product).
             qkv = qkv.float()
         qkv_BT3HDh = qkv.view(B, T, 3, self.n_heads, D // self.n_heads)
-        # Rotary in fp32 (the tables are fp32, so bf16 q and k are promoted), as Llama does; q and k together in the
-        # projection's own layout: 1.8x faster than per tensor on permuted views (1.3 vs 2.4 ms forward, default layer, one thread).
-        # split, not slicing: a slice's backward zero-fills a full (B, T, 3, H, Dh) gradient per slice.
+        # Rotary in fp32, as Llama does; q and k together in the projection's own layout: 1.8x faster than per
+        # tensor on permuted views (1.3 vs 2.4 ms forward, default layer, one thread). split, not slicing: a
+        # slice's backward zero-fills a full (B, T, 3, H, Dh) gradient per slice.
         qk_BT2HDh, v_BT1HDh = qkv_BT3HDh.split((2, 1), dim=2)
         qk_BT2HDh = apply_rotary(qk_BT2HDh, cos_TDh[:T, None, None], sin_TDh[:T, None, None])
         q_BHTDh, k_BHTDh = qk_BT2HDh.permute(2, 0, 3, 1, 4).unbind(0)
