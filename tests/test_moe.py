@@ -254,27 +254,34 @@ def test_sequence_balance_loss_is_flat_at_equal_load_and_pushes_load_off_busy_ex
     assert (grad[..., :2] > 0).all() and (grad[..., 2:] < 0).all()
 
 
+def _router_load_after_training_on_its_balance_loss(knob: str, value: float | None, lr: float):
+    """Load stats of _biased_router_moe (every token on experts 0 and 1) after 120 SGD steps of its router on the
+    MoE's own aux_loss with `knob` (balance_aux or balance_moments) set to `value`, no bias step; eval forwards
+    must leave no loss."""
+    moe, u_D = _biased_router_moe(0.0)
+    setattr(moe, knob, value)
+    opt = torch.optim.SGD(moe.router.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(1)
+    for _ in range(120):
+        moe(torch.randn(4, 64, 16, generator=gen) + u_D)
+        if moe.aux_loss is not None:
+            moe.aux_loss.backward()
+            opt.step()
+            opt.zero_grad()
+            moe.aux_loss = None
+        moe.update_bias()
+    moe.eval()
+    with torch.no_grad():
+        moe(torch.randn(4096, 16, generator=gen) + u_D)
+    assert moe.aux_loss is None  # eval forwards leave no loss
+    return moe.load_stats()
+
+
 def test_balance_aux_loss_alone_balances_a_herding_router_and_is_left_for_training_forwards_only():
     """No bias step (balance_rate 0): only the balance loss's gradient trains the router. The router of
     _biased_router_moe sends every token to experts 0 and 1; 120 SGD steps on the loss spread the load."""
     def train(alpha):
-        moe, u_D = _biased_router_moe(0.0)
-        moe.balance_aux = alpha
-        opt = torch.optim.SGD(moe.router.parameters(), lr=10.0)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(120):
-            moe(torch.randn(4, 64, 16, generator=gen) + u_D)
-            if moe.aux_loss is not None:
-                moe.aux_loss.backward()
-                opt.step()
-                opt.zero_grad()
-                moe.aux_loss = None
-            moe.update_bias()
-        moe.eval()
-        with torch.no_grad():
-            moe(torch.randn(4096, 16, generator=gen) + u_D)
-        assert moe.aux_loss is None  # eval forwards leave no loss
-        return moe.load_stats()
+        return _router_load_after_training_on_its_balance_loss("balance_aux", alpha, lr=10.0)
 
     assert train(None)[0] > 3.0  # without it nothing moves: every token on 2 of 8 experts (max / mean 4)
     max_load, min_load, starved = train(1.0)
@@ -321,23 +328,7 @@ def test_balance_moments_alone_balances_a_herding_router_and_only_in_training():
     """No bias step and no sequence-wise loss: only the moment loss's gradient trains the router of
     _biased_router_moe, which sends every token to experts 0 and 1; 120 SGD steps on it spread the load."""
     def train(beta):
-        moe, u_D = _biased_router_moe(0.0)
-        moe.balance_moments = beta
-        opt = torch.optim.SGD(moe.router.parameters(), lr=1.0)
-        gen = torch.Generator().manual_seed(1)
-        for _ in range(120):
-            moe(torch.randn(4, 64, 16, generator=gen) + u_D)
-            if moe.aux_loss is not None:
-                moe.aux_loss.backward()
-                opt.step()
-                opt.zero_grad()
-                moe.aux_loss = None
-            moe.update_bias()
-        moe.eval()
-        with torch.no_grad():
-            moe(torch.randn(4096, 16, generator=gen) + u_D)
-        assert moe.aux_loss is None  # eval forwards leave no loss
-        return moe.load_stats()
+        return _router_load_after_training_on_its_balance_loss("balance_moments", beta, lr=1.0)
 
     assert train(None)[0] > 3.0  # every token on 2 of 8 experts (max / mean 4)
     max_load, min_load, starved = train(1.0)
