@@ -4,7 +4,7 @@
 
 A CASE is `name:key=value,...` over: rho (an allocation rho of sweep.yaml, default 1.0), seed (0), flops (the
 spec's budget, 4e12; the experiment's tokens scale with it), aux (model.balance_aux, or none), travel
-(model.balance_travel, or none), rate (model.balance_rate), moments (model.balance_moments), and the
+(model.balance_travel, or none), rate (model.balance_rate), moments (model.balance_moments, or none), and the
 experiment-only variants below, which the library does not keep (LOG.md, 2026-11-30, "router balance, third
 pass": each balanced worse or no better than the default; commonmode is the first half of balance_moments):
 
@@ -15,7 +15,8 @@ pass": each balanced worse or no better than the default; commonmode is the firs
   update=rprop            per-expert sign steps that grow x1.2 while their sign holds and halve when it flips
   commonmode=B            B x the variance across experts of the batch-mean router logit, added to the loss
 
-Every other setting is the default sweep's. One thread.
+Every other setting is the current sweep.yaml's (since D3 it sets moments 10 and travel 0.25; the LOG's screens ran
+on sweep.yaml at a3a1f28, travel 1 and no moments: pass `moments=none,travel=1` to repeat them). One thread.
 """
 
 from __future__ import annotations
@@ -113,8 +114,11 @@ def main(argv: list[str]) -> None:
               if t.experiment == "allocation"]
     for case in argv:
         name, _, rest = case.partition(":")
-        kw = dict(item.split("=") for item in rest.split(",") if item)
-        rho, seed = float(kw.get("rho", 1.0)), int(kw.get("seed", 0))
+        try:
+            kw = dict(item.split("=", 1) for item in rest.split(",") if item)
+            rho, seed = float(kw.get("rho", 1.0)), int(kw.get("seed", 0))
+        except ValueError:
+            sys.exit(f"measure_balance: {case!r}: expected name:key=value,... (see --help)")
         matches = [t for t in trials if abs(t.rho - rho) < 1e-9 and t.seed == seed]
         if not matches:
             sys.exit(f"measure_balance: no allocation trial at rho={rho}, seed={seed} in sweep.yaml")
@@ -123,7 +127,8 @@ def main(argv: list[str]) -> None:
         if "aux" in kw:
             model = dataclasses.replace(model, balance_aux=None if kw["aux"] == "none" else float(kw["aux"]))
         if "moments" in kw:
-            model = dataclasses.replace(model, balance_moments=float(kw["moments"]))
+            model = dataclasses.replace(model, balance_moments=None if kw["moments"] == "none"
+                                        else float(kw["moments"]))
         if "rate" in kw:
             model = dataclasses.replace(model, balance_rate=float(kw["rate"]))
         if "travel" in kw:
