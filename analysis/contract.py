@@ -42,11 +42,13 @@ RUN_SCHEMA = pa.schema([
     # Fairness and trial diagnostics (issue 7; analysis/diagnostics.py reads them). Planned: the dense FFN width
     # that holds P_act, the table parameters, the expected reads per table row. Recorded by the trial: share of
     # rows read, median and 10th percentile of reads per read row, mean RMS update (and init RMS) of a read row,
-    # expert load of the last validation pass (max / mean, min / mean, experts below 10% of the mean).
+    # expert load of the last validation pass (max / mean, min / mean, experts below 10% of the mean), expert load
+    # of the training tokens over the last 10% of steps (max / mean, min / mean).
     ("d_ff_dense", pa.int64()), ("table_params", pa.int64()), ("lookups_per_row", pa.float64()),
     ("rows_read_share", pa.float64()), ("lookups_median", pa.float64()), ("lookups_p10", pa.float64()),
     ("table_update_rms", pa.float64()), ("table_init_rms", pa.float64()), ("expert_load_max", pa.float64()),
-    ("expert_load_min", pa.float64()), ("experts_starved", pa.int64()),
+    ("expert_load_min", pa.float64()), ("experts_starved", pa.int64()), ("expert_train_load_max", pa.float64()),
+    ("expert_train_load_min", pa.float64()),
     # the mix corpus (engram.mixcorpus): its knowledge share and the final validation loss per token kind;
     # null for other corpora
     ("knowledge_share", pa.float64()), ("final_val_loss_knowledge", pa.float64()),

@@ -4,7 +4,11 @@ Every stored trial records what happened (engram.trial: `TableUsage`, `router_di
 turns those columns into one row per trial with two flags the report shows:
 - `untrained`: a memory trial whose median read row was read fewer than TRAINED_LOOKUPS_PER_ROW times;
 - `unbalanced`: a MoE trial whose busiest expert carried more than BALANCED_MAX_LOAD x the mean load in the last
-  validation pass, or one with a starved expert (below 10% of the mean).
+  validation pass, or one with a starved expert (below 10% of the mean);
+- `unbalanced_in_training`: a MoE trial whose busiest expert trained on more than BALANCED_MAX_LOAD x the mean
+  number of tokens over the last 10% of its steps, or whose least busy one on under 10% of it. The first is the
+  router under its final bias on the validation windows; the second is what the experts actually trained on,
+  which is what a fair comparison needs (docs/fairness.md, "Two loads").
 The plan predicts the first from the expected lookups per row (sweeps.plan.table_training_warnings).
 """
 
@@ -20,9 +24,12 @@ import pandas as pd
 TRAINED_LOOKUPS_PER_ROW = 128.0
 # The bound the issue sets for aux-loss-free balancing at the end of a trial (max / mean expert load).
 BALANCED_MAX_LOAD = 1.5
+# An expert below this share of the mean load is starved (engram.moe.STARVED_LOAD; kept here: no torch import).
+STARVED_SHARE = 0.1
 
 DIAGNOSTIC_COLUMNS = ("lookups_per_row", "rows_read_share", "lookups_median", "lookups_p10", "table_update_rms",
-                      "table_init_rms", "expert_load_max", "expert_load_min", "experts_starved")
+                      "table_init_rms", "expert_load_max", "expert_load_min", "experts_starved",
+                      "expert_train_load_max", "expert_train_load_min")
 
 
 def diagnostics_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -37,12 +44,18 @@ def diagnostics_table(runs: pd.DataFrame) -> pd.DataFrame:
     out["update_rel"] = out["table_update_rms"] / out["table_init_rms"]
     out["untrained"] = out["lookups_median"] < TRAINED_LOOKUPS_PER_ROW
     out["unbalanced"] = (out["expert_load_max"] > BALANCED_MAX_LOAD) | (out["experts_starved"] > 0)
+    out["unbalanced_in_training"] = ((out["expert_train_load_max"] > BALANCED_MAX_LOAD)
+                                     | (out["expert_train_load_min"] < STARVED_SHARE))
     return out.reset_index(drop=True)
 
 
 def diagnostics_summary(table: pd.DataFrame) -> dict[str, int]:
-    """Counts for a report's headline: trials with tables, untrained ones; MoE trials, unbalanced ones."""
+    """Counts for a report's headline: trials with tables, untrained ones; MoE trials, unbalanced ones (in the
+    validation pass; in training, of the trials that recorded it)."""
     has_tables = table["lookups_median"].notna()
     has_router = table["expert_load_max"].notna()
+    has_trained = table["expert_train_load_max"].notna()
     return {"with_tables": int(has_tables.sum()), "untrained": int((table["untrained"] & has_tables).sum()),
-            "with_router": int(has_router.sum()), "unbalanced": int((table["unbalanced"] & has_router).sum())}
+            "with_router": int(has_router.sum()), "unbalanced": int((table["unbalanced"] & has_router).sum()),
+            "with_trained_load": int(has_trained.sum()),
+            "unbalanced_in_training": int((table["unbalanced_in_training"] & has_trained).sum())}

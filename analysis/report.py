@@ -517,10 +517,15 @@ def _diagnostics_blocks(result: SweepAnalysis, figures: dict[str, Path]) -> list
                    f"far a read row moved from its init (mean RMS update / mean RMS at init). A trial whose median "
                    f"read row was read fewer than {TRAINED_LOOKUPS_PER_ROW:g} times is marked **untrained**: its "
                    f"tables stay near their random init, so its slot count says little (threshold measured, "
-                   f"docs/fairness.md). Routers: expert load in the last validation pass, worst MoE layer; "
-                   f"**unbalanced** when max / mean > {BALANCED_MAX_LOAD:g} or an expert gets under 10% of the mean. "
+                   f"docs/fairness.md). Routers, worst MoE layer, two loads: of the validation windows under the "
+                   f"final router (**unbalanced** when max / mean > {BALANCED_MAX_LOAD:g} or an expert gets under 10% "
+                   f"of the mean) and of the training tokens over the last 10% of the steps, what the experts "
+                   f"trained on (**unbalanced in training**, same bounds). The comparison's fairness rests on the "
+                   f"second: no token is dropped, so a busy expert at evaluation costs nothing, an expert starved "
+                   f"of training tokens does (docs/fairness.md, \"Two loads\"). "
                    f"{n['untrained']} of {n['with_tables']} trials with tables untrained; {n['unbalanced']} of "
-                   f"{n['with_router']} MoE trials unbalanced."))
+                   f"{n['with_router']} MoE trials unbalanced in the validation pass, "
+                   f"{n['unbalanced_in_training']} of {n['with_trained_load']} in training."))
     shown = pd.DataFrame({
         "experiment": table["experiment"], "memory": table.get("memory", "-"),
         "rho": [_cell(v) for v in table.get("rho", pd.Series(np.nan, index=table.index))],
@@ -533,8 +538,11 @@ def _diagnostics_blocks(result: SweepAnalysis, figures: dict[str, Path]) -> list
         "load max/mean": [f"{v:.2f}" if np.isfinite(v) else "-" for v in table["expert_load_max"]],
         "load min/mean": [f"{v:.2f}" if np.isfinite(v) else "-" for v in table["expert_load_min"]],
         "starved": [_cell(v) for v in table["experts_starved"]],
-        "flags": [", ".join(f for f, on in (("untrained", u), ("unbalanced", ub)) if on)
-                  for u, ub in zip(table["untrained"], table["unbalanced"])],
+        "trained-on max/mean": [f"{v:.2f}" if np.isfinite(v) else "-" for v in table["expert_train_load_max"]],
+        "trained-on min/mean": [f"{v:.2f}" if np.isfinite(v) else "-" for v in table["expert_train_load_min"]],
+        "flags": [", ".join(f for f, on in (("untrained", u), ("unbalanced", ub), ("unbalanced in training", ubt))
+                            if on)
+                  for u, ub, ubt in zip(table["untrained"], table["unbalanced"], table["unbalanced_in_training"])],
     })
     b.append(("table", shown))
     return b

@@ -170,6 +170,9 @@ class MoE(nn.Module):
         # Token counts of eval-mode forwards since the last bias update: after an evaluation that follows the
         # last training step, the load of the validation set under the final router (`load_stats`).
         self.register_buffer("eval_counts", torch.zeros(n_routed, dtype=torch.long), persistent=False)
+        # Training-token counts since the last `reset_trained_counts` (the bias update leaves them): the load the
+        # experts actually trained on over a stretch of steps (`trained_load_stats`); the trial saves them.
+        self.register_buffer("trained_counts", torch.zeros(n_routed, dtype=torch.long), persistent=False)
 
     def logits(self, x_TD: Tensor) -> Tensor:
         """Router logits (T, E): the affinities before the sigmoid."""
@@ -213,6 +216,7 @@ class MoE(nn.Module):
         counts_E = torch.bincount(flat_expert_S, minlength=self.n_routed)
         if self.training:
             self.counts += counts_E
+            self.trained_counts += counts_E
         else:
             self.eval_counts += counts_E
         # Sort the token-expert assignments by expert once, run each expert on its contiguous block.
@@ -254,6 +258,18 @@ class MoE(nn.Module):
             return None
         load_E = self.eval_counts.double() / (total / self.n_routed)
         return float(load_E.max()), float(load_E.min()), int((load_E < STARVED_LOAD).sum())
+
+    def trained_load_stats(self) -> tuple[float, float] | None:
+        """(max / mean, min / mean) of the training-token counts since the last `reset_trained_counts`: what each
+        expert trained on, under the bias as it moved (None before any training forward)."""
+        total = int(self.trained_counts.sum())
+        if total == 0:
+            return None
+        load_E = self.trained_counts.double() / (total / self.n_routed)
+        return float(load_E.max()), float(load_E.min())
+
+    def reset_trained_counts(self) -> None:
+        self.trained_counts.zero_()
 
 
 def sequence_balance_loss(scores_BLE: Tensor, expert_BLK: Tensor) -> Tensor:

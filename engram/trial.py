@@ -452,19 +452,35 @@ def set_balance_rate(model: EngramMoE, total_steps: int) -> float:
     return rate
 
 
+# The trained-on expert load is counted over this share of a trial's last steps (at least one step).
+TRAINED_LOAD_TAIL = 0.1
+
+
+def trained_load_tail_steps(total_steps: int) -> int:
+    return max(1, math.ceil(TRAINED_LOAD_TAIL * total_steps))
+
+
 def router_diagnostics_empty() -> dict[str, None]:
-    return {"expert_load_max": None, "expert_load_min": None, "experts_starved": None}
+    return {"expert_load_max": None, "expert_load_min": None, "experts_starved": None,
+            "expert_train_load_max": None, "expert_train_load_min": None}
 
 
 def router_diagnostics(model: EngramMoE) -> dict[str, float | int | None]:
-    """Expert load of the last evaluation (validation windows under the final router), worst MoE layer:
-    expert_load_max / expert_load_min (max / mean and min / mean), experts_starved (below STARVED_LOAD x mean,
-    summed over layers). None where the model has no MoE layer or no evaluation followed the last step."""
+    """Expert load, worst MoE layer, two ways (docs/fairness.md, "Two loads"):
+    - of the last evaluation (validation windows under the final router and bias): expert_load_max /
+      expert_load_min (max / mean and min / mean), experts_starved (below STARVED_LOAD x mean, summed over layers);
+    - of the training tokens over the trial's last TRAINED_LOAD_TAIL of steps, under the bias as it moved: what
+      the experts trained on (expert_train_load_max / expert_train_load_min).
+    None where the model has no MoE layer, or no evaluation followed the last step (the first three)."""
+    out: dict[str, float | int | None] = router_diagnostics_empty()
     stats = [s for s in (moe.load_stats() for moe in model.moe_layers()) if s is not None]
-    if not stats:
-        return router_diagnostics_empty()
-    return {"expert_load_max": max(s[0] for s in stats), "expert_load_min": min(s[1] for s in stats),
-            "experts_starved": sum(s[2] for s in stats)}
+    if stats:
+        out.update(expert_load_max=max(s[0] for s in stats), expert_load_min=min(s[1] for s in stats),
+                   experts_starved=sum(s[2] for s in stats))
+    trained = [s for s in (moe.trained_load_stats() for moe in model.moe_layers()) if s is not None]
+    if trained:
+        out.update(expert_train_load_max=max(s[0] for s in trained), expert_train_load_min=min(s[1] for s in trained))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -532,6 +548,7 @@ class _Trial:
         self.tokens_per_step = tcfg.batch_size * mcfg.seq_len
         self.total_steps = horizon_steps(tcfg, self.fpt, mcfg.seq_len)
         self.balance_rate = set_balance_rate(self.model, self.total_steps)
+        self.trained_load_from = self.total_steps - trained_load_tail_steps(self.total_steps)  # count after this step
         self.log_every = max(1, math.ceil(self.total_steps / N_CURVE_POINTS))
 
         self.step = 0  # optimiser steps completed
@@ -566,6 +583,9 @@ class _Trial:
             if not math.isfinite(grad_norm):
                 return self._finish("diverged", f"non-finite gradient norm at step {step}")
             self.usage.record(batch_BT[:, :-1].to(self.device))
+            if step == self.trained_load_from:
+                for moe in self.model.moe_layers():
+                    moe.reset_trained_counts()
             self.step = step
             self.loss_sum += loss
             self.loss_n += 1
@@ -637,6 +657,7 @@ class _Trial:
             "curve": [dataclasses.asdict(p) for p in self.curve], "loss_sum": self.loss_sum, "loss_n": self.loss_n,
             "best_val": self.best_val, "elapsed": self.elapsed, "train_seconds": self.train_seconds,
             "table_reads": self.usage.state(),
+            "trained_counts": [moe.trained_counts.cpu() for moe in self.model.moe_layers()],
         }
         atomic_write(self.checkpoint_dir / STATE_FILE, lambda f: torch.save(state, f))
         if notify and self.on_checkpoint is not None:
@@ -658,6 +679,8 @@ class _Trial:
         self.loss_sum, self.loss_n = state["loss_sum"], state["loss_n"]
         self.best_val, self.elapsed, self.train_seconds = state["best_val"], state["elapsed"], state["train_seconds"]
         self.usage.load_state(state["table_reads"])
+        for moe, counts in zip(self.model.moe_layers(), state.get("trained_counts", [])):
+            moe.trained_counts.copy_(counts)
 
 
 def _check_key(state: dict[str, Any], key: str, path: Path) -> None:

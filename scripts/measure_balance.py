@@ -27,6 +27,7 @@ import sys
 import time
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 
 import engram.trial
@@ -64,6 +65,7 @@ def variant(kw: dict[str, str]):
     noise, noise_frac = float(kw.get("noise", 0)), float(kw.get("noise_frac", 0.5))
 
     def set_balance_rate(model, total_steps):  # the trial's length reaches every MoE layer here
+        CAPTURED["model"] = model
         rate = saved_rate(model, total_steps)
         for moe in model.moe_layers():
             moe.total_steps, moe.step, moe.base_rate = total_steps, 0, rate
@@ -75,6 +77,32 @@ def variant(kw: dict[str, str]):
         self.step += 1  # optimiser steps done
         if kw.get("schedule") == "linear":
             self.balance_rate = 2 * self.base_rate * max(0.0, 1 - (self.step - 1) / self.total_steps)
+        if self.step > self.total_steps - TAIL_STEPS:  # the training batches' load over the last steps
+            tail = getattr(self, "tail_counts", None)
+            self.tail_counts = self.counts.clone() if tail is None else tail + self.counts
+            self.tail_bias = getattr(self, "tail_bias", []) + [self.bias.clone()]  # the bias each batch was routed by
+            batch_load = self.counts.double() / (float(self.counts.sum()) / self.n_routed)
+            self.tail_batch_max = getattr(self, "tail_batch_max", []) + [float(batch_load.max())]
+        if "tailanneal" in kw:  # the rate falls linearly to a tenth over the last F of the steps
+            frac = float(kw["tailanneal"])
+            left = (self.total_steps - self.step) / (frac * self.total_steps)
+            self.balance_rate = self.base_rate * (0.1 + 0.9 * min(1.0, max(0.0, left)))
+        if "ema" in kw or kw.get("update") == "prop":
+            # ema=D: the load is an average of the last ~1 / (1 - D) batches' loads (D = 0: this batch's);
+            # update=prop,gain=G: the step is G x rate x the relative load error (clipped to +-1), not its sign
+            with torch.no_grad():
+                decay = float(kw.get("ema", 0))
+                ema = getattr(self, "ema_load", None)
+                load_E = self.counts.double() * (self.n_routed / max(int(self.counts.sum()), 1))
+                self.ema_load = load_E if ema is None else decay * ema + (1 - decay) * load_E
+                self.eval_counts.zero_()
+                if kw.get("update") == "prop":
+                    delta_E = float(kw.get("gain", 4)) * (1 - self.ema_load).clamp(-1, 1).float()
+                else:
+                    delta_E = torch.sign(1 - self.ema_load).float()
+                self.bias += self.balance_rate * (delta_E - delta_E.mean())
+                self.counts.zero_()
+            return
         base_update(self)
 
     def select(self, scores_TE):
@@ -102,6 +130,76 @@ def variant(kw: dict[str, str]):
         engram.trial.set_balance_rate = saved_rate
         for name, fn in saved.items():
             setattr(MoE, name, fn)
+
+
+TAIL_STEPS = 25
+CAPTURED: dict = {}  # the last trial's model (set_balance_rate sees it first)
+
+
+def _tail_load(model) -> float | None:
+    """Worst MoE layer's max/mean of the training batches' counts summed over the last TAIL_STEPS steps."""
+    worst = None
+    for moe in model.moe_layers():
+        tail = getattr(moe, "tail_counts", None)
+        if tail is not None and int(tail.sum()) > 0:
+            load = tail.double() / (float(tail.sum()) / moe.n_routed)
+            worst = max(worst or 0.0, float(load.max()))
+    return None if worst is None else round(worst, 3)
+
+
+def _val_document_names(data_cfg) -> list[str] | None:
+    """The validation documents' names in split order (stdlib and text corpora)."""
+    from engram import data as D
+    try:
+        src = D._resolve(data_cfg)
+        docs, _ = D._documents(data_cfg, src)
+    except Exception:
+        return None
+    is_val = D._split([n for n, _ in docs], data_cfg)
+    return [n for (n, _), v in zip(docs, is_val) if v]
+
+
+@torch.no_grad()
+def _probe(config, model) -> dict[str, float]:
+    """Worst layer's max/mean load of the final model: on the validation windows under the final bias and under
+    the mean bias of the last TAIL_STEPS batches, on 256 random training windows under the final bias; and the
+    mean over the last TAIL_STEPS training batches of one batch's max/mean."""
+    from engram.data import prepare_data
+    from engram.trial import evaluate, sample_batch, validation_windows
+
+    data = prepare_data(config.data, config.model.vocab_size, None, seq_len=config.model.seq_len)
+    val_NT = validation_windows(data.val, config.model.seq_len, config.train.eval_tokens)
+    train_NT = sample_batch(data.train, 256, config.model.seq_len, torch.Generator().manual_seed(12345))
+    moes = model.moe_layers()
+
+    def load(windows_NT) -> float:
+        for moe in moes:
+            moe.eval_counts.zero_()
+        evaluate(model, windows_NT, 16, torch.device("cpu"))
+        return round(max(moe.load_stats()[0] for moe in moes), 3)
+
+    out = {"probe_val_final_bias": load(val_NT), "probe_train_final_bias": load(train_NT),
+           "probe_train1024_final_bias": load(sample_batch(data.train, 1024, config.model.seq_len,
+                                                            torch.Generator().manual_seed(54321)))}
+    # The validation windows outside the codec tables (encodings/*.py: 22% of the stdlib split's bytes at seed 0)
+    names = _val_document_names(config.data)
+    eot = data.eot_id if hasattr(data, "eot_id") else None
+    if names is not None and eot is not None:
+        starts = np.linspace(0, len(data.val) - config.model.seq_len - 1, len(val_NT)).round().astype(np.int64)
+        doc_of_pos = np.cumsum(np.asarray(data.val) == eot)  # documents joined with eot_id
+        keep = [i for i, s0 in enumerate(starts) if not names[min(doc_of_pos[s0], len(names) - 1)]
+                .startswith("encodings/")]
+        out["probe_val_no_codecs"] = load(val_NT[keep])
+        out["probe_val_codec_share"] = round(1 - len(keep) / len(val_NT), 3)
+    final = [moe.bias.clone() for moe in moes]
+    for moe in moes:
+        moe.bias.copy_(torch.stack(moe.tail_bias).mean(0))
+    out["probe_val_tail_mean_bias"] = load(val_NT)
+    out["probe_train_tail_mean_bias"] = load(train_NT)
+    for moe, b in zip(moes, final):
+        moe.bias.copy_(b)
+    out["probe_batch_max_mean"] = round(max(sum(m.tail_batch_max) / len(m.tail_batch_max) for m in moes), 3)
+    return out
 
 
 def main(argv: list[str]) -> None:
@@ -139,8 +237,10 @@ def main(argv: list[str]) -> None:
         t0 = time.perf_counter()
         with variant(kw):
             result = run_trial(config)
-        print(json.dumps({"case": name, **kw, "val": round(result.final_val_loss, 4), "steps": result.steps,
+        probe = _probe(config, CAPTURED["model"]) if kw.get("probe") else {}
+        print(json.dumps({"case": name, **kw, **probe, "val": round(result.final_val_loss, 4), "steps": result.steps,
                           "n_routed": model.n_routed, "seconds": round(time.perf_counter() - t0, 1),
+                          "train_tail_max_mean": _tail_load(CAPTURED["model"]),
                           **{k: v for k, v in result.diagnostics.items() if k.startswith(("expert", "balance"))}}),
               flush=True)
 

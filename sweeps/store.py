@@ -188,7 +188,8 @@ def _diagnostic_fields(trial: PlannedTrial, result: TrialResult | None) -> dict[
     return {"d_ff_dense": trial.config.model.d_ff_dense, "table_params": int(trial.counts.engram_tables),
             "lookups_per_row": trial.lookups_per_row,
             **{k: diag.get(k) for k in ("rows_read_share", "lookups_median", "lookups_p10", "table_update_rms",
-                                        "table_init_rms", "expert_load_max", "expert_load_min", "experts_starved")}}
+                                        "table_init_rms", "expert_load_max", "expert_load_min", "experts_starved",
+                                        "expert_train_load_max", "expert_train_load_min")}}
 
 
 def _mix_columns(trial: PlannedTrial, result: TrialResult | None) -> dict[str, Any]:
