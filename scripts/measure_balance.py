@@ -14,6 +14,15 @@ pass": each balanced worse or no better than the default; commonmode is the firs
   schedule=linear         bias step 2 x the effective rate at step 1, falling linearly to zero (same travel)
   update=rprop            per-expert sign steps that grow x1.2 while their sign holds and halve when it flips
   commonmode=B            B x the variance across experts of the batch-mean router logit, added to the loss
+  ema=D                   the bias steps by the sign of an average of the loads (EMA, decay D), not this batch's
+  update=prop[,gain=G]    the bias steps by G (4) x rate x the relative load error (clipped to +-1), not its sign
+  tailanneal=F            the bias rate falls linearly to a tenth of itself over the last F of the steps
+  ("router balance, fourth pass": none balanced the final bias better)
+
+and `probe=1`, which adds, worst layer's max/mean load of the trained model: on the validation windows under the
+final bias and under the mean bias of the last 25 steps, without the stdlib split's codec tables (encodings/*), on
+256 and 1,024 random training windows; of one training batch (mean of the last 25); and `train_tail_max_mean`,
+the training tokens of the last 25 steps under the bias as it moved (what `expert_train_load_max` records).
 
 Every other setting is the current sweep.yaml's (since D3 it sets moments 10 and travel 0.25; the LOG's screens ran
 on sweep.yaml at a3a1f28, travel 1 and no moments: pass `moments=none,travel=1` to repeat them). One thread.
@@ -153,7 +162,7 @@ def _val_document_names(data_cfg) -> list[str] | None:
     try:
         src = D._resolve(data_cfg)
         docs, _ = D._documents(data_cfg, src)
-    except Exception:
+    except (D.DataError, OSError):  # a corpus without named documents (e.g. a token file)
         return None
     is_val = D._split([n for n, _ in docs], data_cfg)
     return [n for (n, _), v in zip(docs, is_val) if v]
@@ -183,7 +192,7 @@ def _probe(config, model) -> dict[str, float]:
                                                             torch.Generator().manual_seed(54321)))}
     # The validation windows outside the codec tables (encodings/*.py: 22% of the stdlib split's bytes at seed 0)
     names = _val_document_names(config.data)
-    eot = data.eot_id if hasattr(data, "eot_id") else None
+    eot = data.eot_id
     if names is not None and eot is not None:
         starts = np.linspace(0, len(data.val) - config.model.seq_len - 1, len(val_NT)).round().astype(np.int64)
         doc_of_pos = np.cumsum(np.asarray(data.val) == eot)  # documents joined with eot_id
