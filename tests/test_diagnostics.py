@@ -78,7 +78,7 @@ def test_diagnostics_survive_a_resume(constant_corpus, tmp_path):
     assert resumed.diagnostics == pytest.approx(whole.diagnostics)
 
 
-def test_trained_load_counts_the_last_steps_and_survives_a_resume(constant_corpus, tmp_path, monkeypatch):
+def test_trained_load_counts_the_last_steps_and_survives_a_resume(tmp_path, monkeypatch):
     """expert_train_load_* = max / min over mean of the training-token counts of the last 10% of the steps (worst
     layer), counted independently here from what each bias update saw; a resume inside that window keeps them."""
     steps = 20
