@@ -23,6 +23,8 @@ and `probe=1`, which adds, worst layer's max/mean load of the trained model: on 
 final bias and under the mean bias of the last 25 steps, without the stdlib split's codec tables (encodings/*), on
 256 and 1,024 random training windows; of one training batch (mean of the last 25); and `train_tail_max_mean`,
 the training tokens of the last 25 steps under the bias as it moved (what `expert_train_load_max` records).
+With `probe=1,solve=N` it then solves the bias on 256 other training windows (N proportional steps) and reports
+the load of those, of the validation windows and of 1,024 training windows under it, and the validation loss change.
 
 Every other setting is the current sweep.yaml's (since D3 it sets moments 10 and travel 0.25; the LOG's screens ran
 on sweep.yaml at a3a1f28, travel 1 and no moments: pass `moments=none,travel=1` to repeat them). One thread.
