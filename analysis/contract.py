@@ -28,6 +28,11 @@ STATUSES = ("ok", "failed", "diverged")
 # The columns of a run row and of a curve point (docs/results-contract.md describes each). Adding a column: add it
 # here, fill it in sweeps/store.py's `result_row`, describe it in docs/results-contract.md; older files read on,
 # with the new column missing.
+# The diagnostics a trial records (engram.trial: TableUsage.summary, router_diagnostics), stored as run columns
+# under these names by sweeps.store and read by analysis.diagnostics.
+RECORDED_DIAGNOSTICS = ("rows_read_share", "lookups_median", "lookups_p10", "table_update_rms", "table_init_rms",
+                        "expert_load_max", "expert_load_min", "experts_starved", "expert_train_load_max",
+                        "expert_train_load_min")
 RUN_SCHEMA = pa.schema([
     ("trial_id", pa.string()), ("sweep", pa.string()), ("experiment", pa.string()), ("kind", pa.string()),
     ("memory", pa.string()), ("rho", pa.float64()), ("rho_achieved", pa.float64()), ("slots", pa.int64()),

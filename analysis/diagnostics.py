@@ -17,6 +17,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from analysis.contract import RECORDED_DIAGNOSTICS
+
 # Reads per table row below which a row's movement is limited by how often it was read. Measured (LOG.md,
 # 2026-11-30, issue 7; docs/fairness.md): in a default-budget Engram trial (1e5 slots, rows binned by reads) the
 # mean RMS update of a row grows with its reads and levels off at ~0.25 of its init RMS above ~512 reads; rows
@@ -27,9 +29,7 @@ BALANCED_MAX_LOAD = 1.5
 # An expert below this share of the mean load is starved (engram.moe.STARVED_LOAD; kept here: no torch import).
 STARVED_SHARE = 0.1
 
-DIAGNOSTIC_COLUMNS = ("lookups_per_row", "rows_read_share", "lookups_median", "lookups_p10", "table_update_rms",
-                      "table_init_rms", "expert_load_max", "expert_load_min", "experts_starved",
-                      "expert_train_load_max", "expert_train_load_min")
+DIAGNOSTIC_COLUMNS = ("lookups_per_row", *RECORDED_DIAGNOSTICS)  # the planned reads per row, then the recorded
 
 
 def diagnostics_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -31,7 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from analysis.contract import (COMPLETE_STATUSES, CURVE_SCHEMA, CURVES_DIR, DAMAGED_DIR, RUN_SCHEMA, RUNS_DIR,
-                               SPEC_FILE, STATUSES, TEMP_PREFIX, Damaged, damaged_files, read_folder)
+                               RECORDED_DIAGNOSTICS, SPEC_FILE, STATUSES, TEMP_PREFIX, Damaged, damaged_files,
+                               read_folder)
 from engram.util import atomic_write
 
 if TYPE_CHECKING:
@@ -187,9 +188,7 @@ def _diagnostic_fields(trial: PlannedTrial, result: TrialResult | None) -> dict[
     diag = result.diagnostics if result is not None else {}
     return {"d_ff_dense": trial.config.model.d_ff_dense, "table_params": int(trial.counts.engram_tables),
             "lookups_per_row": trial.lookups_per_row,
-            **{k: diag.get(k) for k in ("rows_read_share", "lookups_median", "lookups_p10", "table_update_rms",
-                                        "table_init_rms", "expert_load_max", "expert_load_min", "experts_starved",
-                                        "expert_train_load_max", "expert_train_load_min")}}
+            **{k: diag.get(k) for k in RECORDED_DIAGNOSTICS}}
 
 
 def _mix_columns(trial: PlannedTrial, result: TrialResult | None) -> dict[str, Any]:

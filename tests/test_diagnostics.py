@@ -11,12 +11,13 @@ import pandas as pd
 import pytest
 import torch
 
-from analysis.diagnostics import BALANCED_MAX_LOAD, TRAINED_LOOKUPS_PER_ROW, diagnostics_table
+from analysis.contract import RECORDED_DIAGNOSTICS, RUN_SCHEMA
+from analysis.diagnostics import BALANCED_MAX_LOAD, STARVED_SHARE, TRAINED_LOOKUPS_PER_ROW, diagnostics_table
 from analysis.report import write_report
 from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig
 from engram.memory_layout import memory_primes
 from engram.model import EngramMoE
-from engram.moe import MoE
+from engram.moe import STARVED_LOAD, MoE
 from engram.trial import run_trial, trained_load_tail_steps
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -58,6 +59,10 @@ def test_table_reads_follow_a_known_lookup_pattern(constant_corpus, tmp_path):
     # Router load of the final validation pass: consistent bounds, experts counted.
     assert d["expert_load_max"] >= 1.0 >= d["expert_load_min"] >= 0.0
     assert 0 <= d["experts_starved"] <= MODEL.n_routed * MODEL.n_moe_layers
+    # Every diagnostic the trial records is a stored column (balance_rate, the effective bias step, stays in the
+    # trial result only).
+    assert set(d) - {"balance_rate"} == set(RECORDED_DIAGNOSTICS) <= set(RUN_SCHEMA.names)
+    assert STARVED_SHARE == STARVED_LOAD  # analysis's copy (no torch import there) of the trial's threshold
 
 
 def test_diagnostics_survive_a_resume(constant_corpus, tmp_path):
