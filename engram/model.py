@@ -276,9 +276,10 @@ class _HeadCrossEntropy(torch.autograd.Function):
                 torch.mm(p_CV, w_VD, out=dx_ND[chunk])
                 dw_VD.addmm_(p_CV.t(), x_CD)
             else:
-                # Divide in place, then round into the bf16 buffer: division with a bf16 out= measured 1.8 ms per
-                # (128, 4096) chunk against ~0.5 ms for the two steps.
-                g_CV = g_NV[chunk].copy_(e_CV.div_(sum_C1)).scatter_(1, t_C1, p_target_C1.to(g_NV.dtype))
+                # Divide and set the target's entry in fp32, then round into the bf16 buffer once: division with
+                # a bf16 out= measured 1.8 ms per (128, 4096) chunk against ~0.5 ms for the two steps, and a bf16
+                # scatter_ copies its whole chunk twice (0.28 ms against 0.002 ms in fp32, torch 2.13 CPU).
+                g_CV = g_NV[chunk].copy_(e_CV.div_(sum_C1).scatter_(1, t_C1, p_target_C1))
                 torch.mm(g_CV, w_VD, out=dx_ND[chunk])
         if needs_grad:
             if g_NV is not None:
