@@ -36,7 +36,10 @@ FIXED = Throughput(1e11, 5.0, "fixed (tests)")
 # Every spec with a memory experiment says here whether its header claims all its slot points train (>= the
 # trained-regime threshold of reads per row, `plan`'s warning). A new example with a memory experiment must be
 # added, so that no claim goes unchecked.
-CLAIMS_TRAINED_SLOTS = {"sweep.yaml": True, "smoke.yaml": True, "paper-protocol-gpu.yaml": True, "memory-scaling.yaml": True}
+# memory-scaling.yaml records a run whose 1e5-slot tables trained (measured median 146 reads) but whose mean reads
+# fall under the plan's margin for skew (206 < 256): its header says so.
+CLAIMS_TRAINED_SLOTS = {"sweep.yaml": True, "smoke.yaml": True, "paper-protocol-gpu.yaml": True,
+                        "memory-scaling.yaml": False}
 TRAINED_WARNING = "outside the trained regime"
 # The GPU the paper-protocol example is sized for (its comments): one trial's peak must fit it with run's margin.
 GPU_BYTES = 80e9

@@ -13,7 +13,7 @@ from engram.config import trial_id
 from engram.data import corpus_fingerprint
 from engram.memory_layout import memory_primes
 from sweeps.plan import (STARTUP_SECONDS, Throughput, calibrate_throughput, matmul_flops_per_second, plan_search_trial,
-                         plan_sweep, plan_table)
+                         plan_sweep, plan_table, table_training_warnings)
 from sweeps.sizing import target_p_tot
 from sweeps.spec import SpecError, parse_spec
 from sweeps.tiny import tiny_sweep
@@ -213,6 +213,39 @@ def test_plan_warns_when_slots_outrun_the_budget(base_dir: Path) -> None:
     warning = next(line for line in text.splitlines() if line.startswith("warning: mem (engram)"))
     assert all(f"{t.slots:.3g}" in warning for t in under)
     assert "fairness (tolerance 0.5%)" in text
+
+
+def test_plan_warns_with_a_margin_for_the_skew_of_reads(base_dir: Path) -> None:
+    """The report flags a trial whose MEDIAN read row got < TRAINED_LOOKUPS_PER_ROW reads; the plan sees only the
+    mean, and measured medians fall to ~0.53 of it: a slot point with a mean between the two bounds is warned."""
+    from analysis.diagnostics import PLANNED_LOOKUPS_PER_ROW, TRAINED_LOOKUPS_PER_ROW
+
+    assert PLANNED_LOOKUPS_PER_ROW == 2 * TRAINED_LOOKUPS_PER_ROW
+    def longer(s):
+        s["experiments"][1]["budget"] = 3e10
+    reference = next(t for t in plan_sweep(spec_with(base_dir, longer), throughput=FIXED)
+                     if t.experiment == "mem" and t.memory == "engram" and t.slots == 2000)
+    # Slots that give ~190 mean reads per row at this budget: above the report's 128, below the plan's 256.
+    slots = int(2000 * reference.lookups_per_row / 190)
+
+    def only_these(s):
+        longer(s)
+        s["experiments"][1]["slots"] = [slots]
+        s["experiments"][1]["memory"] = ["engram"]
+    spec = spec_with(base_dir, only_these)
+    trials = plan_sweep(spec, throughput=FIXED)
+    (t,) = {t.slots: t for t in trials if t.experiment == "mem"}.values()
+    assert TRAINED_LOOKUPS_PER_ROW < t.lookups_per_row < PLANNED_LOOKUPS_PER_ROW
+    (warning,) = table_training_warnings(spec, trials)
+    assert f"{t.slots:.3g} ({t.lookups_per_row:.3g}/row)" in warning and "fewer than 256 expected" in warning
+
+    def fewer(s):
+        only_these(s)
+        s["experiments"][1]["slots"] = [slots // 2]
+    spec = spec_with(base_dir, fewer)
+    trials = plan_sweep(spec, throughput=FIXED)
+    assert next(t for t in trials if t.experiment == "mem").lookups_per_row > PLANNED_LOOKUPS_PER_ROW
+    assert table_training_warnings(spec, trials) == []
 
 
 def test_a_p_tot_that_whole_experts_cannot_meet_is_refused(base_dir: Path) -> None:
