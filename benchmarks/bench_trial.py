@@ -22,7 +22,12 @@ As in a sweep's trial workers, glibc is first told to keep large buffers in the 
 (engram.trial.keep_large_buffers_in_heap); `--glibc-defaults` measures without that. `--profile` prints where
 the time of a default bf16 step goes (torch.profiler, operators grouped by what they belong to).
 
+`--widths 128 256 512` measures (s) alone at the default trial's shape scaled in width (d_model w, w / 32 heads,
+dense FFN 3w, experts w / 2 wide; layers, vocabulary, batch and sequence as the default): where the bf16 step
+reaches the issue's 2.5x over the fp32 step as the matmuls' share of a step grows.
+
     python -m benchmarks.bench_trial [--rounds 5] [--steps 4] [--max-bytes 4000000] [--glibc-defaults] [--profile]
+    python -m benchmarks.bench_trial --widths 128 256 512 [--rounds 3] [--steps 2]
 """
 
 from __future__ import annotations
@@ -166,6 +171,8 @@ def main() -> None:
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--glibc-defaults", action="store_true", help="leave glibc's malloc thresholds alone")
     parser.add_argument("--profile", action="store_true", help="also profile a default bf16 and fp32 step")
+    parser.add_argument("--widths", type=int, nargs="+", default=None,
+                        help="only (s), at the default shape scaled to these d_model values")
     args = parser.parse_args()
     torch.set_num_threads(1)
     heap = False if args.glibc_defaults else keep_large_buffers_in_heap()
@@ -175,6 +182,9 @@ def main() -> None:
     train = TrainConfig(steps=1)
     data = prepare_data(DataConfig(max_bytes=args.max_bytes), base.vocab_size, args.cache_dir, seq_len=base.seq_len)
     compression = torch.as_tensor(build_compression(data.token_texts)) if data.token_texts else None
+    if args.widths:
+        width_scan(base, train, data.train, compression, args.widths, args.rounds, args.steps)
+        return
     shape = MemoryConfig(kind="engram", slots=BASE_SLOTS)
     with_engram = dataclasses.replace(base, memory=shape)
     big_engram = dataclasses.replace(base, memory=dataclasses.replace(shape, slots=BASE_SLOTS * SLOTS_FACTOR))
@@ -252,6 +262,33 @@ def main() -> None:
             total = sum(ms for _, ms in rows)
             for name, ms in rows:
                 print(f"  {name:48s} {ms:8.1f} ms  {100 * ms / total:5.1f}%")
+
+
+def scaled(base: ModelConfig, width: int) -> ModelConfig:
+    """The default trial's shape at d_model `width`: heads of 32, dense FFN 3x, experts half the width."""
+    return dataclasses.replace(base, d_model=width, n_heads=max(1, width // 32), d_ff_dense=3 * width,
+                               d_expert=width // 2)
+
+
+def width_scan(base: ModelConfig, train: TrainConfig, tokens: np.ndarray, compression: torch.Tensor | None,
+               widths: list[int], n_rounds: int, n_steps: int) -> None:
+    """(s) per width: today's fp32 step, this code's fp32 step and its bf16 step, interleaved per width."""
+    print(f"torch {torch.__version__}, 1 thread; matmul {MATMUL_N}^3: fp32 "
+          f"{matmul_flops_per_second(torch.float32) / 1e9:.1f} GFLOP/s, bf16 "
+          f"{matmul_flops_per_second(torch.bfloat16) / 1e9:.1f} GFLOP/s")
+    print(f"median of {n_rounds} x {n_steps} steps (thread CPU ms), no memory, batch {train.batch_size} x seq "
+          f"{base.seq_len}, {base.n_layers} layers, vocab {base.vocab_size}")
+    print(f"{'d_model':>7s} {'P_act':>9s} {'today fp32':>10s} {'fp32':>8s} {'bf16':>8s} {'bf16/today':>10s} "
+          f"{'bf16/fp32':>9s}")
+    for width in widths:
+        cfg = scaled(base, width)
+        runs = {"today": make_bench(cfg, train, tokens, compression, "fp32", model_cls=UnfusedLossMoE).run_step,
+                "fp32": make_bench(cfg, train, tokens, compression, "fp32").run_step,
+                "bf16": make_bench(cfg, train, tokens, compression, "bf16").run_step}
+        step_s, _ = time_interleaved(runs, n_rounds, n_steps, n_warmup=2)
+        print(f"{width:7d} {param_counts(cfg).p_act:9d} {1e3 * step_s['today']:10.1f} {1e3 * step_s['fp32']:8.1f} "
+              f"{1e3 * step_s['bf16']:8.1f} {step_s['today'] / step_s['bf16']:10.2f} "
+              f"{step_s['fp32'] / step_s['bf16']:9.2f}", flush=True)
 
 
 if __name__ == "__main__":
