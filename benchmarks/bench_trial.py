@@ -53,6 +53,9 @@ MATMUL_N = 2048  # matmul size for the reference FLOP/s: large enough to run at 
 BASE_SLOTS = 1 << 16  # Engram rows over all tables of the base model of (b)
 SLOTS_FACTOR = 64
 P_TOT_RATIO = 4.0  # P_tot / P_act of the (c) allocation, as in the default sweep
+# Warm-up steps per configuration of --widths: oneDNN compiles a bf16 kernel for every new padded expert block size,
+# which a lone configuration meets over its first tens of steps (a trial's 250 steps amortise them; see main's note).
+WIDTH_WARMUP = 30
 
 
 class UnfusedLossMoE(EngramMoE):
@@ -285,7 +288,7 @@ def width_scan(base: ModelConfig, train: TrainConfig, tokens: np.ndarray, compre
         runs = {"today": make_bench(cfg, train, tokens, compression, "fp32", model_cls=UnfusedLossMoE).run_step,
                 "fp32": make_bench(cfg, train, tokens, compression, "fp32").run_step,
                 "bf16": make_bench(cfg, train, tokens, compression, "bf16").run_step}
-        step_s, _ = time_interleaved(runs, n_rounds, n_steps, n_warmup=2)
+        step_s, _ = time_interleaved(runs, n_rounds, n_steps, n_warmup=WIDTH_WARMUP)
         print(f"{width:7d} {param_counts(cfg).p_act:9d} {1e3 * step_s['today']:10.1f} {1e3 * step_s['fp32']:8.1f} "
               f"{1e3 * step_s['bf16']:8.1f} {step_s['today'] / step_s['bf16']:10.2f} "
               f"{step_s['fp32'] / step_s['bf16']:9.2f}", flush=True)
