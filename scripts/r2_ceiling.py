@@ -1,0 +1,98 @@
+"""How high the memory law's R^2 can go given the seed noise: the report fits L = a - b ln(slots) to single trials,
+so its R^2 has an expectation that more seeds do not raise.
+
+    PYTHONPATH=$PWD python scripts/r2_ceiling.py results/default
+
+For every memory experiment and kind (the report's usable trials) with at least two slot counts and a repeated slot count, one line: the
+least-squares slope b and R^2 over the trials, the seed sd (within-slot-point spread, pooled), the sd of the
+fitted values over the trials, the R^2 to expect, var(fit) / (var(fit) + seed variance), and the seed sd at which
+that expectation would reach --target (default 0.9). A missing or empty store: one line on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.report import read_store, split_usable
+
+PROG = "r2_ceiling"
+USER_ERROR = 2
+
+
+@dataclass(frozen=True)
+class Ceiling:
+    b: float  # slope of L = a - b ln(slots), least squares over the trials
+    r2: float  # over the trials, as the report's log-linear R^2
+    seed_sd: float  # pooled within-slot-point standard deviation
+    fitted_sd: float  # standard deviation of the fitted values over the trials
+    expected_r2: float  # fitted variance / (fitted variance + seed variance)
+
+    def seed_sd_for(self, target: float) -> float:
+        """The seed sd at which the expected R^2 would be `target`, the slope and grid unchanged."""
+        return self.fitted_sd * np.sqrt((1 - target) / target)
+
+
+def r2_ceiling(slots, loss) -> Ceiling:
+    """Ceiling of the log-linear R^2 over single trials at (slots[i], loss[i]); needs 2 distinct slot counts and a
+    slot count with at least 2 trials."""
+    x = np.log(np.asarray(slots, dtype=float))
+    y = np.asarray(loss, dtype=float)
+    groups = pd.Series(y).groupby(x)
+    if groups.ngroups < 2 or len(y) <= groups.ngroups:
+        raise ValueError(f"slots: need 2 distinct slot counts and a repeated one, got {groups.ngroups} distinct of "
+                         f"{len(y)} trials")
+    basis = np.stack([np.ones_like(x), -x], axis=1)
+    coef = np.linalg.lstsq(basis, y, rcond=None)[0]
+    fitted = basis @ coef
+    r2 = 1 - ((y - fitted) ** 2).sum() / ((y - y.mean()) ** 2).sum()
+    within = float(((y - groups.transform("mean").to_numpy()) ** 2).sum() / (len(y) - groups.ngroups))
+    var_fit = float(np.var(fitted))
+    return Ceiling(b=float(coef[1]), r2=float(r2), seed_sd=float(np.sqrt(within)), fitted_sd=float(np.sqrt(var_fit)),
+                   expected_r2=var_fit / (var_fit + within) if var_fit + within > 0 else float("nan"))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser.add_argument("results_dir", type=Path, help="a results store (results/<sweep>)")
+    parser.add_argument("--target", type=float, default=0.9, help="R^2 to reach (default 0.9, issue 10's bar)")
+    args = parser.parse_args(argv)
+    if not 0 < args.target < 1:
+        print(f"{PROG}: error: --target: expected a number in (0, 1), got {args.target}", file=sys.stderr)
+        return USER_ERROR
+    try:
+        if not args.results_dir.is_dir():
+            raise ValueError(f"{args.results_dir}: no such results folder")
+        runs, _, _ = read_store(args.results_dir)
+    except ValueError as err:
+        print(f"{PROG}: error: {str(err).removeprefix('store_dir: ')}", file=sys.stderr)
+        return USER_ERROR
+    usable, _ = split_usable(runs)  # status ok and a finite loss, as the report
+    memory = usable[(usable["kind"] == "memory") & (usable["memory"] != "none")]
+    printed = 0
+    for (experiment, kind), trials in memory.groupby(["experiment", "memory"], sort=True):
+        try:
+            c = r2_ceiling(trials["slots"], trials["final_val_loss"])
+        except ValueError as err:
+            print(f"{experiment} ({kind}): skipped: {err}")
+            continue
+        print(f"{experiment} ({kind}): {len(trials)} trials over {trials['slots'].nunique()} slot counts; "
+              f"b {c.b:.4f}, R^2 {c.r2:.2f}; seed sd {c.seed_sd:.4f}, fitted sd {c.fitted_sd:.4f}; R^2 to expect "
+              f"{c.expected_r2:.2f} however many seeds; {args.target:g} needs a seed sd of "
+              f"{c.seed_sd_for(args.target):.4f}")
+        printed += 1
+    if not printed:
+        print(f"{PROG}: error: {args.results_dir}: no memory experiment with 2 slot counts and a repeated one",
+              file=sys.stderr)
+        return USER_ERROR
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
