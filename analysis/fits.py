@@ -272,9 +272,15 @@ class LogLinearFit(_Sample):
         draws = self.boot[:, 0] - self.boot[:, 1] * np.log(x)
         return Estimate(float(self.predict(x)), *_percentiles(draws, level), level)
 
+    @property
+    def noise_r2(self) -> float:
+        """The R^2 to expect from seed noise alone (`r2_from_seed_noise`); NaN without a repeated x."""
+        return r2_from_seed_noise(self.x, self.loss, self.loss - self.residuals)
+
     def to_dict(self) -> dict:
         return {"form": "L = a - b ln x", "a": self.a.to_dict(), "b": self.b.to_dict(),
-                "r2": _finite_or_none(self.r2), "n_points": self.n_points, "n_seeds": self.n_seeds,
+                "r2": _finite_or_none(self.r2), "noise_r2": _finite_or_none(self.noise_r2),
+                "n_points": self.n_points, "n_seeds": self.n_seeds,
                 **({"bootstrap": self.bootstrap.to_dict()} if self.bootstrap else {})}
 
 
@@ -863,6 +869,21 @@ def _weighted_lstsq(basis_nk, y_n, w_Bn, penalty_kk, ok_B) -> np.ndarray:
 def _r2(y: np.ndarray, fitted: np.ndarray) -> float:
     ss_tot = float(np.sum((y - y.mean()) ** 2))
     return float("nan") if ss_tot == 0 else 1.0 - float(np.sum((y - fitted) ** 2)) / ss_tot
+
+
+def r2_from_seed_noise(x, loss, fitted) -> float:
+    """The R^2 over single trials to expect if the fitted law were exact and trials scattered around it as much as
+    trials at the same x scatter around their mean: var(fitted) / (var(fitted) + pooled within-x variance). More
+    seeds leave it where it is (they sharpen the fit's intervals instead). NaN when no x is repeated."""
+    x = np.asarray(x, dtype=float)
+    loss = np.asarray(loss, dtype=float)
+    _, group, count = np.unique(x, return_inverse=True, return_counts=True)
+    if len(x) <= len(count):
+        return float("nan")
+    means = np.bincount(group, weights=loss) / count
+    within = float(np.sum((loss - means[group]) ** 2)) / (len(x) - len(count))
+    var_fit = float(np.var(np.asarray(fitted, dtype=float)))
+    return float("nan") if var_fit + within == 0 else var_fit / (var_fit + within)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -752,7 +752,10 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                        f"alongside; extrapolation to {EXTRAPOLATION_FACTOR:g}x the largest slot count sampled. A "
                        "parameter whose interval spans more than a decade (or reaches 0), or every parameter when "
                        "R² < 0, gets no number ('not identified'); the log-linear form is then the one used, for "
-                       "the extrapolation too."))
+                       "the extrapolation too. R² is over single trials, so seed noise caps it: 'log-linear R² from "
+                       "seed noise' is what an exact log-linear law would score given how far trials at the same "
+                       "slot count scatter (var(fit) / (var(fit) + pooled seed variance)); more seeds do not "
+                       "raise it."))
         rows = []
         for (experiment, memory, budget), fit in result.power_laws.items():
             x_far = EXTRAPOLATION_FACTOR * float(fit.x.max())
@@ -767,6 +770,8 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                          "R²": "-" if only_loglinear else f"{fit.r2:.4f}",
                          "max |residual|": f"{np.max(np.abs(fit.residuals)):.4f}",
                          "log-linear b": str(ll.b), "log-linear R²": f"{ll.r2:.4f}",
+                         "log-linear R² from seed noise": "-" if not np.isfinite(ll.noise_r2)
+                         else f"{ll.noise_r2:.2f}",
                          f"L at {EXTRAPOLATION_FACTOR:g}x max slots":
                              f"{_g(x_far)}: " + str(fit.extrapolate(x_far) if only_loglinear or fit.identified
                                                     else fit.loglinear.extrapolate(x_far)),

@@ -1,5 +1,6 @@
 """How high the memory law's R^2 can go given the seed noise: the report fits L = a - b ln(slots) to single trials,
-so its R^2 has an expectation that more seeds do not raise.
+so its R^2 has an expectation that more seeds do not raise (the report prints it too, as "log-linear R^2 from
+seed noise"; this script adds the seed sd that a target R^2 would need).
 
     PYTHONPATH=$PWD python scripts/r2_ceiling.py results/default
 
@@ -20,6 +21,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from analysis.fits import r2_from_seed_noise
 from analysis.report import read_store, split_usable
 
 PROG = "r2_ceiling"
@@ -32,7 +34,7 @@ class Ceiling:
     r2: float  # over the trials, as the report's log-linear R^2
     seed_sd: float  # pooled within-slot-point standard deviation
     fitted_sd: float  # standard deviation of the fitted values over the trials
-    expected_r2: float  # fitted variance / (fitted variance + seed variance)
+    expected_r2: float  # fitted variance / (fitted variance + seed variance): analysis.fits.r2_from_seed_noise
 
     def seed_sd_for(self, target: float) -> float:
         """The seed sd at which the expected R^2 would be `target`, the slope and grid unchanged."""
@@ -53,9 +55,8 @@ def r2_ceiling(slots, loss) -> Ceiling:
     fitted = basis @ coef
     r2 = 1 - ((y - fitted) ** 2).sum() / ((y - y.mean()) ** 2).sum()
     within = float(((y - groups.transform("mean").to_numpy()) ** 2).sum() / (len(y) - groups.ngroups))
-    var_fit = float(np.var(fitted))
-    return Ceiling(b=float(coef[1]), r2=float(r2), seed_sd=float(np.sqrt(within)), fitted_sd=float(np.sqrt(var_fit)),
-                   expected_r2=var_fit / (var_fit + within) if var_fit + within > 0 else float("nan"))
+    return Ceiling(b=float(coef[1]), r2=float(r2), seed_sd=float(np.sqrt(within)),
+                   fitted_sd=float(np.std(fitted)), expected_r2=r2_from_seed_noise(x, y, fitted))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

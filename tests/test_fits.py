@@ -12,7 +12,7 @@ import analysis.fits
 from analysis.fits import (LLAMA3_ISOFLOPS, DropReason, FitError, StartGrid, bootstrap_counts, fit_budget_trend,
                            fit_chinchilla, fit_chinchilla_table, fit_isoflop, fit_isoflop_table, fit_loglinear,
                            fit_optimum_scaling, fit_power_law, fit_power_law_table, fit_u_curve, fit_u_curve_table,
-                           single_threaded_blas)
+                           r2_from_seed_noise, single_threaded_blas)
 from analysis.synthetic import planted_u_curve, summarise_calibration, u_curve_calibration
 from analysis.fits import _loaded_openblas  # the libraries whose setting the context manager changes
 
@@ -171,6 +171,24 @@ def test_loglinear_form_alone_for_two_slot_counts():
     assert fit.bootstrap.scheme == "seeds+points" and fit.b.lo <= fit.b.value <= fit.b.hi
     with pytest.raises(ValueError, match="2 distinct x"):
         fit_loglinear([1e4, 1e4], [3.0, 3.1])
+
+
+def test_the_r2_that_seed_noise_leaves_is_what_many_seeds_converge_to():
+    # An exact log-linear law, trials scattered with sd 0.01 around it: R^2 over single trials goes to
+    # var(law) / (var(law) + 0.01^2), well under 1, however many seeds; noise_r2 estimates that from the data.
+    rng = np.random.default_rng(3)
+    slots = np.array([500.0, 2800.0, 16000.0])
+    law = 4.0 - 0.01 * np.log(slots)
+    planted = np.var(law) / (np.var(law) + 0.01 ** 2)
+    x = np.repeat(slots, 1000)
+    y = 4.0 - 0.01 * np.log(x) + rng.normal(0, 0.01, len(x))
+    fit = fit_loglinear(x, y, np.tile(np.arange(1000), 3), n_resamples=20)
+    assert 0.5 < planted < 0.8
+    assert fit.noise_r2 == pytest.approx(planted, abs=0.02) and fit.r2 == pytest.approx(planted, abs=0.02)
+    assert fit.to_dict()["noise_r2"] == pytest.approx(fit.noise_r2)
+    assert r2_from_seed_noise([1e3, 1e3, 1e4, 1e4], [3.0, 3.0, 2.9, 2.9], [3.0, 3.0, 2.9, 2.9]) == 1.0
+    unrepeated = fit_loglinear([1e3, 1e4, 1e5], [3.0, 2.9, 2.85], n_resamples=20)
+    assert np.isnan(unrepeated.noise_r2) and unrepeated.to_dict()["noise_r2"] is None
 
 
 def test_power_law_needs_three_distinct_x():

@@ -55,6 +55,7 @@ def test_fits_json_holds_every_fit_with_intervals(synthetic_report):
     engram = [p for p in doc["power_laws"] if p["experiment"] == "memory" and p["memory"] == "engram"][0]
     assert engram["alpha"]["lo"] <= PLANTED["memory"]["engram"][2] <= engram["alpha"]["hi"]
     assert engram["loglinear"]["b"]["value"] > 0
+    assert 0 < engram["loglinear"]["noise_r2"] <= 1  # replicated slot points: the R^2 seed noise leaves
     assert engram["extrapolation"]["power_law"]["lo"] <= engram["extrapolation"]["power_law"]["value"]
     assert doc["budget_trends"][0]["experiment"] == "alloc"
     assert doc["not_fitted"] == []
@@ -160,6 +161,9 @@ def test_unidentified_law_and_dropped_resamples_are_stated(tmp_path):
     assert flat["identified"] is False and flat["form_used"] == "log-linear (power law not identified)"
     assert flat["alpha"]["value"] is None and flat["extrapolation"]["power_law"] is None
     assert "not identified (" in md and "log-linear (power law not identified)" in md
+    # a flat law under seed noise: little R^2 to expect; single trials per slot count: nothing to say
+    assert "log-linear R² from seed noise" in md and flat["loglinear"]["noise_r2"] < 0.5
+    assert [p for p in doc["power_laws"] if p["experiment"] == "memfour"][0]["loglinear"]["noise_r2"] is None
     assert "## Dropped bootstrap resamples" in md
     four = [d for d in doc["dropped_resamples"] if "memfour" in d["fit"]][0]
     assert four["n_failed"] > 0.05 * four["n_resamples"] and four["warning"]
