@@ -4,10 +4,11 @@ seed noise"; this script adds the seed sd that a target R^2 would need).
 
     PYTHONPATH=$PWD python scripts/r2_ceiling.py results/default
 
-For every memory experiment and kind (the report's usable trials) with at least two slot counts and a repeated slot count, one line: the
-least-squares slope b and R^2 over the trials, the seed sd (within-slot-point spread, pooled), the sd of the
-fitted values over the trials, the R^2 to expect, var(fit) / (var(fit) + seed variance), and the seed sd at which
-that expectation would reach --target (default 0.9). A missing or empty store: one line on stderr, exit status 2.
+For every memory experiment, kind and budget (the report's usable trials) with at least two slot counts and a
+repeated one, one line: the least-squares slope b and R^2 over the trials, the seed sd (within-slot-point spread,
+pooled), the sd of the fitted values over the trials, the R^2 to expect, var(fit) / (var(fit) + seed variance),
+and the seed sd at which that expectation would reach --target (default 0.9). A missing or empty store: one line
+on stderr, exit status 2.
 """
 
 from __future__ import annotations
@@ -77,13 +78,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     usable, _ = split_usable(runs)  # status ok and a finite loss, as the report
     memory = usable[(usable["kind"] == "memory") & (usable["memory"] != "none")]
     printed = 0
-    for (experiment, kind), trials in memory.groupby(["experiment", "memory"], sort=True):
+    for (experiment, kind, budget), trials in memory.groupby(["experiment", "memory", "budget"], sort=True, dropna=False):
+        name = f"{experiment} ({kind}) @ {budget:.3g} FLOPs"
         try:
             c = r2_ceiling(trials["slots"], trials["final_val_loss"])
         except ValueError as err:
-            print(f"{experiment} ({kind}): skipped: {err}")
+            print(f"{name}: skipped: {err}")
             continue
-        print(f"{experiment} ({kind}): {len(trials)} trials over {trials['slots'].nunique()} slot counts; "
+        print(f"{name}: {len(trials)} trials over {trials['slots'].nunique()} slot counts; "
               f"b {c.b:.4f}, R^2 {c.r2:.2f}; seed sd {c.seed_sd:.4f}, fitted sd {c.fitted_sd:.4f}; R^2 to expect "
               f"{c.expected_r2:.2f} however many seeds; {args.target:g} needs a seed sd of "
               f"{c.seed_sd_for(args.target):.4f}")

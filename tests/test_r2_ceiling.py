@@ -62,7 +62,7 @@ def test_prints_a_line_per_memory_experiment(tmp_path: Path, capsys: pytest.Capt
     assert _script().main([str(store)]) == 0
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines and all("R^2 to expect" in line for line in lines if "skipped" not in line)
-    assert any(line.startswith("memory (engram):") for line in lines)
+    assert any(line.startswith("memory (engram) @ ") for line in lines)
 
 
 def test_a_missing_store_is_one_line_and_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
