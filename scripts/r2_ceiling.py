@@ -78,7 +78,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     usable, _ = split_usable(runs)  # status ok and a finite loss, as the report
     memory = usable[(usable["kind"] == "memory") & (usable["memory"] != "none")]
     printed = 0
-    for (experiment, kind, budget), trials in memory.groupby(["experiment", "memory", "budget"], sort=True, dropna=False):
+    groups = memory.groupby(["experiment", "memory", "budget"], sort=True, dropna=False)
+    for (experiment, kind, budget), trials in groups:
         name = f"{experiment} ({kind}) @ {budget:.3g} FLOPs"
         try:
             c = r2_ceiling(trials["slots"], trials["final_val_loss"])
