@@ -53,8 +53,8 @@ MATMUL_N = 2048  # matmul size for the reference FLOP/s: large enough to run at 
 BASE_SLOTS = 1 << 16  # Engram rows over all tables of the base model of (b)
 SLOTS_FACTOR = 64
 P_TOT_RATIO = 4.0  # P_tot / P_act of the (c) allocation, as in the default sweep
-# Warm-up steps per configuration of --widths: oneDNN compiles a bf16 kernel for every new padded expert block size,
-# which a lone configuration meets over its first tens of steps (a trial's 250 steps amortise them; see time_interleaved).
+# Warm-up steps per configuration of --widths: oneDNN compiles a bf16 kernel for every new padded expert block
+# size, which a lone configuration meets over its first tens of steps (see time_interleaved).
 WIDTH_WARMUP = 30
 
 
