@@ -871,19 +871,25 @@ def _r2(y: np.ndarray, fitted: np.ndarray) -> float:
     return float("nan") if ss_tot == 0 else 1.0 - float(np.sum((y - fitted) ** 2)) / ss_tot
 
 
-def r2_from_seed_noise(x, loss, fitted) -> float:
-    """The R^2 over single trials to expect if the fitted law were exact and trials scattered around it as much as
-    trials at the same x scatter around their mean: var(fitted) / (var(fitted) + pooled within-x variance). More
-    seeds leave it where it is (they sharpen the fit's intervals instead). NaN when no x is repeated."""
+def pooled_seed_variance(x, loss) -> float:
+    """The variance of trials around the mean of the trials at the same x, pooled over x (n - groups degrees of
+    freedom): the seed noise of one trial. NaN when no x is repeated."""
     x = np.asarray(x, dtype=float)
     loss = np.asarray(loss, dtype=float)
     _, group, count = np.unique(x, return_inverse=True, return_counts=True)
     if len(x) <= len(count):
         return float("nan")
     means = np.bincount(group, weights=loss) / count
-    within = float(np.sum((loss - means[group]) ** 2)) / (len(x) - len(count))
+    return float(np.sum((loss - means[group]) ** 2)) / (len(x) - len(count))
+
+
+def r2_from_seed_noise(x, loss, fitted) -> float:
+    """The R^2 over single trials to expect if the fitted law were exact and trials scattered around it as much as
+    trials at the same x scatter around their mean: var(fitted) / (var(fitted) + pooled_seed_variance). More seeds
+    leave it where it is (they sharpen the fit's intervals instead). NaN when no x is repeated."""
+    within = pooled_seed_variance(x, loss)
     var_fit = float(np.var(np.asarray(fitted, dtype=float)))
-    return float("nan") if var_fit + within == 0 else var_fit / (var_fit + within)
+    return float("nan") if not var_fit + within > 0 else var_fit / (var_fit + within)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -20,9 +20,8 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
-import pandas as pd
 
-from analysis.fits import r2_from_seed_noise
+from analysis.fits import fit_loglinear, pooled_seed_variance
 from analysis.report import read_store, split_usable
 
 PROG = "r2_ceiling"
@@ -31,11 +30,11 @@ USER_ERROR = 2
 
 @dataclass(frozen=True)
 class Ceiling:
-    b: float  # slope of L = a - b ln(slots), least squares over the trials
-    r2: float  # over the trials, as the report's log-linear R^2
-    seed_sd: float  # pooled within-slot-point standard deviation
+    b: float  # slope of L = a - b ln(slots): the report's log-linear fit (analysis.fits.fit_loglinear)
+    r2: float  # its R^2 over the trials
+    seed_sd: float  # pooled within-slot-point standard deviation (analysis.fits.pooled_seed_variance)
     fitted_sd: float  # standard deviation of the fitted values over the trials
-    expected_r2: float  # fitted variance / (fitted variance + seed variance): analysis.fits.r2_from_seed_noise
+    expected_r2: float  # fitted variance / (fitted variance + seed variance): LogLinearFit.noise_r2
 
     def seed_sd_for(self, target: float) -> float:
         """The seed sd at which the expected R^2 would be `target`, the slope and grid unchanged."""
@@ -45,19 +44,15 @@ class Ceiling:
 def r2_ceiling(slots, loss) -> Ceiling:
     """Ceiling of the log-linear R^2 over single trials at (slots[i], loss[i]); needs 2 distinct slot counts and a
     slot count with at least 2 trials."""
-    x = np.log(np.asarray(slots, dtype=float))
-    y = np.asarray(loss, dtype=float)
-    groups = pd.Series(y).groupby(x)
-    if groups.ngroups < 2 or len(y) <= groups.ngroups:
-        raise ValueError(f"slots: need 2 distinct slot counts and a repeated one, got {groups.ngroups} distinct of "
-                         f"{len(y)} trials")
-    basis = np.stack([np.ones_like(x), -x], axis=1)
-    coef = np.linalg.lstsq(basis, y, rcond=None)[0]
-    fitted = basis @ coef
-    r2 = 1 - ((y - fitted) ** 2).sum() / ((y - y.mean()) ** 2).sum()
-    within = float(((y - groups.transform("mean").to_numpy()) ** 2).sum() / (len(y) - groups.ngroups))
-    return Ceiling(b=float(coef[1]), r2=float(r2), seed_sd=float(np.sqrt(within)),
-                   fitted_sd=float(np.std(fitted)), expected_r2=r2_from_seed_noise(x, y, fitted))
+    slots = np.asarray(slots, dtype=float)
+    loss = np.asarray(loss, dtype=float)
+    n_distinct = len(np.unique(slots))
+    if n_distinct < 2 or len(slots) <= n_distinct:
+        raise ValueError(f"slots: need 2 distinct slot counts and a repeated one, got {n_distinct} distinct of "
+                         f"{len(slots)} trials")
+    fit = fit_loglinear(slots, loss)  # its bootstrap intervals are not used here
+    return Ceiling(b=fit.b.value, r2=fit.r2, seed_sd=float(np.sqrt(pooled_seed_variance(slots, loss))),
+                   fitted_sd=float(np.std(loss - fit.residuals)), expected_r2=fit.noise_r2)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
