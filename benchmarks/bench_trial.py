@@ -28,6 +28,11 @@ reaches the issue's 2.5x over the fp32 step as the matmuls' share of a step grow
 
     python -m benchmarks.bench_trial [--rounds 5] [--steps 4] [--max-bytes 4000000] [--glibc-defaults] [--profile]
     python -m benchmarks.bench_trial --widths 128 256 512 [--rounds 3] [--steps 2]
+
+`--tied-vs-untied` measures the default trial's step with the input embedding tied to the output head (the
+benchmark's model, ModelConfig's default) and untied (the default sweep's since 2026-12-01), in both precisions.
+
+    python -m benchmarks.bench_trial --tied-vs-untied [--rounds 4] [--steps 3]
 """
 
 from __future__ import annotations
@@ -176,6 +181,8 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="also profile a default bf16 and fp32 step")
     parser.add_argument("--widths", type=int, nargs="+", default=None,
                         help="only (s), at the default shape scaled to these d_model values")
+    parser.add_argument("--tied-vs-untied", action="store_true",
+                        help="only the default step with tied and untied embeddings")
     args = parser.parse_args()
     torch.set_num_threads(1)
     heap = False if args.glibc_defaults else keep_large_buffers_in_heap()
@@ -187,6 +194,9 @@ def main() -> None:
     compression = torch.as_tensor(build_compression(data.token_texts)) if data.token_texts else None
     if args.widths:
         width_scan(base, train, data.train, compression, args.widths, args.rounds, args.steps)
+        return
+    if args.tied_vs_untied:
+        tied_vs_untied(base, train, data.train, compression, args.rounds, args.steps)
         return
     shape = MemoryConfig(kind="engram", slots=BASE_SLOTS)
     with_engram = dataclasses.replace(base, memory=shape)
@@ -292,6 +302,19 @@ def width_scan(base: ModelConfig, train: TrainConfig, tokens: np.ndarray, compre
         print(f"{width:7d} {param_counts(cfg).p_act:9d} {1e3 * step_s['today']:10.1f} {1e3 * step_s['fp32']:8.1f} "
               f"{1e3 * step_s['bf16']:8.1f} {step_s['today'] / step_s['bf16']:10.2f} "
               f"{step_s['fp32'] / step_s['bf16']:9.2f}", flush=True)
+
+
+def tied_vs_untied(base: ModelConfig, train: TrainConfig, tokens: np.ndarray, compression: torch.Tensor | None,
+                   n_rounds: int, n_steps: int) -> None:
+    """The default step with tied and untied embeddings, both precisions, interleaved."""
+    runs = {(tie, precision): make_bench(dataclasses.replace(base, tie_embeddings=tie), train, tokens, compression,
+                                         precision).run_step
+            for tie in (True, False) for precision in ("bf16", "fp32")}
+    step_s, _ = time_interleaved(runs, n_rounds, n_steps, n_warmup=WIDTH_WARMUP)
+    print(f"median of {n_rounds} x {n_steps} steps (thread CPU ms), default trial size, no memory")
+    for precision in ("bf16", "fp32"):
+        tied, untied = step_s[True, precision], step_s[False, precision]
+        print(f"{precision}: tied {1e3 * tied:.1f} ms, untied {1e3 * untied:.1f} ms, untied / tied {untied / tied:.3f}")
 
 
 if __name__ == "__main__":
