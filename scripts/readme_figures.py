@@ -3,7 +3,12 @@
 
     PYTHONPATH=$PWD python scripts/readme_figures.py results/default docs/figures
 
-writes OUT_DIR/allocation.png and OUT_DIR/memory.png (small PNGs: 6 x 3.5 in at 100 dpi). The fits and the
+writes OUT_DIR/allocation.png and OUT_DIR/memory.png (small PNGs: 6 x 3.5 in at 100 dpi); `--only memory`
+(or `allocation`) writes that one, for a store without the other experiment, under `--name` if given:
+
+    PYTHONPATH=$PWD python scripts/readme_figures.py results/memory-untied docs/figures --only memory \
+        --name memory-untied.png
+ The fits and the
 drawings are the report's own (analysis.report.analyse, analysis.plots); nothing is fitted here. Both figures
 are built before either is written, so a store that cannot give both writes nothing: one line on stderr and
 exit status 2, as for a missing or empty store.
@@ -29,6 +34,7 @@ USER_ERROR = 2
 FIG_SIZE = (6.0, 3.5)  # inches: ~600 x 350 px at FIG_DPI, a few tens of KB as PNG
 FIG_DPI = 100
 TITLE_WIDTH = 75  # characters per title line at the plots' 10 pt in 6 inches
+FIGURES = ("allocation", "memory")
 ALLOCATION_EXPERIMENT = "allocation"  # the default sweep's name for it; otherwise the first allocation experiment
 
 
@@ -43,9 +49,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--experiment", default=None,
                         help=f"allocation experiment to draw (default: {ALLOCATION_EXPERIMENT!r} if the store has "
                              "it, else the first allocation experiment)")
+    parser.add_argument("--only", choices=FIGURES, default=None, help="write only this figure")
+    parser.add_argument("--name", default=None,
+                        help="file name for the one figure of --only (default: <figure>.png)")
     parser.add_argument("--resamples", type=int, default=N_RESAMPLES,
                         help=f"bootstrap resamples per fit (default: the report's {N_RESAMPLES})")
     args = parser.parse_args(argv)
+    if args.name is not None and (args.only is None or not args.name.endswith(".png") or "/" in args.name):
+        parser.error("--name needs --only and a bare file name ending in .png")
     try:
         if not args.results_dir.is_dir():
             raise FigureError(f"{args.results_dir}: no such results folder")
@@ -55,8 +66,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise FigureError(str(err).removeprefix("store_dir: ")) from None
         with single_threaded_blas():
             result = analyse(runs, n_resamples=args.resamples)
-        figures = {"allocation.png": allocation_figure(result, args.experiment),
-                   "memory.png": memory_figure(result)}
+        figures = {}
+        if args.only in (None, "allocation"):
+            figures["allocation.png"] = allocation_figure(result, args.experiment)
+        if args.only in (None, "memory"):
+            figures["memory.png"] = memory_figure(result)
+        if args.name is not None:
+            figures = {args.name: figures.popitem()[1]}
     except FigureError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return USER_ERROR

@@ -59,3 +59,21 @@ def test_a_missing_or_empty_store_is_one_line_and_exit_2(case: str, tmp_path: Pa
     assert len(lines) == 1 and lines[0].startswith("readme_figures: error: "), captured.err
     assert str(store) in lines[0]
     assert captured.out == "" and not out.exists()
+
+
+def test_only_one_figure_under_its_own_name(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    store = write_synthetic_store(tmp_path / "synthetic")
+    out = tmp_path / "figures"
+    assert _script().main([str(store), str(out), "--only", "memory", "--name", "memory-untied.png",
+                           "--resamples", "50"]) == 0
+    assert [p.name for p in out.iterdir()] == ["memory-untied.png"]
+    assert (out / "memory-untied.png").read_bytes().startswith(PNG_MAGIC)
+    assert capsys.readouterr().out.split() == [str(out / "memory-untied.png")]
+
+
+def test_name_without_only_is_a_usage_error(tmp_path: Path) -> None:
+    store = write_synthetic_store(tmp_path / "synthetic")
+    with pytest.raises(SystemExit) as exc:
+        _script().main([str(store), str(tmp_path / "figures"), "--name", "x.png"])
+    assert exc.value.code == 2
+    assert not (tmp_path / "figures").exists()
