@@ -42,13 +42,17 @@ from sweeps.footprint import format_bytes, limits_text, trial_footprint
 from sweeps.sizing import memory_for_slots, target_p_tot
 from sweeps.spec import AllocationExperiment, MemoryExperiment, SearchExperiment, SweepSpec
 
-# Real trial throughput over the calibration matmul's FLOP/s. Measured 2026-11-30 on the default sweep (D4,
-# `make sweep` on a fresh clone of an idle 2-core machine, 2 trials at once, bf16): median 41.4 GFLOP/s of training
-# compute per trial's wall second against a 139.6 GFLOP/s calibration -> 0.30 in bf16 (P_tot/P_act 8 backbones, up
-# to 64 experts: routing and sparse tables weigh more than in the fp32 default of 2026-11-29, which measured 0.45).
+# Real trial throughput over the calibration matmul's FLOP/s, bf16 trials. Re-measured 2026-12-01 on the default
+# sweep (D8, `make sweep` on a fresh clone of an idle 2-core machine, 2 trials at once): median 52.7 GFLOP/s of
+# training compute per trial's wall second (allocation 49.2, memory 53.7, OverEncoding 58.9) against 115-156
+# GFLOP/s (median 125 of six) from this calibration on the same idle machine -> 0.42. With the 0.30 measured on
+# D4 (2026-11-30, 41.4 against 139.6; the bf16 code has become faster since) `plan` put D8's run at ~20 min
+# (13 min 3 s measured) and E2's (examples/memory-untied.yaml, 16-expert backbone, 60.6 GFLOP/s) at 1h04m (39 min
+# 51 s). Backbones with few experts run faster than the default's allocation (up to 64 experts), so the ETA stays
+# ~15% long there; the calibration's own spread (115-156 idle) moves any ETA by as much.
 # The fp32 figure divides by the bf16/fp32 ratio of whole default-size trials (1.20-1.38, benchmarks/
-# bench_precision.py; docs/benchmarks.md). The constants before this (0.45 x 1.1-1.3) made the ETA 1.3-1.7x short.
-CPU_EFFICIENCY_BF16 = 0.30
+# bench_precision.py; docs/benchmarks.md).
+CPU_EFFICIENCY_BF16 = 0.42
 BF16_CPU_SPEEDUP = 1.3
 CPU_EFFICIENCY = CPU_EFFICIENCY_BF16 / BF16_CPU_SPEEDUP
 # Per-trial fixed cost outside the training loop: model build, token cache load, first evaluation set-up.
