@@ -25,6 +25,11 @@ final bias and under the mean bias of the last 25 steps, without the stdlib spli
 the training tokens of the last 25 steps under the bias as it moved (what `expert_train_load_max` records).
 With `probe=1,solve=N` it then solves the bias on 256 other training windows (N proportional steps) and reports
 the load of those, of the validation windows and of 1,024 training windows under it, and the validation loss change.
+With `probe=1,docsets=K` it also measures, under the final bias (and the solved one with `solve`), K random sets of
+as many training documents as the validation split holds, each read through the validation's windows (eval_tokens
+spread evenly over the set's documents joined): min / median / max of the worst layer's max/mean over the K sets
+and the share above 1.5. That says whether the validation split's load is what any held-out set of its size gives
+or a property of its own documents.
 
 Every other setting is the current sweep.yaml's (since D3 it sets moments 10 and travel 0.25; the LOG's screens ran
 on sweep.yaml at a3a1f28, travel 1 and no moments: pass `moments=none,travel=1` to repeat them). One thread.
@@ -170,8 +175,30 @@ def _val_document_names(data_cfg) -> list[str] | None:
     return [n for (n, _), v in zip(docs, is_val) if v]
 
 
+def _document_sets(train_tokens: np.ndarray, eot: int, n_docs: int, k: int, seq_len: int, eval_tokens: int,
+                   seed: int = 2468) -> list[torch.Tensor]:
+    """K sets of `n_docs` random training documents (joined with eot, as the splits are), each as the validation
+    set's windows (engram.trial.validation_windows) over the set's tokens."""
+    from engram.trial import validation_windows
+
+    ends = np.flatnonzero(np.asarray(train_tokens) == eot)
+    bounds = np.concatenate(([0], ends + 1))  # document i: bounds[i] .. bounds[i + 1] (its eot included)
+    rng = np.random.default_rng(seed)
+    sets = []
+    for _ in range(k):
+        picks = np.sort(rng.choice(len(bounds) - 1, size=n_docs, replace=False))
+        tokens = np.concatenate([train_tokens[bounds[i]:bounds[i + 1]] for i in picks])
+        sets.append(validation_windows(tokens, seq_len, eval_tokens))
+    return sets
+
+
+def _summary(loads: list[float]) -> dict[str, float]:
+    return {"min": round(min(loads), 3), "median": round(float(np.median(loads)), 3), "max": round(max(loads), 3),
+            "share_above_1.5": round(float(np.mean(np.asarray(loads) > 1.5)), 3)}
+
+
 @torch.no_grad()
-def _probe(config, model, solve_iters: int = 0) -> dict[str, float]:
+def _probe(config, model, solve_iters: int = 0, docsets: int = 0) -> dict[str, float]:
     """Worst layer's max/mean load of the final model: on the validation windows under the final bias and under
     the mean bias of the last TAIL_STEPS batches, on 256 random training windows under the final bias; and the
     mean over the last TAIL_STEPS training batches of one batch's max/mean."""
@@ -210,6 +237,12 @@ def _probe(config, model, solve_iters: int = 0) -> dict[str, float]:
     for moe, b in zip(moes, final):
         moe.bias.copy_(b)
     out["probe_batch_max_mean"] = round(max(sum(m.tail_batch_max) / len(m.tail_batch_max) for m in moes), 3)
+    sets = []
+    if docsets and eot is not None:
+        n_docs = int((np.asarray(data.val) == eot).sum())
+        sets = _document_sets(data.train, eot, n_docs, docsets, config.model.seq_len, config.train.eval_tokens)
+        out["docsets_n_docs"] = n_docs
+        out["docsets_final_bias"] = _summary([load(w) for w in sets])
     if solve_iters:
         # A bias solved after training on 256 training windows (other than the ones measured above): each
         # iteration moves every layer's bias by a shrinking step x the relative load error of those windows.
@@ -229,6 +262,8 @@ def _probe(config, model, solve_iters: int = 0) -> dict[str, float]:
         out["solved_train1024"] = load(sample_batch(data.train, 1024, config.model.seq_len,
                                                     torch.Generator().manual_seed(54321)))
         out["solved_val_loss_change"] = round(evaluate(model, val_NT, 16, torch.device("cpu")) - val_before, 4)
+        if sets:
+            out["docsets_solved_bias"] = _summary([load(w) for w in sets])
     return out
 
 
@@ -267,7 +302,8 @@ def main(argv: list[str]) -> None:
         t0 = time.perf_counter()
         with variant(kw):
             result = run_trial(config)
-        probe = _probe(config, CAPTURED["model"], int(kw.get("solve", 0))) if kw.get("probe") else {}
+        probe = (_probe(config, CAPTURED["model"], int(kw.get("solve", 0)), int(kw.get("docsets", 0)))
+                 if kw.get("probe") else {})
         print(json.dumps({"case": name, **kw, **probe, "val": round(result.final_val_loss, 4), "steps": result.steps,
                           "n_routed": model.n_routed, "seconds": round(time.perf_counter() - t0, 1),
                           "train_tail_max_mean": _tail_load(CAPTURED["model"]),
