@@ -8,10 +8,10 @@ writes OUT_DIR/allocation.png and OUT_DIR/memory.png (small PNGs: 6 x 3.5 in at 
 
     PYTHONPATH=$PWD python scripts/readme_figures.py results/memory-untied docs/figures --only memory \
         --name memory-untied.png
- The fits and the
-drawings are the report's own (analysis.report.analyse, analysis.plots); nothing is fitted here. Both figures
-are built before either is written, so a store that cannot give both writes nothing: one line on stderr and
-exit status 2, as for a missing or empty store.
+
+The fits and the drawings are the report's own (analysis.report.analyse, analysis.plots); nothing is fitted
+here. The figures asked for are built before any is written, so a store that cannot give them writes nothing:
+one line on stderr and exit status 2, as for a missing or empty store.
 """
 
 from __future__ import annotations
