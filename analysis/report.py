@@ -755,7 +755,8 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                        "the extrapolation too. R² is over single trials, so seed noise caps it: 'log-linear R² from "
                        "seed noise' is what an exact log-linear law would score given how far trials at the same "
                        "slot count scatter (var(fit) / (var(fit) + pooled seed variance)); more seeds do not "
-                       "raise it."))
+                       "raise it. With two slot counts the line meets both means whatever the law, so no "
+                       "log-linear R² is printed (fits.json keeps it)."))
         rows = []
         for (experiment, memory, budget), fit in result.power_laws.items():
             x_far = EXTRAPOLATION_FACTOR * float(fit.x.max())
@@ -769,7 +770,11 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                          else "power law" if fit.identified else "log-linear (power law not identified)",
                          "R²": "-" if only_loglinear else f"{fit.r2:.4f}",
                          "max |residual|": f"{np.max(np.abs(fit.residuals)):.4f}",
-                         "log-linear b": str(ll.b), "log-linear R²": f"{ll.r2:.4f}",
+                         "log-linear b": str(ll.b),
+                         # With two slot counts a line always passes through the two means: R² then measures the
+                         # gap against the seed scatter, not whether loss is linear in ln(slots).
+                         "log-linear R²": f"{ll.r2:.4f}" if len(np.unique(ll.x)) >= 3
+                         else f"- ({len(np.unique(ll.x))} slot counts)",
                          "log-linear R² from seed noise": "-" if not np.isfinite(ll.noise_r2)
                          else f"{ll.noise_r2:.2f}",
                          f"L at {EXTRAPOLATION_FACTOR:g}x max slots":

@@ -168,3 +168,26 @@ def test_unidentified_law_and_dropped_resamples_are_stated(tmp_path):
     four = [d for d in doc["dropped_resamples"] if "memfour" in d["fit"]][0]
     assert four["n_failed"] > 0.05 * four["n_resamples"] and four["warning"]
     assert "too few distinct x values" in md and "WARNING:" in md
+
+
+def test_two_slot_counts_print_no_loglinear_r2(tmp_path):
+    """Two slot counts fit a line through both means whatever the law: the report prints no log-linear R² for
+    them (fits.json keeps the number), while a three-count group still gets its R²."""
+    store = ResultStore(tmp_path / "two")
+    rng = np.random.default_rng(5)
+    for seed in (0, 1, 2):
+        for slots in (1e3, 1e5):
+            store.write_trial(_row(f"two{seed}-{int(slots)}", "memtwo", float("nan"), seed,
+                                   3.0 - 0.01 * np.log(slots) + rng.normal(0, 0.005), kind="memory",
+                                   slots=int(slots)), None)
+        for slots in (1e3, 1e4, 1e5):
+            store.write_trial(_row(f"three{seed}-{int(slots)}", "memthree", float("nan"), seed,
+                                   3.0 - 0.01 * np.log(slots) + rng.normal(0, 0.005), kind="memory",
+                                   slots=int(slots)), None)
+    md = write_report(tmp_path / "two", tmp_path / "out", n_resamples=100).read_text()
+    rows = {line.split("|")[1].strip(): line for line in md.splitlines() if line.startswith("| mem")}
+    assert "- (2 slot counts)" in rows["memtwo"]
+    assert "slot counts)" not in rows["memthree"].replace("too few slot counts", "")
+    doc = json.loads((tmp_path / "out" / "fits.json").read_text())
+    two = [p for p in doc["power_laws"] if p["experiment"] == "memtwo"][0]
+    assert 0.9 < two["loglinear"]["r2"] <= 1.0
