@@ -38,6 +38,8 @@ U_KINDS = ("allocation", "search")
 MEMORY_KIND = "memory"
 LOSS_COL = "final_val_loss"
 EXTRAPOLATION_FACTOR = 10.0     # power laws are extrapolated to 10x the largest slot count sampled
+MIN_LINE_TEST_COUNTS = 3        # slot counts for a log-linear R² to say anything about the line (two: a line
+                                # meets both means whatever the law)
 MIN_COMPUTE_BUDGETS = 3         # loss-vs-compute power laws per rho need 3 distinct budgets (3 parameters)
 CHINCHILLA_MIN_RATIO = 2.0      # fit the N-D form only when P_act and tokens each vary by at least this factor
 PANEL_SIZE = (6.4, 4.6)
@@ -755,13 +757,17 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                        "the extrapolation too. R² is over single trials, so seed noise caps it: 'log-linear R² from "
                        "seed noise' is what an exact log-linear law would score given how far trials at the same "
                        "slot count scatter (var(fit) / (var(fit) + pooled seed variance)); more seeds do not "
-                       "raise it. With two slot counts the line meets both means whatever the law, so no "
-                       "log-linear R² is printed (fits.json keeps it)."))
+                       "raise it. With two slot counts the line meets both means whatever the law, so neither R² is "
+                       "printed (fits.json keeps them)."))
         rows = []
         for (experiment, memory, budget), fit in result.power_laws.items():
             x_far = EXTRAPOLATION_FACTOR * float(fit.x.max())
             only_loglinear = isinstance(fit, LogLinearFit)
             ll = fit if only_loglinear else fit.loglinear
+            # With two slot counts a line always passes through the two means: an R² (measured or expected from
+            # seed noise) then compares the gap with the seed scatter, not whether loss is linear in ln(slots).
+            n_counts = len(np.unique(ll.x))
+            untested = f"- ({n_counts} slot counts)" if n_counts < MIN_LINE_TEST_COUNTS else None
             rows.append({"experiment": experiment, "memory": memory, "budget": _g(budget),
                          "points": fit.n_points, "seeds": fit.n_seeds,
                          **({"E": "-", "A": "-", "alpha": "log-linear only"} if only_loglinear
@@ -770,13 +776,9 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                          else "power law" if fit.identified else "log-linear (power law not identified)",
                          "R²": "-" if only_loglinear else f"{fit.r2:.4f}",
                          "max |residual|": f"{np.max(np.abs(fit.residuals)):.4f}",
-                         "log-linear b": str(ll.b),
-                         # With two slot counts a line always passes through the two means: R² then measures the
-                         # gap against the seed scatter, not whether loss is linear in ln(slots).
-                         "log-linear R²": f"{ll.r2:.4f}" if len(np.unique(ll.x)) >= 3
-                         else f"- ({len(np.unique(ll.x))} slot counts)",
-                         "log-linear R² from seed noise": "-" if not np.isfinite(ll.noise_r2)
-                         else f"{ll.noise_r2:.2f}",
+                         "log-linear b": str(ll.b), "log-linear R²": untested or f"{ll.r2:.4f}",
+                         "log-linear R² from seed noise": untested or ("-" if not np.isfinite(ll.noise_r2)
+                                                                       else f"{ll.noise_r2:.2f}"),
                          f"L at {EXTRAPOLATION_FACTOR:g}x max slots":
                              f"{_g(x_far)}: " + str(fit.extrapolate(x_far) if only_loglinear or fit.identified
                                                     else fit.loglinear.extrapolate(x_far)),

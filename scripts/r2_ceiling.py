@@ -4,8 +4,8 @@ seed noise"; this script adds the seed sd that a target R^2 would need).
 
     PYTHONPATH=$PWD python scripts/r2_ceiling.py results/default
 
-For every memory experiment, kind and budget (the report's usable trials) with at least two slot counts and a
-repeated one, one line: the least-squares slope b and R^2 over the trials, the seed sd (within-slot-point spread,
+For every memory experiment, kind and budget (the report's usable trials) with at least three slot counts (with
+two, a line meets both means whatever the law, and the report prints no R^2) and a repeated one, one line: the least-squares slope b and R^2 over the trials, the seed sd (within-slot-point spread,
 pooled), the sd of the fitted values over the trials, the R^2 to expect, var(fit) / (var(fit) + seed variance),
 and the seed sd at which that expectation would reach --target (default 0.9). A missing or empty store: one line
 on stderr, exit status 2.
@@ -22,7 +22,7 @@ from typing import Sequence
 import numpy as np
 
 from analysis.fits import fit_loglinear, pooled_seed_variance
-from analysis.report import read_store, split_usable
+from analysis.report import MIN_LINE_TEST_COUNTS, read_store, split_usable
 
 PROG = "r2_ceiling"
 USER_ERROR = 2
@@ -42,14 +42,14 @@ class Ceiling:
 
 
 def r2_ceiling(slots, loss) -> Ceiling:
-    """Ceiling of the log-linear R^2 over single trials at (slots[i], loss[i]); needs 2 distinct slot counts and a
-    slot count with at least 2 trials."""
+    """Ceiling of the log-linear R^2 over single trials at (slots[i], loss[i]); needs MIN_LINE_TEST_COUNTS (3)
+    distinct slot counts and a slot count with at least 2 trials."""
     slots = np.asarray(slots, dtype=float)
     loss = np.asarray(loss, dtype=float)
     n_distinct = len(np.unique(slots))
-    if n_distinct < 2 or len(slots) <= n_distinct:
-        raise ValueError(f"slots: need 2 distinct slot counts and a repeated one, got {n_distinct} distinct of "
-                         f"{len(slots)} trials")
+    if n_distinct < MIN_LINE_TEST_COUNTS or len(slots) <= n_distinct:
+        raise ValueError(f"slots: need {MIN_LINE_TEST_COUNTS} distinct slot counts and a repeated one, got "
+                         f"{n_distinct} distinct of {len(slots)} trials")
     fit = fit_loglinear(slots, loss)  # its bootstrap intervals are not used here
     return Ceiling(b=fit.b.value, r2=fit.r2, seed_sd=float(np.sqrt(pooled_seed_variance(slots, loss))),
                    fitted_sd=float(np.std(loss - fit.residuals)), expected_r2=fit.noise_r2)
@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               f"{c.seed_sd_for(args.target):.4f}")
         printed += 1
     if not printed:
-        print(f"{PROG}: error: {args.results_dir}: no memory experiment with 2 slot counts and a repeated one",
+        print(f"{PROG}: error: {args.results_dir}: no memory experiment with {MIN_LINE_TEST_COUNTS} slot counts "
+              "and a repeated one",
               file=sys.stderr)
         return USER_ERROR
     return 0

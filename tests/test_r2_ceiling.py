@@ -48,13 +48,16 @@ def test_the_seed_sd_for_a_target_gives_that_target() -> None:
     c = mod.r2_ceiling(*_trials(4, 0.02, 0.01, np.random.default_rng(1)))
     sd = c.seed_sd_for(0.9)
     assert c.fitted_sd ** 2 / (c.fitted_sd ** 2 + sd ** 2) == pytest.approx(0.9)
-    exact = mod.r2_ceiling([500, 500, 2800, 2800], [4.0, 4.0, 3.9, 3.9])  # no seed noise at all
+    exact = mod.r2_ceiling([500, 500, 2800, 2800, 16000, 16000],
+                           [4.0, 4.0, 3.9, 3.9, 3.75, 3.75])  # no seed noise at all
     assert exact.expected_r2 == 1.0 and exact.seed_sd == 0.0
 
 
-def test_unrepeated_points_are_refused() -> None:
+def test_unrepeated_points_and_two_slot_counts_are_refused() -> None:
     with pytest.raises(ValueError, match="a repeated one"):
         _script().r2_ceiling([500, 2800, 16000], [4.0, 3.9, 3.8])
+    with pytest.raises(ValueError, match="3 distinct slot counts"):  # a line meets two means whatever the law
+        _script().r2_ceiling([500, 500, 16000, 16000], [4.0, 4.01, 3.8, 3.79])
 
 
 def test_prints_a_line_per_memory_experiment(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
