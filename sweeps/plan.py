@@ -15,8 +15,15 @@ Time estimates (ETA) use a deliberately simple model, stated here and printed wi
 where training FLOPs = flops_per_token * tokens, evaluation = forward passes (flops_per_token / 3 per token) of
 eval_tokens every eval_interval steps, and the effective FLOP/s of one trial is either
   * measured: the median of compute / wall_seconds over finished trials already in the store, or
-  * calibrated: a short fp32 matmul of the trial's width on `cpus_per_trial` threads (~0.15 s), times
-    CPU_EFFICIENCY, the ratio of real trial throughput to that matmul measured on this project's default models.
+  * timed (CPU trials, no finished trials yet): a few of the trial's own training steps (engram.trial.train_step,
+    random tokens, the spec's precision) on `cpus_per_trial` threads, one model per experiment (its most
+    expert-heavy: the rho = 1 model of an allocation or search, the largest Engram of a memory experiment),
+    FLOP/s of the fastest step, times TRIAL_OVER_STEP, the measured ratio of a sweep trial's throughput (two at
+    once, checkpoints, Ray) to that lone step's; the experiments' rates combine as a harmonic mean (equal
+    FLOPs each), or
+  * calibrated (GPU trials, or a step too large to time here): a short fp32 matmul of the trial's width on
+    `cpus_per_trial` threads (~0.15 s), times CPU_EFFICIENCY, the ratio of real trial throughput to that matmul
+    measured on this project's default models (d_model 128: about twice what a d_model 64 step reaches).
 The sweep's ETA is the sum over trials divided by the trials that run at once locally.
 """
 
@@ -34,12 +41,12 @@ import pandas as pd
 from analysis.diagnostics import PLANNED_LOOKUPS_PER_ROW, PLANNED_MEDIAN_SHARE, TRAINED_LOOKUPS_PER_ROW
 from engram.accounting import (FAIR_TOLERANCE, AllocationError, ParamCounts, check_fair, flops_per_token,
                                param_counts, solve_allocation)
-from engram.config import DataConfig, MemoryConfig, ModelConfig, TrialConfig, horizon_steps, trial_id
+from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig, horizon_steps, trial_id
 from engram.data import corpus_fingerprint
 from engram.memory_layout import expected_lookups_per_row
 from engram.util import format_duration, format_si, format_table
 from sweeps.footprint import format_bytes, limits_text, trial_footprint
-from sweeps.sizing import memory_for_slots, target_p_tot
+from sweeps.sizing import memory_for_slots, step_flops, target_p_tot
 from sweeps.spec import AllocationExperiment, MemoryExperiment, SearchExperiment, SweepSpec
 
 # Real trial throughput over the calibration matmul's FLOP/s, bf16 trials. Re-measured 2026-12-01 on the default
@@ -55,6 +62,13 @@ from sweeps.spec import AllocationExperiment, MemoryExperiment, SearchExperiment
 CPU_EFFICIENCY_BF16 = 0.42
 BF16_CPU_SPEEDUP = 1.3
 CPU_EFFICIENCY = CPU_EFFICIENCY_BF16 / BF16_CPU_SPEEDUP
+# Sweep trial throughput over a lone timed step's (calibrate_throughput's "timed" path): MEASURED BELOW.
+TRIAL_OVER_STEP = 1.0
+TIMED_STEPS = 3
+# Models whose step costs more than this (~2 s at the default's speed) or needs more memory are not timed at
+# plan time: the matmul calibration stands in.
+MAX_TIMED_STEP_FLOPS = 1e11
+MAX_TIMED_BYTES = 2 << 30
 # Per-trial fixed cost outside the training loop: model build, token cache load, first evaluation set-up.
 STARTUP_SECONDS = 5.0
 CALIBRATION_SECONDS = 0.15
@@ -225,24 +239,85 @@ def _planned(spec: SweepSpec, experiment: str, kind: str, model: ModelConfig, rh
 
 
 def calibrate_throughput(spec: SweepSpec, runs: pd.DataFrame | None = None) -> Throughput:
-    """Effective FLOP/s of one trial: measured from finished trials in `runs` if any, else calibrated."""
+    """Effective FLOP/s of one trial: measured from finished trials in `runs` if any, else timed training steps
+    (CPU trials) or the matmul calibration (see the module docstring)."""
     if runs is not None and len(runs):
         ok = runs[(runs["status"] == "ok") & (runs["wall_seconds"] > 0)]
         if len(ok):
             rate = statistics.median((ok["compute"] / ok["wall_seconds"]).tolist())
             return Throughput(rate, STARTUP_SECONDS,
                               f"measured: median {rate / 1e9:.2f} GFLOP/s over {len(ok)} finished trials")
-    peak = matmul_flops_per_second(spec.model.d_model, spec.train.batch_size * spec.model.seq_len,
-                                   threads=max(1, int(spec.resources.cpus_per_trial)))
     import torch  # only calibrating needs torch: importing the plan does not
 
     from engram.trial import resolve_precision
 
+    on_cpu = spec.train.device == "cpu" or (spec.train.device == "auto" and not torch.cuda.is_available())
+    threads = max(1, int(spec.resources.cpus_per_trial))
+    models = timing_models(spec)
+    if models and on_cpu and all(step_flops(m, spec.train.batch_size) <= MAX_TIMED_STEP_FLOPS and
+                                 timing_bytes(m, spec) <= MAX_TIMED_BYTES for m in models.values()):
+        rates = {name: step_flops_per_second(m, spec.train, threads=threads) for name, m in models.items()}
+        rate = len(rates) / sum(1 / r for r in rates.values()) * TRIAL_OVER_STEP
+        each = ", ".join(f"{name} {r / 1e9:.1f}" for name, r in rates.items())
+        return Throughput(rate, STARTUP_SECONDS,
+                          f"timed: training steps at {each} GFLOP/s x {TRIAL_OVER_STEP} in a sweep")
+    peak = matmul_flops_per_second(spec.model.d_model, spec.train.batch_size * spec.model.seq_len, threads=threads)
     efficiency = CPU_EFFICIENCY
     if resolve_precision(spec.train.precision, torch.device("cpu")) == "bf16":
         efficiency *= BF16_CPU_SPEEDUP
     return Throughput(peak * efficiency, STARTUP_SECONDS,
                       f"calibrated: {peak / 1e9:.2f} GFLOP/s fp32 matmul x efficiency {efficiency:.3g}")
+
+
+def timing_models(spec: SweepSpec) -> dict[str, ModelConfig]:
+    """Per experiment, the model whose training steps time its trials: the most expert-heavy of its grid (the
+    rho = 1 model of an allocation or search at its first budget's target; a memory experiment's backbone with
+    its largest table of its first memory kind that has one)."""
+    out: dict[str, ModelConfig] = {}
+    for exp in spec.experiments:
+        if isinstance(exp, MemoryExperiment):
+            kinds = [k for k in exp.memory if k != "none"] or ["none"]
+            out[exp.name] = dataclasses.replace(spec.model, memory=memory_for_slots(spec.model, max(exp.slots),
+                                                                                   kinds[0]))
+        else:
+            out[exp.name] = allocation_model(spec, target_p_tot(spec.model, exp), 1.0)
+    return out
+
+
+def timing_bytes(model: ModelConfig, spec: SweepSpec) -> int:
+    """Peak memory of timing `model`'s steps: its trial's footprint (sweeps.footprint)."""
+    return trial_footprint(TrialConfig(model=model, data=spec.data, train=spec.train), param_counts(model)).total
+
+
+def step_flops_per_second(model: ModelConfig, train: TrainConfig, *, threads: int) -> float:
+    """Training FLOP/s of `model`'s own optimiser step (engram.trial.train_step: forward, backward, clipping,
+    AdamW and SparseAdam, router biases) on `threads` CPU threads, in the precision `train` resolves to on the
+    CPU: random tokens, one warm-up step, then the fastest of TIMED_STEPS (on a shared machine the fastest is the
+    least disturbed)."""
+    import torch
+
+    from engram.model import EngramMoE
+    from engram.trial import build_optimizers, resolve_precision, train_step
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            net = EngramMoE(model)
+            dense_opt, sparse_opt = build_optimizers(net, train)
+            params = [p for p in net.parameters() if p.requires_grad]
+            precision = resolve_precision(train.precision, torch.device("cpu"))
+            best = float("inf")
+            for i in range(1 + TIMED_STEPS):
+                batch = torch.randint(0, model.vocab_size, (train.batch_size, model.seq_len + 1))
+                t0 = time.perf_counter()
+                train_step(net, batch, dense_opt, sparse_opt, params, lr=train.lr, train=train, precision=precision)
+                if i:  # the first step allocates the optimiser state and warms the allocator
+                    best = min(best, time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(before)
+    return step_flops(model, train.batch_size) / best
 
 
 def matmul_flops_per_second(d_model: int, n_tokens: int, *, threads: int) -> float:

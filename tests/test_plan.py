@@ -13,7 +13,7 @@ from engram.config import trial_id
 from engram.data import corpus_fingerprint
 from engram.memory_layout import memory_primes
 from sweeps.plan import (STARTUP_SECONDS, Throughput, calibrate_throughput, matmul_flops_per_second, plan_search_trial,
-                         plan_sweep, plan_table, table_training_warnings)
+                         plan_sweep, plan_table, step_flops_per_second, table_training_warnings, timing_models)
 from sweeps.sizing import target_p_tot
 from sweeps.spec import SpecError, parse_spec
 from sweeps.tiny import tiny_sweep
@@ -135,9 +135,39 @@ def test_throughput_comes_from_stored_trials_when_there_are_any(base_dir: Path) 
                          "wall_seconds": [2.0, 3.0, 2.0, None]})
     measured = calibrate_throughput(spec, runs)
     assert measured.flops_per_second == 2e9 and "3 finished trials" in measured.source
-    calibrated = calibrate_throughput(spec, runs.iloc[:0])
+    timed = calibrate_throughput(spec, runs.iloc[:0])
+    assert timed.flops_per_second > 0 and timed.source.startswith("timed")
+    assert "alloc" in timed.source and "mem" in timed.source and "search" in timed.source
+    assert timed.startup_seconds == STARTUP_SECONDS
+
+
+def test_timing_leaves_torch_threads_and_random_state_alone(base_dir: Path) -> None:
+    import torch
+
+    threads, state = torch.get_num_threads(), torch.random.get_rng_state()
+    model = timing_models(spec_with(base_dir))["alloc"]
+    assert step_flops_per_second(model, spec_with(base_dir).train, threads=1) > 0
+    assert torch.get_num_threads() == threads and torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_each_experiment_is_timed_on_its_most_expert_heavy_model(base_dir: Path) -> None:
+    spec = spec_with(base_dir)
+    models = timing_models(spec)
+    trials = plan_sweep(spec, throughput=FIXED)
+    alloc = [t.config.model for t in trials if t.experiment == "alloc" and t.budget == 1.5e8]
+    assert models["alloc"].n_routed == max(m.n_routed for m in alloc)
+    assert models["alloc"] == next(t.config.model for t in trials if t.experiment == "alloc" and t.rho == 1.0)
+    mem = [t for t in trials if t.experiment == "mem"]
+    assert models["mem"] == next(t.config.model for t in mem if t.slots == 20000 and t.memory == "engram")
+    assert models["search"] == models["alloc"]  # same target P_tot, rho = 1
+
+
+def test_a_step_too_large_to_time_falls_back_to_the_matmul_calibration(base_dir: Path, monkeypatch) -> None:
+    import sweeps.plan
+
+    monkeypatch.setattr(sweeps.plan, "MAX_TIMED_STEP_FLOPS", 0.0)
+    calibrated = calibrate_throughput(spec_with(base_dir))
     assert calibrated.flops_per_second > 0 and calibrated.source.startswith("calibrated")
-    assert calibrated.startup_seconds == STARTUP_SECONDS
 
 
 def test_trial_seconds_grow_with_the_budget(base_dir: Path) -> None:
