@@ -62,7 +62,11 @@ from sweeps.spec import AllocationExperiment, MemoryExperiment, SearchExperiment
 CPU_EFFICIENCY_BF16 = 0.42
 BF16_CPU_SPEEDUP = 1.3
 CPU_EFFICIENCY = CPU_EFFICIENCY_BF16 / BF16_CPU_SPEEDUP
-# Sweep trial throughput over a lone timed step's (calibrate_throughput's "timed" path): MEASURED BELOW.
+# Sweep trial throughput over a lone timed step's (calibrate_throughput's "timed" path). Measured 2026-12-02 by
+# scripts/measure_eta.py on P2's last three runs (LOG.md; d_model 64, Engram 22,000 slots, 3 trials each, two at
+# once, idle 2-core machine) against the same model's lone step timed right after: 1.000, 1.048, 0.941 -> the
+# median, 1.0. The lone step itself moved by that much: six repeats of it a minute later read 45.7-48.3 GFLOP/s
+# against 38.7-46.3 in that script, so an ETA from it carries about +-10%.
 TRIAL_OVER_STEP = 1.0
 TIMED_STEPS = 3
 # Models whose step costs more than this (~2 s at the default's speed) or needs more memory are not timed at
