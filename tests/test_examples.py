@@ -40,7 +40,7 @@ FIXED = Throughput(1e11, 5.0, "fixed (tests)")
 # fall under the plan's margin for skew (206 < 256): its header says so.
 CLAIMS_TRAINED_SLOTS = {"sweep.yaml": True, "smoke.yaml": True, "paper-protocol-gpu.yaml": True,
                         "memory-scaling.yaml": False, "memory-untied.yaml": True,
-                        "data-rich.yaml": True}
+                        "data-rich.yaml": True, "memory-law.yaml": True}
 TRAINED_WARNING = "outside the trained regime"
 # The GPU the paper-protocol example is sized for (its comments): one trial's peak must fit it with run's margin.
 GPU_BYTES = 80e9
