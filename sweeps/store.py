@@ -207,7 +207,11 @@ def curve_frame(result: TrialResult) -> pd.DataFrame:
 
 
 def package_versions() -> dict[str, str | None]:
-    out: dict[str, str | None] = {"python": platform.python_version()}
+    """Python's and VERSIONED_PACKAGES' versions, and "cpu": this machine's CPU (engram.trial.cpu_model); the
+    launcher replaces it by the CPU of the node that ran the trial."""
+    from engram.trial import cpu_model
+
+    out: dict[str, str | None] = {"python": platform.python_version(), "cpu": cpu_model()}
     for name in VERSIONED_PACKAGES:
         try:
             out[name] = metadata.version(name)

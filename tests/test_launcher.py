@@ -7,6 +7,7 @@ short private temp folder (Unix socket paths must be short), usage stats off and
 from __future__ import annotations
 
 import io
+import json
 from pathlib import Path
 
 import pandas as pd
@@ -14,7 +15,7 @@ import pytest
 import torch
 import yaml
 
-from engram.trial import run_trial
+from engram.trial import cpu_model, run_trial
 from sweeps.launcher import RESUME_DIR, STATE_DIR, TUNE_DIR, launch
 from sweeps.plan import plan_sweep
 from sweeps.spec import SpecError, parse_spec
@@ -69,6 +70,7 @@ def test_sweep_runs_every_trial_once_with_retry_and_search(ray_env, cache_dir, t
     curves = store.curves()
     assert set(curves["trial_id"]) == set(runs["trial_id"])
     assert runs["host"].str.contains("/node-").all()
+    assert all(json.loads(v)["cpu"] == cpu_model() for v in runs["versions"])  # the node's CPU
     assert runs["final_val_loss"].notna().all() and (runs["steps"] > 0).all()
     assert "5/5 done" in progress.splitlines()[-1]
     assert summary.trial_seconds > 0 and len(summary.setup_seconds) == 5

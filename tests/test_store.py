@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engram.trial import CurvePoint, TrialResult
+from engram.trial import CurvePoint, TrialResult, cpu_model
 from sweeps.plan import PlannedTrial, Throughput, plan_sweep
 from sweeps.spec import parse_spec
 from sweeps.store import CURVE_SCHEMA, RUN_SCHEMA, ResultStore, curve_frame, result_row
@@ -77,6 +77,7 @@ def test_rows_and_curves_round_trip_with_the_contract_columns(tmp_path: Path, tr
     # Provenance
     versions = json.loads(row["versions"])
     assert versions["torch"] and versions["pandas"] and "ray" in versions and "engram-sweeps" in versions
+    assert versions["cpu"] == cpu_model()  # bf16 results can differ across CPUs: every row names its CPU
     assert row["host"] and row["device"] == "cpu" and row["precision"] == "fp32"
     assert row["git_commit"] is None or len(row["git_commit"].removesuffix("-dirty")) == 40
     curves = store.curves()

@@ -43,6 +43,7 @@ class Recorder(tune.Callback):
         self.setup_seconds: list[float] = []
         self._started_at: dict[str, str] = {}  # Tune trial id -> first start (ISO UTC)
         self._host: dict[str, str] = {}
+        self._cpu: dict[str, str | None] = {}
         self._progress: dict[str, float] = {}  # Tune trial id -> fraction done, while running
         self._retries = 0
         self._actual_over_est: list[tuple[float, float]] = []
@@ -74,6 +75,7 @@ class Recorder(tune.Callback):
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         tid = trial.trial_id
         self._host[tid] = result.get("host", self._host.get(tid))
+        self._cpu[tid] = result.get("cpu", self._cpu.get(tid))
         if "trial_result" in result:
             planned = self._planned(trial, result.get("engram_trial_id"))
             trial_result = TrialResult.from_dict(json.loads(result["trial_result"]))
@@ -113,6 +115,8 @@ class Recorder(tune.Callback):
                          started_at=self._started_at.get(tid, now()), finished_at=now())
         if self._host.get(tid):
             row["host"] = self._host[tid]  # the node the trial ran on, not the driver's
+        if self._cpu.get(tid):  # and its CPU
+            row["versions"] = json.dumps({**json.loads(row["versions"]), "cpu": self._cpu[tid]}, sort_keys=True)
         self.store.write_trial(row, curve_frame(result) if result is not None else None)
         if self.log is not None:
             self.log.write(f"{now()} recorded {planned.trial_id} ({planned.experiment}) status {row['status']} "

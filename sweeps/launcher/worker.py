@@ -47,7 +47,7 @@ class Payload:
 def trainable(tune_config: dict[str, Any], payload: Payload) -> None:
     import torch
 
-    from engram.trial import keep_large_buffers_in_heap, run_trial
+    from engram.trial import cpu_model, keep_large_buffers_in_heap, run_trial
 
     t_enter = time.perf_counter()
     # Torch threads follow the CPUs this trial was given (Ray sets no limit of its own for torch).
@@ -62,7 +62,7 @@ def trainable(tune_config: dict[str, Any], payload: Payload) -> None:
 
     node_id = ray.get_runtime_context().get_node_id()
     # "trial_id" is Tune's own key in a result, hence "engram_trial_id".
-    where = {"engram_trial_id": trial_id, "host": f"{socket.gethostname()}/node-{node_id[:8]}"}
+    where = {"engram_trial_id": trial_id, "host": f"{socket.gethostname()}/node-{node_id[:8]}", "cpu": cpu_model()}
     work = Path(tempfile.mkdtemp(prefix=f"engram-{trial_id}-"))
     state = work / STATE_DIR
     attempt = 1
