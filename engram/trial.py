@@ -187,31 +187,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if precision == "bf16" or native else "fp32"
 
 
-def cpu_model() -> str | None:
-    """This machine's CPU as /proc/cpuinfo names it, with its family and model numbers (a VM's model name can be
-    as bare as "AMD EPYC"; the numbers tell its generation): "AMD EPYC (family 26, model 2)"; the platform's
-    processor string where there is no /proc/cpuinfo; None when neither says anything. bf16 trials of the same
-    code and seed can end apart on different CPUs (LOG.md, D9), so every stored trial records it."""
-    fields: dict[str, str] = {}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if not line.strip():
-                    break  # the first processor's block is enough
-                key, _, value = line.partition(":")
-                fields.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    name = fields.get("model name")
-    if name:
-        numbers = ", ".join(f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
-                            if fields.get(key))
-        return f"{name} ({numbers})" if numbers else name
-    import platform
-
-    return platform.processor() or platform.machine() or None
-
-
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU has bf16 matrix instructions (AVX512_BF16 or AMX-BF16; Linux's /proc/cpuinfo flags).
 

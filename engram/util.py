@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Sequence
@@ -64,3 +65,26 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[s
     """Left-aligned columns two spaces apart, the header first; trailing spaces trimmed."""
     widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(header)]
     return ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in [list(header), *rows]]
+
+
+def cpu_model() -> str | None:
+    """This machine's CPU as /proc/cpuinfo names it, with its family and model numbers (a VM's model name can be
+    as bare as "AMD EPYC"; the numbers tell its generation): "AMD EPYC (family 26, model 2)"; the platform's
+    processor string where there is no /proc/cpuinfo; None when neither says anything. bf16 trials of the same
+    code and seed can end apart on different CPUs (LOG.md, D9), so every stored trial records it (sweeps.store)."""
+    fields: dict[str, str] = {}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if not line.strip():
+                    break  # the first processor's block is enough
+                key, _, value = line.partition(":")
+                fields.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = fields.get("model name")
+    if name:
+        numbers = ", ".join(f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
+                            if fields.get(key))
+        return f"{name} ({numbers})" if numbers else name
+    return platform.processor() or platform.machine() or None

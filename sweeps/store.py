@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from analysis.contract import (COMPLETE_STATUSES, CURVE_SCHEMA, CURVES_DIR, DAMAGED_DIR, RUN_SCHEMA, RUNS_DIR,
                                RECORDED_DIAGNOSTICS, SPEC_FILE, STATUSES, TEMP_PREFIX, Damaged, damaged_files,
                                read_folder)
-from engram.util import atomic_write
+from engram.util import atomic_write, cpu_model
 
 if TYPE_CHECKING:
     from engram.trial import TrialResult
@@ -207,10 +207,8 @@ def curve_frame(result: TrialResult) -> pd.DataFrame:
 
 
 def package_versions() -> dict[str, str | None]:
-    """Python's and VERSIONED_PACKAGES' versions, and "cpu": this machine's CPU (engram.trial.cpu_model); the
+    """Python's and VERSIONED_PACKAGES' versions, and "cpu": this machine's CPU (engram.util.cpu_model); the
     launcher replaces it by the CPU of the node that ran the trial."""
-    from engram.trial import cpu_model
-
     out: dict[str, str | None] = {"python": platform.python_version(), "cpu": cpu_model()}
     for name in VERSIONED_PACKAGES:
         try:

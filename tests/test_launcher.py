@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from engram.trial import cpu_model, run_trial
+from engram.trial import run_trial
+from engram.util import cpu_model
 from sweeps.launcher import RESUME_DIR, STATE_DIR, TUNE_DIR, launch
 from sweeps.plan import plan_sweep
 from sweeps.spec import SpecError, parse_spec

@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from engram.trial import CurvePoint, TrialResult, cpu_model
+from engram.trial import CurvePoint, TrialResult
+from engram.util import cpu_model
 from sweeps.plan import PlannedTrial, Throughput, plan_sweep
 from sweeps.spec import parse_spec
 from sweeps.store import CURVE_SCHEMA, RUN_SCHEMA, ResultStore, curve_frame, result_row

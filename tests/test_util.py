@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engram.util import atomic_write, format_duration, format_si, format_table
+from engram.util import atomic_write, cpu_model, format_duration, format_si, format_table
 
 
 def test_atomic_write_replaces_whole_files_and_a_failed_write_changes_nothing(tmp_path: Path) -> None:
@@ -36,3 +36,13 @@ def test_format_si_and_table() -> None:
     assert [format_si(x) for x in (950, 12_345, 4.5e6, 1.07e9)] == ["950", "12.3k", "4.5M", "1.07G"]
     assert format_table(["a", "long header"], [["xyz", "1"], ["q", "22"]]) == [
         "a    long header", "xyz  1", "q    22"]
+
+
+def test_cpu_model_names_the_generation() -> None:
+    name = cpu_model()
+    assert name
+    if Path("/proc/cpuinfo").exists():
+        info = Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+        fields = {k.strip(): v.strip() for k, _, v in (line.partition(":") for line in info.splitlines())}
+        assert name.startswith(fields["model name"])
+        assert f"family {fields['cpu family']}, model {fields['model']}" in name

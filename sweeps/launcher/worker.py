@@ -47,7 +47,8 @@ class Payload:
 def trainable(tune_config: dict[str, Any], payload: Payload) -> None:
     import torch
 
-    from engram.trial import cpu_model, keep_large_buffers_in_heap, run_trial
+    from engram.trial import keep_large_buffers_in_heap, run_trial
+    from engram.util import cpu_model
 
     t_enter = time.perf_counter()
     # Torch threads follow the CPUs this trial was given (Ray sets no limit of its own for torch).
