@@ -51,7 +51,7 @@ from engram.memory import build_compression
 from engram.mixcorpus import COMPUTATION, KNOWLEDGE
 from engram.model import EngramMoE
 from engram.moe import effective_balance_rate
-from engram.util import atomic_write, format_duration, format_si
+from engram.util import atomic_write, cpuinfo, format_duration, format_si
 
 STATE_FILE = "state.pt"
 RESULT_FILE = "result.json"
@@ -192,15 +192,7 @@ def cpu_has_native_bf16() -> bool:
 
     Without them torch's bf16 matmuls are emulated, slower than fp32; with them a bf16 matmul ran at 4x the
     fp32 rate on this project's machine (benchmarks/bench_trial.py)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"avx512_bf16", "amx_bf16"})
-    except OSError:
-        pass
-    return False
+    return bool(set(cpuinfo().get("flags", "").split()) & {"avx512_bf16", "amx_bf16"})
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -67,11 +67,9 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[s
     return ["  ".join(v.ljust(w) for v, w in zip(line, widths)).rstrip() for line in [list(header), *rows]]
 
 
-def cpu_model() -> str | None:
-    """This machine's CPU as /proc/cpuinfo names it, with its family and model numbers (a VM's model name can be
-    as bare as "AMD EPYC"; the numbers tell its generation): "AMD EPYC (family 26, model 2)"; the platform's
-    processor string where there is no /proc/cpuinfo; None when neither says anything. bf16 trials of the same
-    code and seed can end apart on different CPUs (LOG.md, D9), so every stored trial records it (sweeps.store)."""
+def cpuinfo() -> dict[str, str]:
+    """The first processor's fields of Linux's /proc/cpuinfo ("model name", "cpu family", "flags", ...); empty
+    where there is none."""
     fields: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
@@ -82,6 +80,15 @@ def cpu_model() -> str | None:
                 fields.setdefault(key.strip(), value.strip())
     except OSError:
         pass
+    return fields
+
+
+def cpu_model() -> str | None:
+    """This machine's CPU as /proc/cpuinfo names it, with its family and model numbers (a VM's model name can be
+    as bare as "AMD EPYC"; the numbers tell its generation): "AMD EPYC (family 26, model 2)"; the platform's
+    processor string where there is no /proc/cpuinfo; None when neither says anything. bf16 trials of the same
+    code and seed can end apart on different CPUs (LOG.md, D9), so every stored trial records it (sweeps.store)."""
+    fields = cpuinfo()
     name = fields.get("model name")
     if name:
         numbers = ", ".join(f"{label} {fields[key]}" for key, label in (("cpu family", "family"), ("model", "model"))
