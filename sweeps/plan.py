@@ -409,10 +409,36 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
         "P_act held by narrowing the dense FFN (d_ff) by the memory's dense parameters (docs/fairness.md)",
     ]
     lines += table_training_warnings(spec, trials)
+    lines += allocation_table_warnings(spec, trials)
     lines.append(f"ETA: {format_duration(eta / slots)} with {slots} trial(s) at once "
                  f"({format_duration(eta)} of trial time; {throughput.source}; "
                  f"startup {throughput.startup_seconds:.0f}s/trial)")
     return "\n".join(lines)
+
+
+def allocation_table_warnings(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:
+    """One line per allocation experiment and budget whose rho < 1 points hold tables that the budget cannot train
+    (expected lookups per row under PLANNED_LOOKUPS_PER_ROW, as for memory experiments). Unlike a memory
+    experiment's slot grid, an allocation's slot counts follow from P_tot and rho, so the plan only says it: those
+    points set thinly read tables against experts, and the report flags the ones that end `untrained`.
+    More tokens per trial, or a smaller P_tot/P_act, bring them into the trained regime."""
+    lines = []
+    for exp in spec.experiments:
+        if not isinstance(exp, AllocationExperiment):
+            continue
+        for budget in exp.budgets:
+            under = sorted({(t.rho, t.lookups_per_row) for t in trials if t.experiment == exp.name
+                            and t.budget == budget and t.lookups_per_row is not None
+                            and t.lookups_per_row < PLANNED_LOOKUPS_PER_ROW})
+            if under:
+                rhos = ", ".join(f"{r:g}" for r, _ in under)
+                reads = [n for _, n in under]
+                lines.append(f"warning: {exp.name} @ {budget:.2e} FLOPs: the tables at rho {rhos} get "
+                             f"{min(reads):.3g}-{max(reads):.3g} expected lookups per row (fewer than "
+                             f"{PLANNED_LOOKUPS_PER_ROW:g}): at this P_tot they hold more rows than the budget reads, "
+                             f"so those points set thinly read tables against experts (the report flags those whose "
+                             f"median read row gets fewer than {TRAINED_LOOKUPS_PER_ROW:g} untrained)")
+    return lines
 
 
 def fairness_deviations(spec: SweepSpec, trials: list[PlannedTrial]) -> dict[str, dict[str, float]]:

@@ -13,7 +13,9 @@ from engram.config import trial_id
 from engram.data import corpus_fingerprint
 from engram.memory_layout import memory_primes
 from sweeps.plan import (STARTUP_SECONDS, Throughput, calibrate_throughput, matmul_flops_per_second, plan_search_trial,
-                         plan_sweep, plan_table, step_flops_per_second, table_training_warnings, timing_models)
+                         plan_sweep, plan_table, step_flops_per_second, table_training_warnings, timing_models,
+                         allocation_table_warnings)
+from analysis.diagnostics import PLANNED_LOOKUPS_PER_ROW
 from sweeps.sizing import target_p_tot
 from sweeps.spec import SpecError, parse_spec
 from sweeps.tiny import tiny_sweep
@@ -276,6 +278,31 @@ def test_plan_warns_with_a_margin_for_the_skew_of_reads(base_dir: Path) -> None:
     trials = plan_sweep(spec, throughput=FIXED)
     assert next(t for t in trials if t.experiment == "mem").lookups_per_row > PLANNED_LOOKUPS_PER_ROW
     assert table_training_warnings(spec, trials) == []
+
+
+def test_plan_warns_where_an_allocations_tables_get_too_few_reads(base_dir: Path) -> None:
+    """An allocation's slot counts follow from P_tot and rho: the plan names the rho points whose tables the budget
+    cannot train, per budget, and says nothing once the budget reads every table enough."""
+    def one_budget(budget):
+        return lambda s: s["experiments"][0].update(budgets=[budget], seeds=[0])
+    spec = spec_with(base_dir, one_budget(1.5e8))
+    trials = plan_sweep(spec, throughput=FIXED)
+    engram = [t for t in trials if t.experiment == "alloc" and t.lookups_per_row is not None]
+    under = sorted(t.rho for t in engram if t.lookups_per_row < PLANNED_LOOKUPS_PER_ROW)
+    assert under and [t for t in trials if t.experiment == "alloc" and t.rho == 1.0][0].lookups_per_row is None
+    (warning,) = allocation_table_warnings(spec, trials)
+    assert warning.startswith("warning: alloc @ 1.50e+08 FLOPs: the tables at rho ")
+    assert f"rho {', '.join(f'{r:g}' for r in under)} get" in warning
+    least = min(t.lookups_per_row for t in engram)
+    assert f"{least:.3g}-" in warning and "fewer than 256" in warning
+    assert not any(w.startswith("warning: alloc") for w in table_training_warnings(spec, trials))  # memory's own
+
+    # Expected reads grow with the tokens a budget buys: a budget past the bar for every rho < 1 gives no warning.
+    spec = spec_with(base_dir, one_budget(1.5e8 * 1.2 * PLANNED_LOOKUPS_PER_ROW / least))
+    trials = plan_sweep(spec, throughput=FIXED)
+    assert min(t.lookups_per_row for t in trials if t.experiment == "alloc" and t.lookups_per_row) \
+        > PLANNED_LOOKUPS_PER_ROW
+    assert allocation_table_warnings(spec, trials) == []
 
 
 def test_a_p_tot_that_whole_experts_cannot_meet_is_refused(base_dir: Path) -> None:
