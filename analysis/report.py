@@ -708,6 +708,9 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
             name, fit = default_u(fits)
             fallback = "" if name == DEFAULT_U else f" (the {DEFAULT_U} could not be fitted; the {name} stands in)"
             b.append(("p", f"**{experiment} @ {_g(budget)} FLOPs**{fallback}: {_verdict_text(fit)}"))
+            caveat = _u_curve_fairness(result.usable, experiment, budget)
+            if caveat:
+                b.append(("p", caveat))
         blocks_rows = [_offsets_row(e, bud, fits) for (e, bud), fits in result.u_curves.items()
                        if NO_OFFSETS_U in fits and DEFAULT_U in fits]
         if blocks_rows:
@@ -841,6 +844,27 @@ def default_u(fits: dict[str, UCurveFit]) -> tuple[str, UCurveFit]:
     """(name, fit) whose verdict the report states: the cubic, or the parabola where the cubic failed (e.g. 5 rho
     values of one seed, where most resamples keep fewer than the 4 distinct values a cubic needs)."""
     return (DEFAULT_U, fits[DEFAULT_U]) if DEFAULT_U in fits else next(iter(fits.items()))
+
+
+def _u_curve_fairness(usable: pd.DataFrame, experiment: str, budget: float) -> str:
+    """One line under a U-curve's verdict when its trials break the fairness standard on tables or routers: the
+    rho points whose tables are untrained (median read row under TRAINED_LOOKUPS_PER_ROW) and the trials whose
+    experts trained on uneven loads. Empty when there is nothing to say (or the store predates the diagnostics)."""
+    rows = usable[(usable["experiment"] == experiment) & (usable["budget"] == budget)]
+    table = diagnostics_table(rows)
+    with_tables = table[table["lookups_median"].notna()]
+    untrained = with_tables[with_tables["untrained"]]
+    uneven = table[table["unbalanced_in_training"]]
+    parts = []
+    if len(untrained):
+        rhos = ", ".join(f"{r:g}" for r in sorted(untrained["rho"].unique()))
+        parts.append(f"{len(untrained)} of {len(with_tables)} trials with tables have them untrained (rho {rhos}; "
+                     f"median read row {untrained['lookups_median'].min():g}-{untrained['lookups_median'].max():g}, "
+                     f"under {TRAINED_LOOKUPS_PER_ROW:g}), so those points set thinly read tables against experts")
+    if len(uneven):
+        parts.append(f"{len(uneven)} of {int(table['expert_train_load_max'].notna().sum())} MoE trials trained "
+                     f"their experts on uneven loads")
+    return ("Fairness: " + "; ".join(parts) + " (trial diagnostics below).") if parts else ""
 
 
 def _verdict_text(fit: UCurveFit) -> str:

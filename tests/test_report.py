@@ -191,3 +191,21 @@ def test_two_slot_counts_print_no_loglinear_r2(tmp_path):
     doc = json.loads((tmp_path / "out" / "fits.json").read_text())
     two = [p for p in doc["power_laws"] if p["experiment"] == "memtwo"][0]
     assert 0.9 < two["loglinear"]["r2"] <= 1.0 and two["loglinear"]["noise_r2"] is not None
+
+
+def test_u_curve_verdict_carries_the_fairness_of_its_trials():
+    """Under an allocation verdict, the report names the rho points whose tables did not train and the trials
+    whose experts trained on uneven loads; nothing when every table trained and every router balanced."""
+    from analysis.report import _u_curve_fairness
+    rows = pd.DataFrame([_row(f"t{i}", "alloc", rho, 0, 3.0) for i, rho in enumerate([0.0, 0.5, 0.75, 1.0])])
+    rows["lookups_median"] = [40.0, 90.0, 300.0, np.nan]              # the pure MoE has no tables
+    rows["expert_train_load_max"] = [1.1, 1.2, 1.1, 1.7]
+    rows["expert_train_load_min"] = [0.9, 0.9, 0.9, 0.5]
+    text = _u_curve_fairness(rows, "alloc", 1e14)
+    assert text.startswith("Fairness: 2 of 3 trials with tables have them untrained (rho 0, 0.5; median read row "
+                           "40-90, under 128)")
+    assert "1 of 4 MoE trials trained their experts on uneven loads" in text
+    assert _u_curve_fairness(rows, "alloc", 2e14) == ""               # another budget: no trials, nothing said
+    rows["lookups_median"] = [400.0, 300.0, 200.0, np.nan]
+    rows["expert_train_load_max"] = [1.1, 1.2, 1.1, 1.3]
+    assert _u_curve_fairness(rows, "alloc", 1e14) == ""
