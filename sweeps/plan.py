@@ -427,9 +427,7 @@ def allocation_table_warnings(spec: SweepSpec, trials: list[PlannedTrial]) -> li
         if not isinstance(exp, AllocationExperiment):
             continue
         for budget in exp.budgets:
-            under = sorted({(t.rho, t.lookups_per_row) for t in trials if t.experiment == exp.name
-                            and t.budget == budget and t.lookups_per_row is not None
-                            and t.lookups_per_row < PLANNED_LOOKUPS_PER_ROW})
+            under = _thinly_read(trials, lambda t: t.rho, experiment=exp.name, budget=budget)
             if under:
                 rhos = ", ".join(f"{r:g}" for r, _ in under)
                 reads = [n for _, n in under]
@@ -477,6 +475,14 @@ def check_plan_fair(spec: SweepSpec, trials: list[PlannedTrial]) -> None:
                                  f"rho={t.rho}, slots={t.slots} (tolerance {100 * FAIR_TOLERANCE:.1f}%)")
 
 
+def _thinly_read(trials: list[PlannedTrial], key, **match) -> list[tuple]:
+    """Sorted distinct (key(trial), expected lookups per row) of the trials matching every `match` attribute whose
+    tables get fewer than PLANNED_LOOKUPS_PER_ROW expected lookups per row (trials without tables are skipped)."""
+    return sorted({(key(t), t.lookups_per_row) for t in trials
+                   if all(getattr(t, name) == value for name, value in match.items())
+                   and t.lookups_per_row is not None and t.lookups_per_row < PLANNED_LOOKUPS_PER_ROW})
+
+
 def table_training_warnings(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:
     """One line per memory experiment (and memory kind) whose slot grid reaches past what its budget trains:
     slot points whose expected (mean) lookups per row fall below PLANNED_LOOKUPS_PER_ROW, i.e. where the median
@@ -487,9 +493,7 @@ def table_training_warnings(spec: SweepSpec, trials: list[PlannedTrial]) -> list
         if not isinstance(exp, MemoryExperiment):
             continue
         for kind in exp.memory:
-            under = sorted({(t.slots, t.lookups_per_row) for t in trials if t.experiment == exp.name
-                            and t.memory == kind and t.lookups_per_row is not None
-                            and t.lookups_per_row < PLANNED_LOOKUPS_PER_ROW})
+            under = _thinly_read(trials, lambda t: t.slots, experiment=exp.name, memory=kind)
             if under:
                 points = ", ".join(f"{s:.3g} ({n:.3g}/row)" for s, n in under)
                 lines.append(f"warning: {exp.name} ({kind}): slots {points} get fewer than "
