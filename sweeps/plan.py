@@ -416,29 +416,6 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
     return "\n".join(lines)
 
 
-def allocation_table_warnings(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:
-    """One line per allocation experiment and budget whose rho < 1 points hold tables that the budget cannot train
-    (expected lookups per row under PLANNED_LOOKUPS_PER_ROW, as for memory experiments). Unlike a memory
-    experiment's slot grid, an allocation's slot counts follow from P_tot and rho, so the plan only says it: those
-    points set thinly read tables against experts, and the report flags the ones that end `untrained`.
-    More tokens per trial, or a smaller P_tot/P_act, bring them into the trained regime."""
-    lines = []
-    for exp in spec.experiments:
-        if not isinstance(exp, AllocationExperiment):
-            continue
-        for budget in exp.budgets:
-            under = _thinly_read(trials, lambda t: t.rho, experiment=exp.name, budget=budget)
-            if under:
-                rhos = ", ".join(f"{r:g}" for r, _ in under)
-                reads = [n for _, n in under]
-                lines.append(f"warning: {exp.name} @ {budget:.2e} FLOPs: the tables at rho {rhos} get "
-                             f"{min(reads):.3g}-{max(reads):.3g} expected lookups per row (fewer than "
-                             f"{PLANNED_LOOKUPS_PER_ROW:g}): at this P_tot they hold more rows than the budget reads, "
-                             f"so those points set thinly read tables against experts (the report flags those whose "
-                             f"median read row gets fewer than {TRAINED_LOOKUPS_PER_ROW:g} untrained)")
-    return lines
-
-
 def fairness_deviations(spec: SweepSpec, trials: list[PlannedTrial]) -> dict[str, dict[str, float]]:
     """Per trial_id, the relative deviations the fairness rule bounds: p_tot (from the experiment's target) and
     p_act (from its rho = 1 model) for allocation and search trials; tokens (from the smallest token count of
@@ -501,4 +478,27 @@ def table_training_warnings(spec: SweepSpec, trials: list[PlannedTrial]) -> list
                              f"their median read row may get fewer than {TRAINED_LOOKUPS_PER_ROW:g} (measured "
                              f"median / mean >= {PLANNED_MEDIAN_SHARE:g}): those tables stay near their init "
                              f"(outside the trained regime)")
+    return lines
+
+
+def allocation_table_warnings(spec: SweepSpec, trials: list[PlannedTrial]) -> list[str]:
+    """One line per allocation experiment and budget whose rho < 1 points hold tables that the budget cannot train
+    (expected lookups per row under PLANNED_LOOKUPS_PER_ROW, as for memory experiments). Unlike a memory
+    experiment's slot grid, an allocation's slot counts follow from P_tot and rho, so the plan only says it: those
+    points set thinly read tables against experts, and the report flags the ones that end `untrained`.
+    More tokens per trial, or a smaller P_tot/P_act, bring them into the trained regime."""
+    lines = []
+    for exp in spec.experiments:
+        if not isinstance(exp, AllocationExperiment):
+            continue
+        for budget in exp.budgets:
+            under = _thinly_read(trials, lambda t: t.rho, experiment=exp.name, budget=budget)
+            if under:
+                rhos = ", ".join(f"{r:g}" for r, _ in under)
+                reads = [n for _, n in under]
+                lines.append(f"warning: {exp.name} @ {budget:.2e} FLOPs: the tables at rho {rhos} get "
+                             f"{min(reads):.3g}-{max(reads):.3g} expected lookups per row (fewer than "
+                             f"{PLANNED_LOOKUPS_PER_ROW:g}): at this P_tot they hold more rows than the budget reads, "
+                             f"so those points set thinly read tables against experts (the report flags those whose "
+                             f"median read row gets fewer than {TRAINED_LOOKUPS_PER_ROW:g} untrained)")
     return lines
