@@ -2,7 +2,7 @@
 
 - `plot_u_curve`: loss over rho with the points of each seed, the fit, its band and rho* with its interval
   (the Engram paper's Figure 3, left); for a concave, flat or too-noisy verdict the points and the reason only,
-  so that no figure shows a U the verdict does not claim.
+  so that no figure shows a U the verdict does not claim; rho points with untrained tables shaded.
 - `plot_power_laws`: loss over memory slots on a log axis, one power law (and its band) per memory kind, so
   OverEncoding sits beside Engram (Figure 3, right); a power law that is not identified is not drawn, its
   log-linear form is.
@@ -18,7 +18,7 @@ Figures are built with `matplotlib.figure.Figure` (no pyplot state), so this is 
 from __future__ import annotations
 
 import textwrap
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 
 import numpy as np
@@ -36,9 +36,16 @@ KIND_COLORS = MappingProxyType({"engram": "tab:blue", "overencoding": "tab:orang
 BAND_ALPHA = 0.2
 
 
-def plot_u_curve(ax: Axes, fit: UCurveFit, *, title: str | None = None, color: str = "tab:blue") -> None:
+def plot_u_curve(ax: Axes, fit: UCurveFit, *, title: str | None = None, color: str = "tab:blue",
+                 untrained_rho: Sequence[float] = (), untrained_label: str = "tables untrained") -> None:
     """Points per seed; then, only when the verdict claims a shape (interior or boundary), the fitted curve with
-    its bootstrap band and rho* with its interval (or the edge). Otherwise the verdict and its reason as text."""
+    its bootstrap band and rho* with its interval (or the edge). Otherwise the verdict and its reason as text.
+    `untrained_rho`: rho points whose memory tables stayed outside the trained regime, shaded grey (one legend
+    entry, `untrained_label`), so that a reader sees which points set thinly read tables against experts."""
+    half = 0.25 * float(np.min(np.diff(np.unique(fit.rho)))) if len(np.unique(fit.rho)) > 1 else 0.02
+    for i, r in enumerate(sorted(untrained_rho)):
+        ax.axvspan(r - half, r + half, color="0.5", alpha=0.18, lw=0, zorder=0,
+                   label=untrained_label if i == 0 else None)
     for i, s in enumerate(np.unique(fit.seed)):
         sel = fit.seed == s
         ax.scatter(fit.rho[sel], fit.loss[sel], marker=SEED_MARKERS[i % len(SEED_MARKERS)], s=22,

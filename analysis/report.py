@@ -417,7 +417,8 @@ def draw_figures(result: SweepAnalysis, curves: pd.DataFrame, plot_dir: Path) ->
         for ax, key in zip(fig.axes, keys):
             fit = default_u(result.u_curves[key])[1]
             plot_u_curve(ax, fit, title=f"{experiment}: loss vs rho at C = {key[1]:.3g} FLOPs "
-                                        f"({_seed_note(fit)})")
+                                        f"({_seed_note(fit)})",
+                         untrained_rho=untrained_rhos(result.usable, *key), untrained_label=UNTRAINED_RHO_LABEL)
         fig.suptitle(f"{experiment}: validation loss vs allocation ratio rho, per compute budget")
         out[f"u_curves_{experiment}"] = _save(fig, plot_dir, f"u_curves_{experiment}")
     for experiment, trend in result.trends.items():
@@ -846,12 +847,25 @@ def default_u(fits: dict[str, UCurveFit]) -> tuple[str, UCurveFit]:
     return (DEFAULT_U, fits[DEFAULT_U]) if DEFAULT_U in fits else next(iter(fits.items()))
 
 
+def _u_curve_diagnostics(usable: pd.DataFrame, experiment: str, budget: float) -> pd.DataFrame:
+    return diagnostics_table(usable[(usable["experiment"] == experiment) & (usable["budget"] == budget)])
+
+
+def untrained_rhos(usable: pd.DataFrame, experiment: str, budget: float) -> list[float]:
+    """The rho points of one U-curve with at least one trial whose tables stayed untrained (median read row under
+    TRAINED_LOOKUPS_PER_ROW); the figures shade them. Empty for a store that predates the diagnostics."""
+    table = _u_curve_diagnostics(usable, experiment, budget)
+    return sorted(float(r) for r in table.loc[table["untrained"], "rho"].unique())
+
+
+UNTRAINED_RHO_LABEL = f"tables untrained (median read row < {TRAINED_LOOKUPS_PER_ROW:g})"
+
+
 def _u_curve_fairness(usable: pd.DataFrame, experiment: str, budget: float) -> str:
     """One line under a U-curve's verdict when its trials break the fairness standard on tables or routers: the
     rho points whose tables are untrained (median read row under TRAINED_LOOKUPS_PER_ROW) and the trials whose
     experts trained on uneven loads. Empty when there is nothing to say (or the store predates the diagnostics)."""
-    rows = usable[(usable["experiment"] == experiment) & (usable["budget"] == budget)]
-    table = diagnostics_table(rows)
+    table = _u_curve_diagnostics(usable, experiment, budget)
     with_tables = table[table["lookups_median"].notna()]
     untrained = with_tables[with_tables["untrained"]]
     uneven = table[table["unbalanced_in_training"]]

@@ -27,7 +27,8 @@ from matplotlib.figure import Figure
 
 from analysis.fits import N_RESAMPLES, LogLinearFit, single_threaded_blas
 from analysis.plots import plot_memory_comparison, plot_u_curve
-from analysis.report import SweepAnalysis, analyse, default_u, memory_comparison_points, read_store
+from analysis.report import (UNTRAINED_RHO_LABEL, SweepAnalysis, analyse, default_u, memory_comparison_points,
+                             read_store, untrained_rhos)
 
 PROG = "readme_figures"
 USER_ERROR = 2
@@ -103,7 +104,9 @@ def allocation_figure(result: SweepAnalysis, experiment: str | None = None) -> F
         headline += f", gain vs rho=1 {fit.gain.value:.3f} [{fit.gain.lo:.3f}, {fit.gain.hi:.3f}] nats"
     fig = _figure()
     plot_u_curve(fig.axes[0], fit, title=textwrap.fill(f"{experiment} at C = {budget:.2g} FLOPs: {headline}",
-                                                       TITLE_WIDTH))
+                                                       TITLE_WIDTH),
+                 untrained_rho=untrained_rhos(result.usable, experiment, budget),
+                 untrained_label=UNTRAINED_RHO_LABEL)
     return fig
 
 

@@ -34,6 +34,19 @@ def test_u_curve_plot_shows_seeds_fit_band_and_rho_star(tmp_path):
     assert (tmp_path / "u.png").stat().st_size > 1000 and "<svg" in (tmp_path / "u.svg").read_text()
 
 
+def test_u_curve_plot_shades_the_rho_points_with_untrained_tables():
+    fit = fit_u_curve(RHO, 3.0 + 0.1 * (RHO - 0.6) ** 2, SEED, n_resamples=50)
+    ax = _axes()
+    plot_u_curve(ax, fit, untrained_rho=[0.0, 0.5], untrained_label="tables untrained")
+    grey = [p for p in ax.patches if np.allclose(p.get_facecolor()[:3], 0.5)]
+    centres = sorted(p.get_x() + p.get_width() / 2 for p in grey)
+    assert np.allclose(centres, [0.0, 0.5])
+    assert _legend_texts(ax).count("tables untrained") == 1        # one legend entry for all of them
+    ax = _axes()
+    plot_u_curve(ax, fit)
+    assert "tables untrained" not in _legend_texts(ax)
+
+
 def test_u_curve_plot_marks_a_boundary_optimum_without_rho_star():
     fit = fit_u_curve(RHO, 3.0 - 0.05 * RHO, SEED, n_resamples=50)
     ax = _axes()

@@ -196,7 +196,7 @@ def test_two_slot_counts_print_no_loglinear_r2(tmp_path):
 def test_u_curve_verdict_carries_the_fairness_of_its_trials():
     """Under an allocation verdict, the report names the rho points whose tables did not train and the trials
     whose experts trained on uneven loads; nothing when every table trained and every router balanced."""
-    from analysis.report import _u_curve_fairness
+    from analysis.report import _u_curve_fairness, untrained_rhos
     rows = pd.DataFrame([_row(f"t{i}", "alloc", rho, 0, 3.0) for i, rho in enumerate([0.0, 0.5, 0.75, 1.0])])
     rows["lookups_median"] = [40.0, 90.0, 300.0, np.nan]              # the pure MoE has no tables
     rows["expert_train_load_max"] = [1.1, 1.2, 1.1, 1.7]
@@ -206,6 +206,7 @@ def test_u_curve_verdict_carries_the_fairness_of_its_trials():
                            "40-90, under 128)")
     assert "1 of 4 MoE trials trained their experts on uneven loads" in text
     assert _u_curve_fairness(rows, "alloc", 2e14) == ""               # another budget: no trials, nothing said
+    assert untrained_rhos(rows, "alloc", 1e14) == [0.0, 0.5] and untrained_rhos(rows, "alloc", 2e14) == []
     rows["lookups_median"] = [400.0, 300.0, 200.0, np.nan]
     rows["expert_train_load_max"] = [1.1, 1.2, 1.1, 1.3]
     assert _u_curve_fairness(rows, "alloc", 1e14) == ""
