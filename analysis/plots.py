@@ -67,8 +67,8 @@ def plot_u_curve(ax: Axes, fit: UCurveFit, *, title: str | None = None, color: s
     else:   # the reason sits in headroom above the points, so it hides none of them
         lo, hi = float(fit.loss.min()), float(fit.loss.max())
         span = max(hi - lo, 1e-3 * max(abs(hi), 1.0))
-        ax.set_ylim(lo - 0.08 * span, hi + 0.75 * span)
-        ax.text(0.02, 0.98, f"{fit.verdict}: no curve drawn\n" + textwrap.fill(fit.reason, 70),
+        ax.set_ylim(lo - 0.08 * span, hi + 0.9 * span)     # the text keeps to the left, the legend the right
+        ax.text(0.02, 0.98, f"{fit.verdict}: no curve drawn\n" + textwrap.fill(fit.reason, 56),
                 transform=ax.transAxes, va="top", ha="left", fontsize=7,
                 bbox={"facecolor": "white", "alpha": 0.8, "edgecolor": "0.7"})
     ax.set_xlabel("allocation ratio rho (share of sparse params in experts; 1 = pure MoE)")

@@ -26,9 +26,9 @@ import yaml
 from matplotlib.figure import Figure
 
 from analysis.contract import CURVES_DIR, RUNS_DIR, SPEC_FILE, read_folder
-from analysis.fits import (DROP_WARN_SHARE, LEVEL, N_RESAMPLES, REFERENCE_GAIN, Bootstrap, BudgetTrend, ChinchillaFit,
-                           FitError, LogLinearFit, PowerLawFit, UCurveFit, fit_budget_trend, fit_chinchilla,
-                           fit_loglinear, fit_power_law, fit_u_curve, single_threaded_blas)
+from analysis.fits import (DROP_WARN_SHARE, LEVEL, N_RESAMPLES, REFERENCE_GAIN, VERDICT_LEVEL, Bootstrap, BudgetTrend,
+                           ChinchillaFit, FitError, LogLinearFit, PowerLawFit, UCurveFit, fit_budget_trend,
+                           fit_chinchilla, fit_loglinear, fit_power_law, fit_u_curve, single_threaded_blas)
 from analysis.diagnostics import (BALANCED_MAX_LOAD, TRAINED_LOOKUPS_PER_ROW, diagnostics_summary,
                                   diagnostics_table)
 from analysis.plots import (plot_budget_trend, plot_kind_losses, plot_memory_comparison, plot_power_laws,
@@ -852,10 +852,12 @@ def _u_curve_diagnostics(usable: pd.DataFrame, experiment: str, budget: float) -
 
 
 def untrained_rhos(usable: pd.DataFrame, experiment: str, budget: float) -> list[float]:
-    """The rho points of one U-curve with at least one trial whose tables stayed untrained (median read row under
-    TRAINED_LOOKUPS_PER_ROW); the figures shade them. Empty for a store that predates the diagnostics."""
-    table = _u_curve_diagnostics(usable, experiment, budget)
-    return sorted(float(r) for r in table.loc[table["untrained"], "rho"].unique())
+    """The rho points (as the fit places them: achieved where recorded) of one U-curve's trials whose tables
+    stayed untrained (median read row under TRAINED_LOOKUPS_PER_ROW); the figures shade them. Empty for a store
+    that predates the diagnostics."""
+    rows = usable[(usable["experiment"] == experiment) & (usable["budget"] == budget)]
+    untrained = diagnostics_table(rows)["untrained"].to_numpy(dtype=bool)
+    return sorted({float(r) for r in _x_rho(rows)[untrained]})
 
 
 UNTRAINED_RHO_LABEL = f"tables untrained (median read row < {TRAINED_LOOKUPS_PER_ROW:g})"
@@ -896,11 +898,32 @@ def _verdict_text(fit: UCurveFit) -> str:
     else:
         text += f" No rho* is claimed (the curve's minimum, {fit.argmin}, is not an estimate of one)."
         if fit.verdict == "too noisy" and fit.seeds_for_fitted_gain is not None and fit.gain is not None:
-            text += (f" Resolving the fitted gain of {fit.gain.value:.3g} nats would take about "
-                     f"{_seeds_text(fit.seeds_for_fitted_gain)} seeds.")
+            text += " " + _what_is_unresolved(fit)
     if fit.bootstrap.warning:
         text += f" WARNING: {fit.bootstrap.warning}."
     return text + seeds
+
+
+def _what_is_unresolved(fit: UCurveFit) -> str:
+    """For a too-noisy U-curve with a fitted gain: the seeds that gain needs or, when the sweep already detects
+    a gain that size, which edge holds the verdict back and which way that edge leans."""
+    if fit.seeds_for_fitted_gain > fit.n_seeds:
+        return (f"Resolving the fitted gain of {fit.gain.value:.3g} nats would take about "
+                f"{_seeds_text(fit.seeds_for_fitted_gain)} seeds.")
+    lo, hi = float(fit.rho.min()), float(fit.rho.max())
+    edges = []
+    for name, rho, p_inward in (("low", lo, fit.p_falls_at_lo), ("high", hi, fit.p_rises_at_hi)):
+        if p_inward >= VERDICT_LEVEL:
+            continue
+        if p_inward >= 0.5:
+            edges.append(f"at the {name} edge (rho = {rho:g}) the curve turns inward in only {p_inward:.0%} of "
+                         f"resamples")
+        else:
+            edges.append(f"at the {name} edge (rho = {rho:g}) the loss falls toward the edge in {1 - p_inward:.0%} "
+                         f"of resamples, leaning to a minimum there rather than inside")
+    return (f"The fitted gain of {fit.gain.value:.3g} nats is already above the smallest this sweep detects "
+            f"({fit.detectable_gain:.3g}), so more seeds for the gain are not what it lacks: "
+            + "; ".join(edges) + f" (rule: {VERDICT_LEVEL:.0%} inward at both edges).")
 
 
 def _seeds_text(n: int | None) -> str:

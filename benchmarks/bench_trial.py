@@ -33,6 +33,11 @@ reaches the issue's 2.5x over the fp32 step as the matmuls' share of a step grow
 benchmark's model, ModelConfig's default) and untied (the default sweep's since 2026-12-01), in both precisions.
 
     python -m benchmarks.bench_trial --tied-vs-untied [--rounds 4] [--steps 3]
+
+`--matmul-shapes` prints fp32 and bf16 matmul GFLOP/s, one thread, at the default step's product shapes and at
+large squares: what bf16 can buy on the machine at hand (AMX or AVX512_BF16 alone differ several-fold).
+
+    python -m benchmarks.bench_trial --matmul-shapes
 """
 
 from __future__ import annotations
@@ -122,16 +127,37 @@ def time_interleaved(benches: dict[Hashable, Callable[[], None]], n_rounds: int,
             {name: statistics.median(ts) for name, ts in wall.items()})
 
 
-def matmul_flops_per_second(dtype: torch.dtype, n: int = MATMUL_N, repeats: int = 5) -> float:
-    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
-    out = torch.empty(n, n, dtype=dtype)
+def matmul_flops_per_second(dtype: torch.dtype, n: int = MATMUL_N, repeats: int = 5, *,
+                            shape: tuple[int, int, int] | None = None) -> float:
+    """Best of `repeats` (m x k) @ (k x n) products, n x n x n unless `shape` = (m, k, n) is given; thread CPU time."""
+    m, k, n = shape or (n, n, n)
+    a, b = torch.randn(m, k).to(dtype), torch.randn(k, n).to(dtype)
+    out = torch.empty(m, n, dtype=dtype)
     torch.mm(a, b, out=out)
+    reps = max(1, int(2e9 / (2 * m * k * n)))      # small products timed in batches, thread_time's tick is coarse
     best = float("inf")
     for _ in range(repeats):
         t0 = time.thread_time()
-        torch.mm(a, b, out=out)
-        best = min(best, time.thread_time() - t0)
-    return 2 * n ** 3 / best
+        for _ in range(reps):
+            torch.mm(a, b, out=out)
+        best = min(best, (time.thread_time() - t0) / reps)
+    return 2 * m * k * n / best
+
+
+# Products of the default trial's shapes (rows = 16 x 128 tokens): the attention's q, k, v projection, the dense
+# FFN in and out, the head, one padded expert block (~256 rows, gate and up together); then a wider model's and
+# the large squares a peak is usually quoted at.
+MATMUL_SHAPES = ((2048, 128, 384), (2048, 128, 768), (2048, 384, 128), (2048, 128, 4096), (256, 128, 128),
+                 (2048, 512, 1536), (2048, 2048, 2048), (4096, 4096, 4096))
+
+
+def matmul_shapes(shapes=MATMUL_SHAPES, repeats: int = 5) -> None:
+    """fp32 and bf16 GFLOP/s per product shape, one thread, and their ratio: how much bf16 can buy a step here."""
+    print(f"{'(m x k) @ (k x n)':>30} {'fp32 GFLOP/s':>13} {'bf16 GFLOP/s':>13} {'bf16 / fp32':>12}")
+    for m, k, n in shapes:
+        f32, b16 = (matmul_flops_per_second(dt, repeats=repeats, shape=(m, k, n)) / 1e9
+                    for dt in (torch.float32, torch.bfloat16))
+        print(f"{f'({m} x {k}) @ ({k} x {n})':>30} {f32:13.1f} {b16:13.1f} {b16 / f32:12.2f}", flush=True)
 
 
 # Where a step's operators belong, for the profile breakdown: first match on the operator's name wins.
@@ -183,8 +209,13 @@ def main() -> None:
                         help="only (s), at the default shape scaled to these d_model values")
     parser.add_argument("--tied-vs-untied", action="store_true",
                         help="only the default step with tied and untied embeddings")
+    parser.add_argument("--matmul-shapes", action="store_true",
+                        help="only fp32 and bf16 matmul GFLOP/s at the default step's product shapes")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.matmul_shapes:
+        matmul_shapes()
+        return
     heap = False if args.glibc_defaults else keep_large_buffers_in_heap()
     print(f"large buffers kept in the heap (glibc mallopt): {'yes' if heap else 'no'}")
 

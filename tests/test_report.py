@@ -210,3 +210,23 @@ def test_u_curve_verdict_carries_the_fairness_of_its_trials():
     rows["lookups_median"] = [400.0, 300.0, 200.0, np.nan]
     rows["expert_train_load_max"] = [1.1, 1.2, 1.1, 1.3]
     assert _u_curve_fairness(rows, "alloc", 1e14) == ""
+
+
+def test_a_too_noisy_u_curve_says_what_holds_it_back():
+    """When the sweep already detects a gain the size of the fitted one, the report must not ask for more seeds
+    for the gain ("about 1 seeds"): it names the edge that holds the verdict back and which way that edge leans.
+    Losses: the default sweep's D11 run (two seeds, the pure MoE far behind, rho = 0 the lowest point)."""
+    from analysis.fits import fit_u_curve
+    from analysis.report import _verdict_text
+    rho, seed = np.repeat([0.0, 0.25, 0.5, 0.75, 1.0], 2), np.tile([0, 1], 5)
+    loss = np.array([3.755, 3.786, 3.809, 3.854, 3.765, 3.800, 3.778, 3.811, 3.922, 3.965])
+    fit = fit_u_curve(rho, loss, seed, n_resamples=300)
+    assert fit.verdict == "too noisy" and fit.seeds_for_fitted_gain <= fit.n_seeds
+    text = _verdict_text(fit)
+    assert "would take about" not in text.split("No rho* is claimed")[1]
+    assert "already above the smallest this sweep detects" in text
+    assert "at the low edge (rho = 0) the loss falls toward the edge in" in text and "high edge (rho" not in text
+    noisy = 3.0 + 0.01 * (rho - 0.6) ** 2 + np.random.default_rng(3).normal(0, 0.02, 10)
+    fit = fit_u_curve(rho, noisy, seed, n_resamples=300)     # a small fitted gain: seeds are what it lacks
+    assert fit.verdict == "too noisy" and fit.seeds_for_fitted_gain > fit.n_seeds
+    assert f"would take about {fit.seeds_for_fitted_gain} seeds." in _verdict_text(fit)
