@@ -233,7 +233,10 @@ def plot_memory_comparison(ax: Axes, points: pd.DataFrame, *, title: str = "No m
         ax.scatter(untrained["table_params"], untrained["loss"], s=18, facecolors="none", edgecolors=color,
                    zorder=3)
         means = rows.groupby("table_params")["loss"].mean()
-        ax.plot(means.index, means.to_numpy(), color=color, lw=1.6, marker="_", label=f"{kind} (seed mean)")
+        n = rows.groupby("table_params").size()
+        per_point = "one trial per point" if n.max() == 1 else (
+            f"mean of {n.min()} trials per point" if n.min() == n.max() else f"mean of {n.min()}-{n.max()} trials")
+        ax.plot(means.index, means.to_numpy(), color=color, lw=1.6, marker="_", label=f"{kind} ({per_point})")
     if len(points[points["memory"] != "none"]):
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # within a decade, minor labels overprint each other

@@ -5,7 +5,8 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from analysis.fits import fit_budget_trend, fit_isoflop, fit_loglinear, fit_power_law, fit_u_curve
-from analysis.plots import plot_budget_trend, plot_isoflop, plot_power_laws, plot_training_curves, plot_u_curve
+from analysis.plots import (plot_budget_trend, plot_isoflop, plot_memory_comparison, plot_power_laws,
+                            plot_training_curves, plot_u_curve)
 
 RHO = np.repeat([0.0, 0.25, 0.5, 0.75, 1.0], 2)
 SEED = np.tile([0, 1], 5)
@@ -111,3 +112,20 @@ def test_power_law_plot_draws_the_log_linear_form_when_the_law_is_not_identified
     plot_power_laws(ax, {"engram": flat})
     texts = _legend_texts(ax)
     assert len(texts) == 1 and "power law not identified" in texts[0] and " ln x " in texts[0]
+
+
+def test_memory_comparison_says_how_many_trials_each_line_averages_and_hollows_untrained_points():
+    points = pd.DataFrame({
+        "memory": ["none", "none", "engram", "engram", "engram", "engram", "overencoding", "overencoding"],
+        "table_params": [0, 0, 1e4, 1e4, 1e5, 1e5, 1e4, 1e5],
+        "loss": [4.0, 4.02, 3.95, 3.97, 3.90, 3.92, 3.99, 4.1],
+        "untrained": [False, False, False, False, False, True, False, True]})
+    ax = _axes()
+    plot_memory_comparison(ax, points)
+    ax.legend()                                                      # the caller places the legend
+    texts = _legend_texts(ax)
+    assert "engram (mean of 2 trials per point)" in texts and "overencoding (one trial per point)" in texts
+    assert any(t.startswith("no memory: 4.010 (2 trial(s)") for t in texts)
+    hollow = [c for c in ax.collections if len(c.get_offsets()) and not len(c.get_facecolors())]
+    assert sorted(len(c.get_offsets()) for c in hollow) == [1, 1]     # engram's and OverEncoding's untrained trial
+    assert ax.get_xscale() == "log"
