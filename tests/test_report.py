@@ -230,3 +230,31 @@ def test_a_too_noisy_u_curve_says_what_holds_it_back():
     fit = fit_u_curve(rho, noisy, seed, n_resamples=300)     # a small fitted gain: seeds are what it lacks
     assert fit.verdict == "too noisy" and fit.seeds_for_fitted_gain > fit.n_seeds
     assert f"would take about {fit.seeds_for_fitted_gain} seeds." in _verdict_text(fit)
+
+
+def test_a_memory_law_is_read_against_the_bar_part_by_part():
+    """Under the power-law table the report says, per memory law, the slope's sign as its interval resolves it,
+    R² and the decades of slots, the untrained points, and which parts of the bar (slope above 0, R² >= 0.9,
+    >= 1.5 decades, every point trained) hold; nothing for a law with only two slot counts."""
+    from analysis.report import _law_reading
+    rng = np.random.default_rng(0)
+    slots = [1_000, 5_000, 20_000, 100_000]                                           # 2 decades
+    rows = [_row(f"m{s}-{seed}", "mem", math.nan, seed, 3.0 - 0.02 * math.log(s) + rng.normal(0, 0.002),
+                 kind="memory", slots=s) for s in slots for seed in (0, 1)]
+    runs = pd.DataFrame(rows)
+    runs["lookups_median"] = 500.0
+    result = analyse(runs, n_resamples=200)
+    key = next(k for k in result.power_laws if k[:2] == ("mem", "engram"))
+    text = _law_reading(result.power_laws[key], result.usable, *key)
+    assert text.startswith("loss falls with slots, b = 0.019") and "over 2.00 decades (4 slot counts, 8 trials)" in text
+    assert text.endswith("Log-linear in slots by the bar (slope above 0, R² >= 0.9, >= 1.5 decades, every point "
+                         "trained).")
+    runs["lookups_median"] = [40.0, 40.0] + [500.0] * 6                               # the smallest point untrained
+    runs["final_val_loss"] = 3.0 + rng.normal(0, 0.01, len(runs))                     # and no slot effect
+    result = analyse(runs, n_resamples=200)
+    text = _law_reading(result.power_laws[key], result.usable, *key)
+    assert "no slot effect resolved" in text and "2 of 8 trials with untrained tables" in text
+    assert "Not log-linear by the bar: the slope's interval is not above 0; R² " in text
+    assert text.endswith("; some slot points untrained.") and "decades <" not in text
+    two = analyse(runs[runs["slots"] <= 5_000], n_resamples=50)
+    assert _law_reading(two.power_laws[key], two.usable, *key) == ""
