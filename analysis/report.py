@@ -29,8 +29,8 @@ from analysis.contract import CURVES_DIR, RUNS_DIR, SPEC_FILE, read_folder
 from analysis.fits import (DROP_WARN_SHARE, LEVEL, N_RESAMPLES, REFERENCE_GAIN, VERDICT_LEVEL, Bootstrap, BudgetTrend,
                            ChinchillaFit, FitError, LogLinearFit, PowerLawFit, UCurveFit, fit_budget_trend,
                            fit_chinchilla, fit_loglinear, fit_power_law, fit_u_curve, single_threaded_blas)
-from analysis.diagnostics import (BALANCED_MAX_LOAD, TRAINED_LOOKUPS_PER_ROW, diagnostics_summary,
-                                  diagnostics_table)
+from analysis.diagnostics import (BALANCED_MAX_LOAD, LAW_MIN_DECADES, LAW_R2_BAR, MIN_LINE_TEST_COUNTS,
+                                  TRAINED_LOOKUPS_PER_ROW, diagnostics_summary, diagnostics_table)
 from analysis.plots import (plot_budget_trend, plot_kind_losses, plot_memory_comparison, plot_power_laws,
                             plot_rho_star_vs_share, plot_training_curves, plot_u_curve)
 
@@ -38,13 +38,6 @@ U_KINDS = ("allocation", "search")
 MEMORY_KIND = "memory"
 LOSS_COL = "final_val_loss"
 EXTRAPOLATION_FACTOR = 10.0     # power laws are extrapolated to 10x the largest slot count sampled
-MIN_LINE_TEST_COUNTS = 3        # slot counts for a log-linear R² to say anything about the line (two: a line
-                                # meets both means whatever the law)
-# The bar a memory law is read against (issue 10's, for the paper's memory finding; not chosen from this project's
-# runs): the log-linear slope with an interval above 0, R² at least LAW_R2_BAR over at least LAW_MIN_DECADES of
-# slot counts, every slot point's tables trained. The report says which parts hold; it changes no fit.
-LAW_R2_BAR = 0.9
-LAW_MIN_DECADES = 1.5
 MIN_COMPUTE_BUDGETS = 3         # loss-vs-compute power laws per rho need 3 distinct budgets (3 parameters)
 CHINCHILLA_MIN_RATIO = 2.0      # fit the N-D form only when P_act and tokens each vary by at least this factor
 PANEL_SIZE = (6.4, 4.6)
@@ -945,7 +938,7 @@ def _law_reading(fit: PowerLawFit | LogLinearFit, usable: pd.DataFrame, experime
     failing = [part for part, holds in (
         ("the slope's interval is not above 0", np.isfinite(ll.b.lo) and ll.b.lo > 0),
         (f"R² {ll.r2:.2f} < {LAW_R2_BAR:g}", ll.r2 >= LAW_R2_BAR),
-        (f"{decades:.2f} decades < {LAW_MIN_DECADES:g}", decades >= LAW_MIN_DECADES - 1e-9),
+        (f"{decades:.3f} decades < {LAW_MIN_DECADES:g}", decades >= LAW_MIN_DECADES - 1e-9),
         ("some slot points untrained" if len(recorded) else "the tables' training not recorded",
          len(recorded) > 0 and n_untrained == 0)) if not holds]
     verdict = (f"Log-linear in slots by the bar (slope above 0, R² >= {LAW_R2_BAR:g}, >= {LAW_MIN_DECADES:g} "

@@ -30,6 +30,7 @@ The sweep's ETA is the sum over trials divided by the trials that run at once lo
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import statistics
 import time
@@ -38,7 +39,8 @@ from typing import Mapping
 
 import pandas as pd
 
-from analysis.diagnostics import PLANNED_LOOKUPS_PER_ROW, PLANNED_MEDIAN_SHARE, TRAINED_LOOKUPS_PER_ROW
+from analysis.diagnostics import (LAW_MIN_DECADES, LAW_R2_BAR, MIN_LINE_TEST_COUNTS, PLANNED_LOOKUPS_PER_ROW,
+                                  PLANNED_MEDIAN_SHARE, TRAINED_LOOKUPS_PER_ROW)
 from engram.accounting import (FAIR_TOLERANCE, AllocationError, ParamCounts, check_fair, flops_per_token,
                                param_counts, solve_allocation)
 from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig, horizon_steps, trial_id
@@ -410,6 +412,7 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
     ]
     lines += table_training_warnings(spec, trials)
     lines += allocation_table_warnings(spec, trials)
+    lines += memory_law_notes(spec)
     lines.append(f"ETA: {format_duration(eta / slots)} with {slots} trial(s) at once "
                  f"({format_duration(eta)} of trial time; {throughput.source}; "
                  f"startup {throughput.startup_seconds:.0f}s/trial)")
@@ -478,6 +481,29 @@ def table_training_warnings(spec: SweepSpec, trials: list[PlannedTrial]) -> list
                              f"their median read row may get fewer than {TRAINED_LOOKUPS_PER_ROW:g} (measured "
                              f"median / mean >= {PLANNED_MEDIAN_SHARE:g}): those tables stay near their init "
                              f"(outside the trained regime)")
+    return lines
+
+
+def memory_law_notes(spec: SweepSpec) -> list[str]:
+    """One line per memory experiment with Engram whose slot grid cannot meet the counts or the decades of the bar
+    the report reads each memory law against (analysis.diagnostics: >= MIN_LINE_TEST_COUNTS slot counts,
+    >= LAW_MIN_DECADES decades), so that a design that cannot show Engram's log-linear law says so before it runs.
+    (Experiments of OverEncoding alone are comparisons at equal table parameters, not laws: no note.)"""
+    lines = []
+    for exp in spec.experiments:
+        if not isinstance(exp, MemoryExperiment) or "engram" not in exp.memory:
+            continue
+        counts = sorted(set(exp.slots))
+        decades = math.log10(counts[-1] / counts[0])
+        short = []
+        if len(counts) < MIN_LINE_TEST_COUNTS:
+            short.append(f"{len(counts)} slot count(s), under the {MIN_LINE_TEST_COUNTS} a line needs")
+        if decades < LAW_MIN_DECADES - 1e-9:
+            short.append(f"{decades:.3f} decades of slots, under {LAW_MIN_DECADES:g}")
+        if short:
+            lines.append(f"note: {exp.name}: {'; '.join(short)}: the report cannot call this memory law log-linear "
+                         f"by its bar (slope above 0, R² >= {LAW_R2_BAR:g}, >= {LAW_MIN_DECADES:g} decades, every "
+                         f"point trained)")
     return lines
 
 

@@ -14,7 +14,7 @@ from engram.data import corpus_fingerprint
 from engram.memory_layout import memory_primes
 from sweeps.plan import (STARTUP_SECONDS, Throughput, calibrate_throughput, matmul_flops_per_second, plan_search_trial,
                          plan_sweep, plan_table, step_flops_per_second, table_training_warnings, timing_models,
-                         allocation_table_warnings)
+                         allocation_table_warnings, memory_law_notes)
 from analysis.diagnostics import PLANNED_LOOKUPS_PER_ROW
 from sweeps.sizing import target_p_tot
 from sweeps.spec import SpecError, parse_spec
@@ -303,6 +303,23 @@ def test_plan_warns_where_an_allocations_tables_get_too_few_reads(base_dir: Path
     assert min(t.lookups_per_row for t in trials if t.experiment == "alloc" and t.lookups_per_row) \
         > PLANNED_LOOKUPS_PER_ROW
     assert allocation_table_warnings(spec, trials) == []
+
+
+def test_plan_notes_a_memory_grid_that_cannot_meet_the_laws_bar(base_dir: Path) -> None:
+    """The report reads Engram's memory law against >= 3 slot counts over >= 1.5 decades: the plan says beforehand
+    when a grid falls short of either, and nothing for a grid that meets both or for OverEncoding on its own."""
+    assert memory_law_notes(spec_with(base_dir)) == []                 # 200 .. 20,000: 3 counts, 2 decades
+
+    def grid(slots, memory=("engram",)):
+        return lambda s: s["experiments"][1].update(slots=slots, memory=list(memory))
+    (note,) = memory_law_notes(spec_with(base_dir, grid([200, 6000])))
+    assert note.startswith("note: mem: 2 slot count(s), under the 3 a line needs; 1.477 decades of slots, under 1.5:")
+    (note,) = memory_law_notes(spec_with(base_dir, grid([400, 2000, 12_600])))   # 1.498 decades: short, said so
+    assert "1.498 decades of slots, under 1.5" in note and "slot count(s)" not in note
+    assert memory_law_notes(spec_with(base_dir, grid([400, 2000, 12_650]))) == []
+    assert memory_law_notes(spec_with(base_dir, grid([200, 6000], memory=("overencoding", "none")))) == []
+    spec = spec_with(base_dir, grid([200, 6000]))
+    assert "\nnote: mem: 2 slot count(s)" in plan_table(spec, plan_sweep(spec, throughput=FIXED), set(), FIXED)
 
 
 def test_a_p_tot_that_whole_experts_cannot_meet_is_refused(base_dir: Path) -> None:
