@@ -851,15 +851,15 @@ def default_u(fits: dict[str, UCurveFit]) -> tuple[str, UCurveFit]:
     return (DEFAULT_U, fits[DEFAULT_U]) if DEFAULT_U in fits else next(iter(fits.items()))
 
 
-def _u_curve_diagnostics(usable: pd.DataFrame, experiment: str, budget: float) -> pd.DataFrame:
-    return diagnostics_table(usable[(usable["experiment"] == experiment) & (usable["budget"] == budget)])
+def _u_curve_rows(usable: pd.DataFrame, experiment: str, budget: float) -> pd.DataFrame:
+    return usable[(usable["experiment"] == experiment) & (usable["budget"] == budget)]
 
 
 def untrained_rhos(usable: pd.DataFrame, experiment: str, budget: float) -> list[float]:
     """The rho points (as the fit places them: achieved where recorded) of one U-curve's trials whose tables
     stayed untrained (median read row under TRAINED_LOOKUPS_PER_ROW); the figures shade them. Empty for a store
     that predates the diagnostics."""
-    rows = usable[(usable["experiment"] == experiment) & (usable["budget"] == budget)]
+    rows = _u_curve_rows(usable, experiment, budget)
     untrained = diagnostics_table(rows)["untrained"].to_numpy(dtype=bool)
     return sorted({float(r) for r in _x_rho(rows)[untrained]})
 
@@ -871,7 +871,7 @@ def _u_curve_fairness(usable: pd.DataFrame, experiment: str, budget: float) -> s
     """One line under a U-curve's verdict when its trials break the fairness standard on tables or routers: the
     rho points whose tables are untrained (median read row under TRAINED_LOOKUPS_PER_ROW) and the trials whose
     experts trained on uneven loads. Empty when there is nothing to say (or the store predates the diagnostics)."""
-    table = _u_curve_diagnostics(usable, experiment, budget)
+    table = diagnostics_table(_u_curve_rows(usable, experiment, budget))
     with_tables = table[table["lookups_median"].notna()]
     untrained = with_tables[with_tables["untrained"]]
     uneven = table[table["unbalanced_in_training"]]
