@@ -46,6 +46,14 @@ LAW_MIN_DECADES = 1.5
 MIN_LINE_TEST_COUNTS = 3    # slot counts for a log-linear R² to say anything about the line (two: a line meets
                             # both means whatever the law)
 
+def law_grid(slot_counts) -> tuple[int, float, bool, bool]:
+    """(distinct slot counts, decades they span, enough counts for a line, enough decades for the bar): the plan's
+    note and the report's reading both judge a memory grid by this."""
+    counts = sorted({float(c) for c in slot_counts})
+    decades = float(np.log10(counts[-1] / counts[0]))
+    return len(counts), decades, len(counts) >= MIN_LINE_TEST_COUNTS, decades >= LAW_MIN_DECADES - 1e-9
+
+
 DIAGNOSTIC_COLUMNS = ("lookups_per_row", *RECORDED_DIAGNOSTICS)  # the planned reads per row, then the recorded
 
 

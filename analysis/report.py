@@ -30,7 +30,7 @@ from analysis.fits import (DROP_WARN_SHARE, LEVEL, N_RESAMPLES, REFERENCE_GAIN, 
                            ChinchillaFit, FitError, LogLinearFit, PowerLawFit, UCurveFit, fit_budget_trend,
                            fit_chinchilla, fit_loglinear, fit_power_law, fit_u_curve, single_threaded_blas)
 from analysis.diagnostics import (BALANCED_MAX_LOAD, LAW_MIN_DECADES, LAW_R2_BAR, MIN_LINE_TEST_COUNTS,
-                                  TRAINED_LOOKUPS_PER_ROW, diagnostics_summary, diagnostics_table)
+                                  TRAINED_LOOKUPS_PER_ROW, diagnostics_summary, diagnostics_table, law_grid)
 from analysis.plots import (plot_budget_trend, plot_kind_losses, plot_memory_comparison, plot_power_laws,
                             plot_rho_star_vs_share, plot_training_curves, plot_u_curve)
 
@@ -914,10 +914,9 @@ def _law_reading(fit: PowerLawFit | LogLinearFit, usable: pd.DataFrame, experime
     slope's sign as its interval resolves it, R² against what seed noise allows, the decades of slots, the
     untrained points, and which parts of the bar hold. Empty with fewer than MIN_LINE_TEST_COUNTS slot counts."""
     ll = fit if isinstance(fit, LogLinearFit) else fit.loglinear
-    counts = np.unique(ll.x)
-    if len(counts) < MIN_LINE_TEST_COUNTS:
+    n_counts, decades, enough_counts, enough_decades = law_grid(ll.x)
+    if not enough_counts:
         return ""
-    decades = float(np.log10(counts.max() / counts.min()))
     if not np.isfinite([ll.b.lo, ll.b.hi]).all():
         slope = f"slope b = {ll.b.value:.3g} per e-fold of slots, no interval"
     elif ll.b.lo > 0:
@@ -938,13 +937,13 @@ def _law_reading(fit: PowerLawFit | LogLinearFit, usable: pd.DataFrame, experime
     failing = [part for part, holds in (
         ("the slope's interval is not above 0", np.isfinite(ll.b.lo) and ll.b.lo > 0),
         (f"R² {ll.r2:.2f} < {LAW_R2_BAR:g}", ll.r2 >= LAW_R2_BAR),
-        (f"{decades:.3f} decades < {LAW_MIN_DECADES:g}", decades >= LAW_MIN_DECADES - 1e-9),
+        (f"{decades:.3f} decades < {LAW_MIN_DECADES:g}", enough_decades),
         ("some slot points untrained" if len(recorded) else "the tables' training not recorded",
          len(recorded) > 0 and n_untrained == 0)) if not holds]
     verdict = (f"Log-linear in slots by the bar (slope above 0, R² >= {LAW_R2_BAR:g}, >= {LAW_MIN_DECADES:g} "
                "decades, every point trained)." if not failing else "Not log-linear by the bar: "
                + "; ".join(failing) + ".")
-    return (f"{slope}; log-linear R² {ll.r2:.2f} over {decades:.2f} decades ({len(counts)} slot counts, "
+    return (f"{slope}; log-linear R² {ll.r2:.2f} over {decades:.2f} decades ({n_counts} slot counts, "
             f"{ll.n_points} trials){noise}; {tables}. {verdict}")
 
 

@@ -30,7 +30,6 @@ The sweep's ETA is the sum over trials divided by the trials that run at once lo
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import statistics
 import time
@@ -40,7 +39,7 @@ from typing import Mapping
 import pandas as pd
 
 from analysis.diagnostics import (LAW_MIN_DECADES, LAW_R2_BAR, MIN_LINE_TEST_COUNTS, PLANNED_LOOKUPS_PER_ROW,
-                                  PLANNED_MEDIAN_SHARE, TRAINED_LOOKUPS_PER_ROW)
+                                  PLANNED_MEDIAN_SHARE, TRAINED_LOOKUPS_PER_ROW, law_grid)
 from engram.accounting import (FAIR_TOLERANCE, AllocationError, ParamCounts, check_fair, flops_per_token,
                                param_counts, solve_allocation)
 from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig, TrialConfig, horizon_steps, trial_id
@@ -493,12 +492,11 @@ def memory_law_notes(spec: SweepSpec) -> list[str]:
     for exp in spec.experiments:
         if not isinstance(exp, MemoryExperiment) or "engram" not in exp.memory:
             continue
-        counts = sorted(set(exp.slots))
-        decades = math.log10(counts[-1] / counts[0])
+        n_counts, decades, enough_counts, enough_decades = law_grid(exp.slots)
         short = []
-        if len(counts) < MIN_LINE_TEST_COUNTS:
-            short.append(f"{len(counts)} slot count(s), under the {MIN_LINE_TEST_COUNTS} a line needs")
-        if decades < LAW_MIN_DECADES - 1e-9:
+        if not enough_counts:
+            short.append(f"{n_counts} slot count(s), under the {MIN_LINE_TEST_COUNTS} a line needs")
+        if not enough_decades:
             short.append(f"{decades:.3f} decades of slots, under {LAW_MIN_DECADES:g}")
         if short:
             lines.append(f"note: {exp.name}: {'; '.join(short)}: the report cannot call this memory law log-linear "
