@@ -42,6 +42,7 @@ DROP_WARN_SHARE = 0.05      # more dropped resamples than this: the interval is 
 U_GRID_POINTS = 401         # resolution of the rho grid on which a U-curve's minimum is located
 RHO_MOE = 1.0               # rho = 1 is pure MoE, the baseline of the gain
 RHO_TOL = 1e-6
+RHO_DISTINCT = 0.02         # share of the rho range within which two values count as one level in a resample
 LLAMA3_ISOFLOPS = Path(__file__).parent / "data" / "llama3_isoflops_points.csv"   # public data, see its README
 SPLINE_BASIS = 10           # P-spline basis size; the penalty, not the basis, sets the smoothness
 SPLINE_LAMBDAS = tuple(np.logspace(-8, 4, 25))   # GCV candidates for the P-spline penalty
@@ -229,6 +230,21 @@ class UCurveFit(_Sample):
         """Whether a plot may draw this fit's curve: not for a cap or an unresolved fit (points only then)."""
         return self.verdict in ("interior", "boundary")
 
+    @property
+    def rho_star_edges(self) -> tuple[float, ...]:
+        """The edges of the sampled range that rho*'s interval reaches (empty: it lies strictly inside).
+
+        The verdict tests the two edge slopes one at a time, so up to ~10% of resamples may put their minimum at
+        an edge and an "interior" rho* can still have an interval that reaches one (8-19% of the interior
+        verdicts on the calibration's planted U-curves; docs/analysis.md): the curve turns, but the data do not
+        place its minimum away from that edge. Empty when there is no rho*."""
+        if self.rho_star is None:
+            return ()
+        lo, hi = float(self.rho.min()), float(self.rho.max())
+        tol = RHO_TOL * max(1.0, hi - lo)
+        return tuple(e for e, reached in ((lo, self.rho_star.lo <= lo + tol), (hi, self.rho_star.hi >= hi - tol))
+                     if reached)
+
     def to_dict(self) -> dict:
         return {"method": self.method, "seed_offsets": self.seed_offsets, "verdict": self.verdict,
                 "reason": self.reason, "rho_star": None if self.rho_star is None else self.rho_star.to_dict(),
@@ -237,6 +253,7 @@ class UCurveFit(_Sample):
                 "gain_vs_rho_1": None if self.gain is None else self.gain.to_dict(),
                 "p_interior": self.p_interior, "p_falls_at_lo": self.p_falls_at_lo,
                 "p_rises_at_hi": self.p_rises_at_hi, "p_concave": self.p_concave,
+                "rho_star_reaches_edges": list(self.rho_star_edges),
                 "detectable_gain": _finite_or_none(self.detectable_gain),
                 "seeds_for_reference_gain": self.seeds_for_reference_gain, "reference_gain": REFERENCE_GAIN,
                 "seeds_for_fitted_gain": self.seeds_for_fitted_gain,
@@ -399,14 +416,24 @@ class OptimumScaling:
     exponent: Estimate
     budgets: np.ndarray = field(repr=False, compare=False)
     optima: np.ndarray = field(repr=False, compare=False)
+    n_draws: int = 0            # bootstrap draws offered
+    n_dropped: int = 0          # of them left out: some budget's optimum not finite and positive (no log)
 
     def predict(self, compute) -> np.ndarray:
         return self.coefficient.value * np.asarray(compute, dtype=float) ** self.exponent.value
 
+    @property
+    def warning(self) -> str | None:
+        if self.n_draws and self.n_dropped > DROP_WARN_SHARE * self.n_draws:
+            return (f"{self.n_dropped} of {self.n_draws} resamples ({self.n_dropped / self.n_draws:.0%}) dropped "
+                    f"(a budget's optimum at 0, which has no log): the interval is conditional on the rest")
+        return None
+
     def to_dict(self) -> dict:
         return {"form": "opt = coefficient * C^exponent", "coefficient": self.coefficient.to_dict(),
                 "exponent": self.exponent.to_dict(), "budgets": [float(b) for b in self.budgets],
-                "optima": [float(o) for o in self.optima]}
+                "optima": [float(o) for o in self.optima], "n_draws": self.n_draws, "n_dropped": self.n_dropped,
+                "warning": self.warning}
 
 
 @dataclass(frozen=True)
@@ -489,21 +516,32 @@ def _loaded_openblas() -> list[str]:
 # Bootstrap
 
 
-def bootstrap_counts(cluster, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+def bootstrap_counts(cluster, n_resamples: int, rng: np.random.Generator,
+                     order_by: Sequence = ()) -> np.ndarray:
     """(n_resamples, n) multiplicities of each point in each resample.
 
     Two stages, so that both seed-to-seed and point-to-point variation enter the interval: draw the clusters
     (seeds) with replacement, then draw n points with replacement from the points of the drawn clusters (a
     cluster drawn twice is twice as likely). With a single cluster this is the plain bootstrap over points.
+    order_by: the points' values (x, loss, ...); the draws are made with the points sorted by cluster, then by
+    these, and handed back in the caller's order, so that the same data give the same resamples whatever the
+    order of its rows (a store lists trials by id, which says nothing about them).
     """
     _, inverse = np.unique(np.asarray(cluster), return_inverse=True)
     n, n_clusters = len(inverse), int(inverse.max()) + 1
+    keys = [np.asarray(k, dtype=float) for k in reversed(tuple(order_by))] + [inverse]
+    order = np.lexsort(keys)            # the last key sorts first: cluster, then order_by[0], ...
+    inverse = inverse[order]
     if n_clusters == 1:
-        return rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples)
-    picks_BC = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=n_resamples)
-    p_Bn = picks_BC[:, inverse].astype(float)
-    p_Bn /= p_Bn.sum(axis=1, keepdims=True)
-    return rng.multinomial(n, p_Bn)
+        counts = rng.multinomial(n, np.full(n, 1.0 / n), size=n_resamples)
+    else:
+        picks_BC = rng.multinomial(n_clusters, np.full(n_clusters, 1.0 / n_clusters), size=n_resamples)
+        p_Bn = picks_BC[:, inverse].astype(float)
+        p_Bn /= p_Bn.sum(axis=1, keepdims=True)
+        counts = rng.multinomial(n, p_Bn)
+    out = np.empty_like(counts)
+    out[:, order] = counts
+    return out
 
 
 def _scheme(seed: np.ndarray) -> str:
@@ -529,9 +567,11 @@ def _estimate(value: float, draws: np.ndarray, level: float) -> Estimate:
     return Estimate(float(value), *_percentiles(draws, level), level)
 
 
-def _n_distinct_weighted(x: np.ndarray, w_Bn: np.ndarray) -> np.ndarray:
-    """Number of distinct x values that keep a positive weight in each resample."""
-    _, inverse = np.unique(x, return_inverse=True)
+def _n_distinct_weighted(x: np.ndarray, w_Bn: np.ndarray, tol: float = 0.0) -> np.ndarray:
+    """Number of distinct x values that keep a positive weight in each resample; values within tol of the next
+    smaller one count as the same value."""
+    values, inverse = np.unique(x, return_inverse=True)
+    inverse = np.concatenate([[0], np.cumsum(np.diff(values) > tol)])[inverse]
     present_BU = np.zeros((w_Bn.shape[0], inverse.max() + 1), dtype=bool)
     rows, cols = np.nonzero(w_Bn > 0)
     present_BU[rows, inverse[cols]] = True
@@ -597,7 +637,7 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "cubic", seed_offsets: bo
     and, unlike a parabola, follows a lopsided U (one side steeper than the other), and it has no smoothing to
     choose, so every resample is fitted the same way. In the calibration study (docs/analysis.md) its 90% and
     95% rho* intervals cover planted truths within 5 points of nominal on symmetric, lopsided and near-edge
-    U-curves; the parabola's cover 66% on a lopsided U.
+    U-curves; the parabola's cover 39-46% on a lopsided U.
     method "quadratic": a parabola in rho (a check; biased vertex when the U is lopsided).
     method "spline": a cubic P-spline (SPLINE_BASIS B-splines, third-order difference penalty chosen by GCV on
     the data, then held for every resample). A check only: its intervals under-cover on lopsided truths.
@@ -605,11 +645,11 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "cubic", seed_offsets: bo
     additive offset (seeds as blocks) and the curve is the seeds' average; the seed-to-seed level differences
     then stop blurring the shape. Ignored for a single seed.
 
-    Verdict (fixed before any real sweep was analysed): with s_lo, s_hi the slopes at the lowest and highest
-    sampled rho, "interior" when P(s_lo < 0) and P(s_hi > 0) over the resamples both reach verdict_level;
+    Verdict (fixed before any real sweep was analysed): with s_lo, s_hi the secant slopes over the first and last
+    EDGE_WINDOW of the sampled range (or the design's gap at that edge, if wider), "interior" when P(s_lo < 0) and P(s_hi > 0) over the resamples both reach verdict_level;
     "concave" when P(s_hi < s_lo) does; "boundary" when P(s_hi > 0) or P(s_lo < 0) is at most 1 - verdict_level
-    (the loss still falls at that edge); "flat" when the upper `level` bound of the curve's range is below
-    flat_tolerance; otherwise "too noisy", with the smallest gain the sweep could detect.
+    (the loss still falls at that edge); "flat" when the upper end of the curve range's `level` interval (its
+    97.5th percentile at 95%) is below flat_tolerance; otherwise "too noisy", with the smallest gain the sweep could detect.
 
     Intervals: resample seeds, then points (points only for a single seed); percentile intervals at `level`.
     Needs at least 3 distinct rho values (quadratic) or 4 (cubic, spline); seeds may repeat a rho value.
@@ -625,14 +665,18 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "cubic", seed_offsets: bo
     loss = _as_1d("loss", loss, len(rho))
     seed = _seeds(seed, len(rho))
     n_needed = U_METHODS[method]
-    n_distinct = len(np.unique(rho))
-    if n_distinct < n_needed:
-        raise ValueError(f"rho: a {method} U-curve needs at least {n_needed} distinct rho values, got {n_distinct}")
-
     lo_x, hi_x = float(rho.min()), float(rho.max())
+    n_distinct = int(_n_distinct_weighted(rho, np.ones((1, len(rho))), RHO_DISTINCT * (hi_x - lo_x))[0])
+    if n_distinct < n_needed:
+        raise ValueError(f"rho: a {method} U-curve needs at least {n_needed} distinct rho values (closer than "
+                         f"{RHO_DISTINCT:.0%} of the range count as one), got {n_distinct}")
+
     grid = np.linspace(lo_x, hi_x, U_GRID_POINTS)
-    w_Bn = np.vstack([np.ones(len(rho)), bootstrap_counts(seed, n_resamples, _rng(rng))]).astype(float)
-    ok_B = _n_distinct_weighted(rho, w_Bn) >= n_needed
+    counts_Bn = bootstrap_counts(seed, n_resamples, _rng(rng), (rho, loss))
+    w_Bn = np.vstack([np.ones(len(rho)), counts_Bn]).astype(float)
+    # rho values closer than RHO_DISTINCT of the range are one level for this check: achieved rho can differ by a
+    # hair between trials of one target, and a resample whose "fourth level" is such a hair fits a wild cubic
+    ok_B = _n_distinct_weighted(rho, w_Bn, RHO_DISTINCT * (hi_x - lo_x)) >= n_needed
     few_B = ~ok_B
 
     _, seed_code = np.unique(seed, return_inverse=True)
@@ -753,11 +797,16 @@ def _detectability(curves_BG, boot, interior: bool, i_min: int, gain: float, has
     middle of the range. Its bootstrap standard error se gives the gain detected with probability DETECT_POWER
     by a one-sided test at verdict_level: (z_level + z_power) * se. Standard errors shrink as 1/sqrt(seeds) when
     every seed covers the grid, so detecting a gain g takes about n_seeds * (detectable / g)^2 seeds.
+    se is the resamples' interquartile range / (2 z_0.75), a normal's sd: resamples that repeat a few points give
+    the cubic heavy tails, and their plain sd was 1.4-3.3x the contrast's sampling sd on planted truths (so 2-10x
+    the seeds), against 1.06-1.34x for this one (`analysis.synthetic.detectability_calibration`,
+    docs/analysis.md).
     """
     if boot.sum() < 2:
         return float("nan"), None, None
     i_ref = i_min if interior else curves_BG.shape[1] // 2
-    se = float(np.std(curves_BG[boot, -1] - curves_BG[boot, i_ref], ddof=1))
+    q25, q75 = np.percentile(curves_BG[boot, -1] - curves_BG[boot, i_ref], [25, 75])
+    se = float((q75 - q25) / (2 * _normal_quantile(0.75)))
     detect = (_normal_quantile(verdict_level) + _normal_quantile(DETECT_POWER)) * se
 
     def seeds_for(g: float) -> int | None:
@@ -1052,7 +1101,8 @@ def _fit_power_sum(x_nk, y, seed, n_resamples, level, rng, what, delta, starts):
     """Shared body of the one- and two-variable fits: point fit, bootstrap, parameters in caller's units."""
     logx_nk, ref_k = _normalise(x_nk)
     theta = _fit_lse(logx_nk, y, what, delta, starts)
-    w_Bn = bootstrap_counts(seed, n_resamples, rng).astype(float) if n_resamples else np.zeros((0, len(y)))
+    w_Bn = (bootstrap_counts(seed, n_resamples, rng, (*x_nk.T, y)).astype(float) if n_resamples
+            else np.zeros((0, len(y))))
     n_par = theta.shape[0]
     ok_B = np.ones(len(w_Bn), dtype=bool)
     for k in range(x_nk.shape[1]):   # each term needs enough distinct x in the resample to be identified
@@ -1170,7 +1220,7 @@ def fit_loglinear(x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: 
     seed = _seeds(seed, len(x))
     if len(np.unique(x)) < 2:
         raise ValueError(f"x: the log-linear form needs at least 2 distinct x values, got {len(np.unique(x))}")
-    w_Bn = bootstrap_counts(seed, n_resamples, _rng(rng)).astype(float)
+    w_Bn = bootstrap_counts(seed, n_resamples, _rng(rng), (x, loss)).astype(float)
     fit = _fit_loglinear(x, loss, seed, w_Bn, level)
     n_failed = n_resamples - len(fit.boot)
     if len(x) <= 2 or n_failed > MAX_FAILED_SHARE * n_resamples:
@@ -1264,9 +1314,11 @@ def fit_optimum_scaling(budgets, optima, boot_optima=None, *, level: float = LEV
         boot_coef = np.linalg.lstsq(design, np.log10(draws[good]).T, rcond=None)[0].T if good.any() \
             else np.full((1, 2), np.nan)
     else:
+        draws, good = np.zeros((0, len(c))), np.zeros(0, dtype=bool)
         boot_coef = np.full((1, 2), np.nan)
     return OptimumScaling(coefficient=_estimate(10 ** coef[0], 10 ** boot_coef[:, 0], level),
-                          exponent=_estimate(coef[1], boot_coef[:, 1], level), budgets=c, optima=opt)
+                          exponent=_estimate(coef[1], boot_coef[:, 1], level), budgets=c, optima=opt,
+                          n_draws=len(draws), n_dropped=int(np.sum(~good)))
 
 
 def fit_isoflop(compute, x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, level: float = LEVEL,
@@ -1292,7 +1344,8 @@ def fit_isoflop(compute, x, loss, seed=None, *, n_resamples: int = N_RESAMPLES, 
         u = np.log10(x[sel])
         if len(np.unique(u)) < 3:
             raise ValueError(f"x: budget {budget:g} has {len(np.unique(u))} distinct x values; a parabola needs 3")
-        w_Bn = np.vstack([np.ones(sel.sum()), bootstrap_counts(seed[sel], n_resamples, gen)]).astype(float)
+        counts_Bn = bootstrap_counts(seed[sel], n_resamples, gen, (x[sel], loss[sel]))
+        w_Bn = np.vstack([np.ones(sel.sum()), counts_Bn]).astype(float)
         ok_B = _n_distinct_weighted(u, w_Bn) >= 3
         coef_B3 = _weighted_lstsq(_poly_basis(u), loss[sel], w_Bn, np.zeros((3, 3)), ok_B)
         c0, c1, c2 = coef_B3.T

@@ -38,6 +38,7 @@ U_KINDS = ("allocation", "search")
 MEMORY_KIND = "memory"
 LOSS_COL = "final_val_loss"
 EXTRAPOLATION_FACTOR = 10.0     # power laws are extrapolated to 10x the largest slot count sampled
+LEVEL_SEEDS = 10                # below this many seeds a level's interval under-covers (docs/analysis.md): say so
 MIN_COMPUTE_BUDGETS = 3         # loss-vs-compute power laws per rho need 3 distinct budgets (3 parameters)
 CHINCHILLA_MIN_RATIO = 2.0      # fit the N-D form only when P_act and tokens each vary by at least this factor
 PANEL_SIZE = (6.4, 4.6)
@@ -705,6 +706,9 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                     + (f", {fit.bootstrap.failed_share:.0%} dropped" if fit.bootstrap.n_failed else ""),
                 })
         b.append(("table", pd.DataFrame(rows)))
+        note = _levels_note([default_u(fits)[1] for fits in result.u_curves.values()], "the loss at the minimum")
+        if note:
+            b.append(("p", note))
         for (experiment, budget), fits in result.u_curves.items():
             name, fit = default_u(fits)
             fallback = "" if name == DEFAULT_U else f" (the {DEFAULT_U} could not be fitted; the {name} stands in)"
@@ -734,7 +738,8 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
             for label, s in (("rho*", trend.rho_star_scaling), ("best loss", trend.loss_scaling)):
                 if s is not None:
                     lines.append(f"{label} = {s.coefficient.value:.4g} x C^{s.exponent.value:.4f} "
-                                 f"(exponent {level} interval [{s.exponent.lo:.4f}, {s.exponent.hi:.4f}]).")
+                                 f"(exponent {level} interval [{s.exponent.lo:.4f}, {s.exponent.hi:.4f}])."
+                                 + (f" WARNING: {s.warning}." if s.warning else ""))
             lines.extend(trend.notes)
             b.append(("p", " ".join(lines)))
             if f"trend_{experiment}" in figures:
@@ -789,6 +794,9 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                          "bootstrap": (fit.bootstrap.scheme if fit.bootstrap else "-")
                          + ("" if fit.n_seeds > 1 else " (single seed)")})
         b.append(("table", pd.DataFrame(rows)))
+        note = _levels_note(result.power_laws.values(), f"E, L at {EXTRAPOLATION_FACTOR:g}x max slots")
+        if note:
+            b.append(("p", note))
         for (experiment, memory, budget), fit in result.power_laws.items():
             reading = _law_reading(fit, result.usable, experiment, memory, budget)
             if reading:
@@ -887,11 +895,30 @@ def _u_curve_fairness(usable: pd.DataFrame, experiment: str, budget: float) -> s
     return ("Fairness: " + "; ".join(parts) + " (trial diagnostics below).") if parts else ""
 
 
+def _levels_note(fits, quantities: str) -> str:
+    """A warning under a table of fits whose level intervals (absolute losses) rest on fewer than LEVEL_SEEDS
+    seeds; empty otherwise."""
+    n_seeds = sorted({f.n_seeds for f in fits if f.n_seeds < LEVEL_SEEDS})
+    if not n_seeds:
+        return ""
+    counts = "/".join(str(n) for n in n_seeds) + (" seed" if n_seeds == [1] else " seeds")
+    return (f"Levels ({quantities}) are absolute losses, and with {counts} their intervals are too narrow: a "
+            "seed's luck moves every point of it alike, and resampling a few seeds understates that (planted "
+            "truths, nominal 90%: the U-curve's loss at the minimum covered 51% / 60% / 83% / 87% of draws with "
+            "2 / 3 / 6 / 10 seeds, a power law's extrapolated loss 53% / 83% with 2 / 3; docs/analysis.md). "
+            "Compare levels across sweeps only with that in mind; differences within this sweep (rho*, the "
+            "gain, slopes) are not affected.")
+
+
 def _verdict_text(fit: UCurveFit) -> str:
     seeds = " Single seed: the interval resamples points only." if fit.single_seed else ""
     text = f"{fit.verdict}: {fit.reason}."
     if fit.verdict == "interior":
         text += f" rho* = {fit.rho_star}"
+        if fit.rho_star_edges:
+            edges = " and ".join(f"rho = {e:g}" for e in fit.rho_star_edges)
+            text += (f" (its interval reaches the edge {edges}: the curve turns, but its minimum is not placed "
+                     f"away from that edge)")
         if fit.gain is not None:
             text += (f"; gain over pure MoE (rho = 1) {fit.gain} nats"
                      + (", its interval excludes zero." if fit.gain.lo > 0 else ", its interval includes zero."))

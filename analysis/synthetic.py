@@ -199,6 +199,7 @@ def u_curve_calibration(*, truths=tuple(U_TRUTHS), cases=U_CASES, n_draws: int =
                     continue
                 row["verdict"] = fit.verdict
                 row["argmin"] = fit.argmin.value
+                row["rho_star_at_edge"] = bool(fit.rho_star_edges)
                 for level in levels:
                     tail = 100 * (1 - level) / 2
                     lo, hi = np.percentile(fit.boot_argmin, [tail, 100 - tail])
@@ -209,6 +210,73 @@ def u_curve_calibration(*, truths=tuple(U_TRUTHS), cases=U_CASES, n_draws: int =
                 row["dropped_share"] = fit.bootstrap.failed_share
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+def detectability_calibration(*, truth: str = "linear, best at rho = 1", cases=U_CASES, n_draws: int = 120,
+                              n_resamples: int = 300, rng_seed: int = 0,
+                              seed_offset_sd: float = U_SEED_OFFSET_SD) -> pd.DataFrame:
+    """Per case: the standard error behind the report's "detectable gain" (detectable / (z_0.95 + z_0.8)) against
+    the sampling sd, over draws, of the contrast it stands for: loss at rho = 1 minus loss at mid-range on the
+    fitted curve (the report's contrast when the fitted minimum is at an edge, as it is for this truth in most
+    draws; se is taken from those draws only). A ratio near 1 means the detectable gain and the seeds it asks for
+    are what the design can resolve; above 1 they overstate it, below 1 understate it."""
+    from scipy import stats
+
+    from analysis.fits import DETECT_POWER, VERDICT_LEVEL, fit_u_curve
+
+    z = float(stats.norm.ppf(VERDICT_LEVEL) + stats.norm.ppf(DETECT_POWER))
+    rng = np.random.default_rng(rng_seed)
+    out = []
+    for noise, n_rho, n_seeds in cases:
+        contrast, se = [], []
+        for _ in range(n_draws):
+            rho, loss, seed = planted_u_curve(truth, n_rho=n_rho, n_seeds=n_seeds, noise=noise, rng=rng,
+                                              seed_offset_sd=seed_offset_sd)
+            fit = fit_u_curve(rho, loss, seed, n_resamples=n_resamples, rng=rng)
+            contrast.append(fit.curve[-1] - fit.curve[len(fit.curve) // 2])
+            if int(np.argmin(fit.curve)) in (0, len(fit.curve) - 1):
+                se.append(fit.detectable_gain / z)
+        sampling_sd = float(np.std(contrast, ddof=1))
+        out.append({"noise": noise, "n_rho": n_rho, "n_seeds": n_seeds, "draws": n_draws, "edge draws": len(se),
+                    "sampling sd": sampling_sd, "median se": float(np.median(se)),
+                    "ratio": float(np.median(se)) / sampling_sd})
+    return pd.DataFrame(out)
+
+
+def level_coverage_study(*, u_seeds=(2, 3, 6, 10), law_seeds=(2, 3), n_draws: int = 150, n_law_draws: int = 120,
+                         n_resamples: int = 300, level: float = 0.9, rng_seed: int = 4) -> pd.DataFrame:
+    """How often a `level` interval of an absolute loss (a level, set by the sweep's seeds) covers the planted one:
+    the U-curve's loss at the minimum (symmetric truth, 9 rho, noise 0.004, seed offsets sd 0.03) and the power
+    law's E and extrapolated loss (2.6 + 4 x^-0.35 over 8 slot counts 1e4..3e7, offsets sd 0.01, noise 0.001,
+    extrapolated to 3e8), against the seed count. The power law's alpha, a difference, is shown for contrast."""
+    from analysis.fits import fit_power_law, fit_u_curve
+
+    rng = np.random.default_rng(rng_seed)
+    out = []
+    for n_seeds in u_seeds:
+        hits = []
+        for draw in range(n_draws):
+            rho, loss, seed = planted_u_curve("symmetric", n_rho=9, n_seeds=n_seeds, noise=0.004, rng=rng,
+                                              seed_offset_sd=0.03)
+            est = fit_u_curve(rho, loss, seed, n_resamples=n_resamples, rng=draw, level=level).loss_at_optimum
+            hits.append(est.lo <= 3.0 <= est.hi)
+        out.append({"fit": "U-curve", "quantity": "loss at the minimum", "seeds": n_seeds, "draws": n_draws,
+                    "coverage": float(np.mean(hits))})
+    slots = np.array([1e4, 3e4, 1e5, 3e5, 1e6, 3e6, 1e7, 3e7])
+    far, truth = 3e8, lambda x: 2.6 + 4.0 * x ** -0.35
+    for n_seeds in law_seeds:
+        hits = np.zeros(3)
+        for draw in range(n_law_draws):
+            x, seed = np.repeat(slots, n_seeds), np.tile(np.arange(n_seeds), len(slots))
+            y = truth(x) + rng.normal(0, 0.01, n_seeds)[seed] + rng.normal(0, 0.001, len(x))
+            fit = fit_power_law(x, y, seed, n_resamples=n_resamples, level=level, rng=draw)
+            ext = fit.extrapolate(far, level)
+            hits += [fit.E.lo <= 2.6 <= fit.E.hi, ext.lo <= truth(far) <= ext.hi,
+                     fit.alpha.lo <= 0.35 <= fit.alpha.hi]
+        for quantity, hit in zip(("E", f"loss at {far:g} slots", "alpha (a difference)"), hits):
+            out.append({"fit": "power law", "quantity": quantity, "seeds": n_seeds, "draws": n_law_draws,
+                        "coverage": float(hit / n_law_draws)})
+    return pd.DataFrame(out)
 
 
 def summarise_calibration(draws: pd.DataFrame, levels=(0.9, 0.95)) -> pd.DataFrame:
@@ -226,5 +294,8 @@ def summarise_calibration(draws: pd.DataFrame, levels=(0.9, 0.95)) -> pd.DataFra
         for verdict in ("interior", "boundary", "concave", "flat", "too noisy"):
             rec[verdict] = float(np.mean(rows["verdict"] == verdict))
         rec["false claim"] = (rec["boundary"] + rec["concave"]) if interior_truth else rec["interior"]
+        interior = rows["verdict"] == "interior"
+        rec["interior, rho* reaches an edge"] = (float(rows.loc[interior, "rho_star_at_edge"].astype(bool).mean())
+                                                 if interior.any() else float("nan"))
         out.append(rec)
     return pd.DataFrame(out)

@@ -3,7 +3,11 @@
 intervals and the share of each verdict, the worst case, and how much per-seed offsets narrow the intervals.
 
     python benchmarks/calibrate_u_curve.py [--draws 54] [--resamples 500] [--methods cubic quadratic spline]
-                                           [--csv OUT.csv]
+                                           [--csv OUT.csv] [--detect]
+
+First, the detectability study (the standard error behind "detectable gain" and "seeds needed" against the
+sampling sd of its contrast) and the level-coverage study (intervals of absolute losses against seed counts);
+--detect stops there.
 
 Targets (issue 8): rho* coverage within 5 points of nominal on the truths with an interior optimum, false
 "interior" <= 10% on the truths without one, false "boundary" (or "concave") <= 10% on the truths with one.
@@ -24,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from analysis.fits import fit_u_curve, single_threaded_blas  # noqa: E402
-from analysis.synthetic import U_CASES, U_TRUTHS, planted_u_curve, summarise_calibration, \
-    u_curve_calibration  # noqa: E402
+from analysis.synthetic import U_CASES, U_TRUTHS, detectability_calibration, level_coverage_study, \
+    planted_u_curve, summarise_calibration, u_curve_calibration  # noqa: E402
 
 OFFSET_SDS = (0.003, 0.03)      # the issue's seed-offset sd, and one ten times larger (real seeds differ more)
 
@@ -60,6 +64,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="+", default=["cubic", "quadratic", "spline"])
     parser.add_argument("--offset-draws", type=int, default=12, help="draws per case for the offsets study")
     parser.add_argument("--csv", type=Path, default=None, help="write every draw here")
+    parser.add_argument("--detect", action="store_true",
+                        help="only the detectability and level-coverage studies (~1 min)")
     args = parser.parse_args()
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 30)
@@ -67,6 +73,19 @@ def main() -> None:
           f"{args.draws}; resamples {args.resamples}")
     frames = []
     with single_threaded_blas():
+        t0 = time.perf_counter()
+        detect = pd.concat([detectability_calibration(seed_offset_sd=sd).assign(**{"offset sd": sd})
+                            for sd in OFFSET_SDS])
+        print(f"\n## detectable gain: its standard error against the contrast's sampling sd, linear truth "
+              f"({time.perf_counter() - t0:.0f} s)")
+        print(detect.round(4).to_string(index=False))
+        t0 = time.perf_counter()
+        levels = level_coverage_study()
+        print(f"\n## levels: coverage of 90% intervals of absolute losses against seeds "
+              f"({time.perf_counter() - t0:.0f} s)")
+        print(levels.round(3).to_string(index=False))
+        if args.detect:
+            return
         for method in args.methods:
             t0 = time.perf_counter()
             draws = u_curve_calibration(n_draws=args.draws, n_resamples=args.resamples, method=method)

@@ -13,7 +13,8 @@ from analysis.fits import (LLAMA3_ISOFLOPS, DropReason, FitError, StartGrid, boo
                            fit_chinchilla, fit_chinchilla_table, fit_isoflop, fit_isoflop_table, fit_loglinear,
                            fit_optimum_scaling, fit_power_law, fit_power_law_table, fit_u_curve, fit_u_curve_table,
                            r2_from_seed_noise, single_threaded_blas)
-from analysis.synthetic import planted_u_curve, summarise_calibration, u_curve_calibration
+from analysis.synthetic import (U_CASES, detectability_calibration, planted_u_curve, summarise_calibration,
+                                u_curve_calibration)
 from analysis.fits import _loaded_openblas  # the libraries whose setting the context manager changes
 
 RHO_GRID = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -119,6 +120,49 @@ def test_bootstrap_counts_resample_seeds_then_points():
     assert np.any(seed_weight == 0)
     single = bootstrap_counts(np.zeros(12), 400, np.random.default_rng(0))
     assert np.all(single.sum(axis=1) == 12) and single.std() > 0
+
+
+def test_fits_do_not_depend_on_the_order_of_the_rows():
+    """A store lists trials by id: the same data in another row order must give the same numbers."""
+    rng = np.random.default_rng(3)
+    rho, loss, seed = planted_u_curve("symmetric", n_rho=5, n_seeds=2, noise=0.01, rng=rng)
+    x, y, s = power_data(rng)
+    perm_u, perm_p = rng.permutation(len(rho)), rng.permutation(len(x))
+    u = [fit_u_curve(r, l, sd, n_resamples=300) for r, l, sd in ((rho, loss, seed), (rho[perm_u], loss[perm_u],
+                                                                                      seed[perm_u]))]
+    same = lambda a, b, rel=1e-9: (a.value, a.lo, a.hi) == pytest.approx((b.value, b.lo, b.hi), rel=rel)
+    assert u[0].p_falls_at_lo == u[1].p_falls_at_lo and u[0].p_rises_at_hi == u[1].p_rises_at_hi
+    assert same(u[0].argmin, u[1].argmin) and same(u[0].gain, u[1].gain)
+    assert u[0].detectable_gain == pytest.approx(u[1].detectable_gain, rel=1e-9)
+    lin = [fit_loglinear(a, b, c, n_resamples=300) for a, b, c in ((x, y, s), (x[perm_p], y[perm_p], s[perm_p]))]
+    assert same(lin[0].b, lin[1].b)
+    pl = [fit_power_law(a, b, c, n_resamples=40) for a, b, c in ((x, y, s), (x[perm_p], y[perm_p], s[perm_p]))]
+    assert same(pl[0].alpha, pl[1].alpha, 1e-6) and same(pl[0].E, pl[1].E, 1e-6)   # L-BFGS: summation order
+
+
+def test_rho_values_a_hair_apart_are_one_level():
+    """Achieved rho can differ by a hair between trials of one target: three targets jittered that way are three
+    levels, too few for a cubic, not six; four are enough and fit as they would on the target grid."""
+    rng = np.random.default_rng(0)
+    jitter = lambda r: r + np.where((r > 0) & (r < 1), rng.normal(0, 0.004, len(r)), 0.0)
+    three = np.repeat([0.0, 0.5, 1.0], 2)
+    with pytest.raises(ValueError, match="needs at least 4 distinct rho values .* got 3"):
+        fit_u_curve(jitter(three), 3.0 + 0.05 * (three - 0.6) ** 2, np.tile([0, 1], 3))
+    rho = np.repeat([0.0, 0.25, 0.5, 0.75, 1.0], 2)
+    loss = 3.0 + 0.05 * (rho - 0.6) ** 2 + rng.normal(0, 0.003, 10)
+    jittered, exact = (fit_u_curve(r, loss, np.tile([0, 1], 5), n_resamples=300) for r in (jitter(rho), rho))
+    assert jittered.bootstrap.n_failed == exact.bootstrap.n_failed
+    assert jittered.detectable_gain == pytest.approx(exact.detectable_gain, rel=0.2)
+
+
+def test_detectable_gain_rests_on_the_contrasts_sampling_sd():
+    """The standard error behind "detectable gain" and "seeds needed" against the sampling sd of its contrast,
+    on the default's design (5 rho x 2-3 seeds): the resamples' plain sd overstated it 2.4-3.3x here (heavy tails
+    from resamples that repeat a few points), which asked for 6-11x the seeds."""
+    cases = tuple(c for c in U_CASES if c[1] == 5)
+    table = detectability_calibration(cases=cases, n_draws=60, n_resamples=300)
+    assert (table["edge draws"] >= 30).all()
+    assert table["ratio"].between(0.7, 1.6).all(), table
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,6 +305,13 @@ def test_budget_trend_finds_a_flat_rho_star():
     assert trend.loss_scaling.exponent.value < 0
     with pytest.raises(ValueError, match="2 distinct budgets"):
         fit_optimum_scaling([1e14, 1e14], [0.7, 0.8])
+    # a draw whose optimum sits at rho = 0 has no log: it is left out, and counted, not silently
+    draws = np.tile([0.7, 0.75], (100, 1))
+    draws[:20, 0] = 0.0
+    scaling = fit_optimum_scaling([1e14, 1e15], [0.7, 0.75], draws)
+    assert (scaling.n_draws, scaling.n_dropped) == (100, 20)
+    assert scaling.warning.startswith("20 of 100 resamples (20%) dropped") and scaling.to_dict()["n_dropped"] == 20
+    assert fit_optimum_scaling([1e14, 1e15], [0.7, 0.75], draws[20:]).warning is None
 
 
 def test_single_threaded_blas_restores_the_thread_setting():

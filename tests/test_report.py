@@ -168,6 +168,8 @@ def test_unidentified_law_and_dropped_resamples_are_stated(tmp_path):
     four = [d for d in doc["dropped_resamples"] if "memfour" in d["fit"]][0]
     assert four["n_failed"] > 0.05 * four["n_resamples"] and four["warning"]
     assert "too few distinct x values" in md and "WARNING:" in md
+    assert "Levels (E, L at 10x max slots) are absolute losses, and with 1/2 seeds their intervals are too narrow" \
+        in md
 
 
 def test_two_slot_counts_print_no_loglinear_r2(tmp_path):
@@ -230,6 +232,46 @@ def test_a_too_noisy_u_curve_says_what_holds_it_back():
     fit = fit_u_curve(rho, noisy, seed, n_resamples=300)     # a small fitted gain: seeds are what it lacks
     assert fit.verdict == "too noisy" and fit.seeds_for_fitted_gain > fit.n_seeds
     assert f"would take about {fit.seeds_for_fitted_gain} seeds." in _verdict_text(fit)
+
+
+def test_an_interior_rho_star_whose_interval_reaches_an_edge_says_so():
+    """The verdict tests the two edge slopes one at a time, so an "interior" rho*'s interval can still reach an
+    edge of the sampled range (planted symmetric U, rho* = 0.6, 5 rho x 2 seeds): the report must say that the
+    minimum is not placed away from that edge, and must not say it of an interval clear of both edges."""
+    from analysis.fits import fit_u_curve
+    from analysis.report import _verdict_text
+    from analysis.synthetic import planted_u_curve
+
+    def fit(k):
+        rho, loss, seed = planted_u_curve("symmetric", n_rho=5, n_seeds=2, noise=0.004, rng=np.random.default_rng(k))
+        return fit_u_curve(rho, loss, seed, n_resamples=300)
+
+    reaching, clear = fit(9), fit(1)
+    assert reaching.verdict == clear.verdict == "interior"
+    assert reaching.rho_star.hi == 1.0 and reaching.rho_star_edges == (1.0,)
+    assert "its interval reaches the edge rho = 1: the curve turns, but its minimum is not placed" in \
+        _verdict_text(reaching)
+    assert reaching.to_dict()["rho_star_reaches_edges"] == [1.0]
+    assert 0 < clear.rho_star.lo and clear.rho_star.hi < 1 and clear.rho_star_edges == ()
+    assert "reaches the edge" not in _verdict_text(clear)
+
+
+def test_level_intervals_from_few_seeds_are_flagged():
+    """Intervals of absolute losses (loss at the minimum, E, an extrapolated loss) under-cover with few seeds (a
+    seed's luck moves all its points alike): the report says so under the tables whose fits have under
+    LEVEL_SEEDS seeds, and says nothing when every fit has enough."""
+    from analysis.fits import fit_u_curve
+    from analysis.report import LEVEL_SEEDS, _levels_note
+    rng = np.random.default_rng(0)
+    rho = np.repeat([0.0, 0.25, 0.5, 0.75, 1.0], LEVEL_SEEDS)
+    loss = 3.0 + 0.05 * (rho - 0.6) ** 2 + rng.normal(0, 0.01, len(rho))
+    many = fit_u_curve(rho, loss, np.tile(np.arange(LEVEL_SEEDS), 5), n_resamples=100)
+    few = fit_u_curve(rho, loss, np.tile(np.arange(LEVEL_SEEDS), 5) % 2, n_resamples=100)
+    assert _levels_note([many], "the loss at the minimum") == ""
+    note = _levels_note([many, few], "the loss at the minimum")
+    assert note.startswith("Levels (the loss at the minimum) are absolute losses, and with 2 seeds their intervals "
+                           "are too narrow")
+    assert "differences within this sweep (rho*, the gain, slopes) are not affected" in note
 
 
 def test_a_memory_law_is_read_against_the_bar_part_by_part():
