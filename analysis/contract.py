@@ -65,6 +65,8 @@ CURVE_SCHEMA = pa.schema([
 ])
 # What a reader may meet when a file is damaged: pyarrow's own errors, and OSError for unreadable bytes.
 READ_ERRORS = (pa.ArrowException, OSError, ValueError)
+KEY_COLUMN = "trial_id"     # every file of runs/ and curves/ has it; a Parquet file without it is not ours
+FOREIGN = f"not a results file (no {KEY_COLUMN} column)"
 
 
 @dataclass(frozen=True)
@@ -108,17 +110,25 @@ def read_folder(folder: Path, schema: pa.Schema | None = None, columns: list[str
         return FolderRead(_empty(schema, names))
     try:
         if schema is not None:
-            table = pq.ParquetDataset([str(f) for f in files], schema=schema).read(columns=names)
-            return FolderRead(table.to_pandas())
-        return FolderRead(pd.read_parquet([str(f) for f in files]))
+            table = pq.ParquetDataset([str(f) for f in files], schema=schema).read(columns=names).to_pandas()
+        else:
+            table = pd.read_parquet([str(f) for f in files])
+        if KEY_COLUMN not in table.columns or not table[KEY_COLUMN].isna().any():
+            return FolderRead(table)
+        # a row without a trial id: some file is not one of ours; find it below
     except READ_ERRORS:
         pass
     frames, damaged = [], []
     for f in files:
         try:
-            frames.append(pq.read_table(f).to_pandas())
+            frame = pq.read_table(f).to_pandas()
         except READ_ERRORS as err:
             damaged.append(Damaged(f, _one_line(err)))
+            continue
+        if KEY_COLUMN not in frame.columns:
+            damaged.append(Damaged(f, FOREIGN))
+        else:
+            frames.append(frame)
     frames = [fr for fr in frames if len(fr)]
     if not frames:
         return FolderRead(_empty(schema, names), tuple(damaged))
@@ -134,7 +144,8 @@ def damaged_files(store_dir: Path) -> list[Damaged]:
     for sub in (RUNS_DIR, CURVES_DIR):
         for f in data_files(Path(store_dir) / sub):
             try:
-                pq.read_table(f)
+                if KEY_COLUMN not in pq.read_table(f).column_names:
+                    out.append(Damaged(f, FOREIGN))
             except READ_ERRORS as err:
                 out.append(Damaged(f, _one_line(err)))
     return out

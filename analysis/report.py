@@ -85,7 +85,10 @@ def read_store(store_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
         raise ValueError(f"store_dir: {store_dir / RUNS_DIR} holds no finished trials")
     curves = _read_folder(store_dir / CURVES_DIR) if (store_dir / CURVES_DIR).is_dir() else pd.DataFrame()
     spec_path = store_dir / SPEC_FILE
-    spec = yaml.safe_load(spec_path.read_text()) if spec_path.is_file() else {}
+    try:   # an unreadable spec.yaml costs the report its definitions table only (the CLI warns about it)
+        spec = yaml.safe_load(spec_path.read_text()) if spec_path.is_file() else {}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        spec = {}
     return runs, curves, spec if isinstance(spec, dict) else {}
 
 

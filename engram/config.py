@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
 MIX_CORPUS = "mix"
+MAX_SEED = 2 ** 32          # seeds (trial, hash, search) below this: numpy's legacy seeding and Optuna's limit
 # DataConfig fields that only the mix corpus reads: left out of the content hash of other corpora, so adding
 # them kept the trial ids of every stored trial on a file corpus or the stdlib.
 MIX_FIELDS = ("knowledge_share", "mix_entities", "mix_seed")
@@ -87,6 +89,8 @@ class MemoryConfig:
     def __post_init__(self) -> None:
         _choice("kind", self.kind, MEMORY_KINDS)
         _positive("table_init_std", self.table_init_std, allow_none=True)
+        if not 0 <= self.hash_seed < MAX_SEED:
+            raise ConfigError(f"hash_seed: expected an integer in 0..2^32-1, got {self.hash_seed!r}")
         if self.kind == "none":
             return
         _positive("slots", self.slots)
@@ -140,7 +144,8 @@ class ModelConfig:
     memory: MemoryConfig = field(default_factory=MemoryConfig)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff_dense", "d_expert", "top_k"):
+        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "d_ff_dense", "d_expert", "top_k",
+                     "rope_theta"):
             _positive(name, getattr(self, name))
         if self.d_model % self.n_heads or (self.d_model // self.n_heads) % 2:
             raise ConfigError(f"n_heads: expected a divisor of d_model={self.d_model} with an even head size, "
@@ -254,6 +259,8 @@ class TrainConfig:
             _positive(name, getattr(self, name), allow_none=True)
         if self.warmup_steps < 0:
             raise ConfigError(f"warmup_steps: expected >= 0, got {self.warmup_steps}")
+        if not 0 <= self.seed < MAX_SEED:
+            raise ConfigError(f"seed: expected an integer in 0..2^32-1, got {self.seed}")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ConfigError(f"min_lr_ratio: expected a number in [0, 1], got {self.min_lr_ratio}")
         if not 0 < self.decay_fraction <= 1:
@@ -290,7 +297,7 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(str(k) for k in set(data) - names)
     if unknown:
         raise ConfigError(f"{_join(path, str(unknown[0]))}: unknown key (expected one of {', '.join(sorted(names))})")
     kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
@@ -390,7 +397,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 value = float(value)
             except ValueError:
                 raise ConfigError(f"{path}: expected an integer, got {value!r}") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, float) and not math.isfinite(value)) or value != int(value)):
             raise ConfigError(f"{path}: expected an integer, got {value!r}")
         return int(value)
     if tp is float:
@@ -401,6 +409,8 @@ def _coerce(tp: Any, value: Any, path: str) -> Any:
                 raise ConfigError(f"{path}: expected a number, got {value!r}") from None
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if not math.isfinite(float(value)):   # inf / nan: no setting of this project means either
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):

@@ -47,6 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (SpecError, ConfigError, DataError, AllocationError, UserError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return USER_ERROR
+    except BrokenPipeError:   # `plan ... | head`: the reader left; say nothing more, and write nothing at exit
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
     except Exception as err:
         # Ray could not be joined: the launcher (imported by `run` alone, it imports Ray) says why in one line.
         launcher = sys.modules.get("sweeps.launcher")
@@ -123,6 +126,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
         return 0
     complete = runs[runs["status"].isin(COMPLETE_STATUSES)]
     search_done = complete.groupby("experiment")["trial_id"].nunique().to_dict()
+    for line in spec_conflicts(spec, store):
+        print(f"{PROG}: warning: {line}: `run` refuses to add this spec's trials to that store", file=sys.stderr)
     print(f"sweep {spec.name}: {len(spec.experiments)} experiment(s), store {spec.store_dir}")
     print(plan_table(spec, trials, set(complete["trial_id"]), throughput, search_done))
     return 0
@@ -141,6 +146,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         check_ray_address(address, args.address_source)
     check_store_location(spec.store_dir)
     store = ResultStore(spec.store_dir)
+    conflicts = spec_conflicts(spec, store)
+    if conflicts:
+        more = f"; {len(conflicts) - 1} more field(s) differ" if len(conflicts) > 1 else ""
+        raise UserError(f"{args.spec}: {conflicts[0]} ({spec.store_dir} holds trials of another spec: give this one "
+                        f"its own name or results_dir{more})")
     throughput = calibrate_throughput(spec, store.runs())
     trials = plan_sweep(spec, throughput=throughput)
     if address is None:  # a cluster's nodes are checked by the launcher once it has joined
@@ -161,6 +171,32 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0 if summary.n_failed == 0 and summary.n_unrecorded == 0 else 1
 
 
+def spec_conflicts(spec: SweepSpec, store: ResultStore) -> list[str]:
+    """How `spec` differs from the spec stored with the store's trials in what defines them (empty: no stored
+    spec, no trials, or no difference; sweeps.spec.stored_spec_conflicts)."""
+    import yaml
+
+    from sweeps.spec import stored_spec_conflicts
+
+    if not store.spec_path.is_file() or store.runs().empty:
+        return []
+    try:
+        stored = yaml.safe_load(store.spec_path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []   # a damaged spec.yaml says nothing about the trials; the next launch rewrites it
+    return stored_spec_conflicts(spec, stored)
+
+
+def make_folder(path: Path, what: str) -> None:
+    """Create the folder `path` (and its parents) or say in one line why it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        reason = "a file is in the way" if isinstance(err, (FileExistsError, NotADirectoryError)) else \
+            (err.strerror or str(err))
+        raise UserError(f"{what}: cannot create the folder {path} ({reason})") from None
+
+
 def _storage(storage: str | None) -> str | None:
     """Tune wants an absolute local path (URIs such as s3://... pass as they are)."""
     if storage is None or "://" in storage:
@@ -171,10 +207,16 @@ def _storage(storage: str | None) -> str | None:
 def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None:
     """Fail fast on a head that cannot be reached: ray.init itself retries for minutes without a word.
 
-    Only plain host:port addresses are checked ("auto", "local" and ray:// client addresses go to Ray as they are).
+    Only plain host:port addresses are checked ("auto", "local" and ray:// client addresses go to Ray as they are);
+    anything else is refused here, before Ray is asked.
     """
-    host, sep, port = address.rpartition(":")
-    if "://" in address or not sep or not port.isdigit():
+    if address in ("auto", "local"):
+        return
+    scheme, _, rest = address.rpartition("://")
+    host, sep, port = rest.rpartition(":")
+    if scheme not in ("", "ray") or not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise UserError(f"{source}: expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
+    if scheme:
         return
     try:
         socket.create_connection((host, int(port)), timeout=timeout_s).close()
@@ -245,6 +287,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     from analysis.report import write_report
     from sweeps.store import ResultStore
 
+    if args.results_dir.exists() and not args.results_dir.is_dir():
+        raise UserError(f"{args.results_dir}: a file, expected a results folder (results/<sweep>)")
     if not args.results_dir.is_dir():
         raise UserError(f"{args.results_dir}: no such results folder")
     if not (args.results_dir / RUNS_DIR).is_dir():
@@ -255,6 +299,15 @@ def cmd_report(args: argparse.Namespace) -> int:
         raise UserError(f"{store.runs_dir}: no readable trial rows"
                         + (f" ({len(damaged)} damaged)" if damaged else " (no trial finished yet)")
                         + ": nothing to report")
+    if args.out is not None:
+        make_folder(args.out, "--out")
+    if store.spec_path.is_file():
+        import yaml
+        try:
+            yaml.safe_load(store.spec_path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+            print(f"{PROG}: warning: {store.spec_path}: unreadable ({type(err).__name__}); the report goes on "
+                  f"without the sweep's definitions", file=sys.stderr)
     path = write_report(args.results_dir, args.out)
     print(path)
     return 0
@@ -265,6 +318,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from sweeps.spec import load_trial_config
 
     config = load_trial_config(args.config)
+    for folder, option in ((args.checkpoint_dir, "--checkpoint-dir"), (args.cache_dir, "--cache-dir")):
+        if folder is not None:
+            make_folder(folder, option)
     keep_large_buffers_in_heap()
     result = run_trial(config, cache_dir=args.cache_dir, checkpoint_dir=args.checkpoint_dir,
                        on_progress=lambda p: print(format_progress(p), flush=True))

@@ -23,13 +23,13 @@ from typing import Any, Union
 import yaml
 
 from engram.accounting import AllocationError, check_fair, moe_model_for_p_tot, solve_allocation
-from engram.config import (MIX_CORPUS, ConfigError, DataConfig, ModelConfig, TrainConfig, TrialConfig, from_dict,
-                           to_dict)
+from engram.config import (MAX_SEED, MIX_CORPUS, ConfigError, DataConfig, ModelConfig, TrainConfig, TrialConfig,
+                           from_dict, to_dict)
 from sweeps.sizing import memory_for_slots, step_flops, target_p_tot
 
 EXPERIMENT_KINDS = ("allocation", "memory", "search")
 SWEEP_MEMORY_KINDS = ("engram", "overencoding", "none")  # none: the memory-free point of a memory experiment
-NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+NAME_PATTERN = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,99}")   # a folder name: at most 100 characters
 # Keys a spec may not set in `train` / `model.memory`: each experiment sets them per trial.
 _TRAIN_PER_TRIAL = MappingProxyType({"steps": "each experiment's budget sets the horizon as train.flops",
                     "tokens": "each experiment's budget sets the horizon as train.flops",
@@ -114,7 +114,7 @@ class AllocationExperiment:
         _check_target(self)
         _check_list("rho", self.rho, lambda r: 0 <= r <= 1, "a number in [0, 1]")
         _check_list("budgets", self.budgets, lambda b: math.isfinite(b) and b > 0, "a positive number of FLOPs")
-        _check_list("seeds", self.seeds, lambda s: s >= 0, "a non-negative integer")
+        _check_list("seeds", self.seeds, lambda s: 0 <= s < MAX_SEED, "an integer in 0..2^32-1")
         if self.knowledge_share is not None:
             _check_list("knowledge_share", self.knowledge_share, lambda s: 0 <= s <= 1, "a number in [0, 1]")
 
@@ -140,7 +140,7 @@ class MemoryExperiment:
         _check_list("memory", self.memory, lambda m: m in SWEEP_MEMORY_KINDS, f"one of {', '.join(SWEEP_MEMORY_KINDS)}")
         _check_list("slots", self.slots, lambda s: s > 0, "a positive integer")
         _check_budget("budget", self.budget)
-        _check_list("seeds", self.seeds, lambda s: s >= 0, "a non-negative integer")
+        _check_list("seeds", self.seeds, lambda s: 0 <= s < MAX_SEED, "an integer in 0..2^32-1")
 
 
 @dataclass(frozen=True)
@@ -160,8 +160,8 @@ class SearchExperiment:
         _check_budget("budget", self.budget)
         if not 1 <= self.n_trials <= 10_000:
             raise ConfigError(f"n_trials: expected an integer in 1..10000, got {self.n_trials}")
-        if self.seed < 0:
-            raise ConfigError(f"seed: expected a non-negative integer, got {self.seed}")
+        if not 0 <= self.seed <= MAX_SEED - 1 - self.n_trials:   # Optuna is seeded with seed + trials done
+            raise ConfigError(f"seed: expected an integer in 0..2^32-1-n_trials, got {self.seed}")
 
 
 Experiment = Union[AllocationExperiment, MemoryExperiment, SearchExperiment]
@@ -257,12 +257,30 @@ def _read_yaml(path: Path) -> Any:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as err:
         raise SpecError(f"{path}: cannot read ({type(err).__name__})") from None
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError(f"{where}: YAML syntax error: {problem}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: YAML nested too deeply to be a spec") from None
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key given twice in one mapping is an error: YAML keeps the last silently, and a
+    second `rho:` would drop the first grid without a word."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, (str, int, float, bool)):
+                continue        # an unhashable key: construct_mapping below says so
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
 
 
 _TOP_KEYS = ("name", "results_dir", "data", "model", "train", "resources", "experiments", "testing")
@@ -287,10 +305,12 @@ def _parse(raw: Any, base_dir: Path) -> SweepSpec:
             raise ConfigError(f"{key}: required")
     name = raw["name"]
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise ConfigError(f"name: expected letters, digits, '_', '.', '-' (not starting with '.' or '-'), got {name!r}")
+        raise ConfigError(f"name: expected up to 100 letters, digits, '_', '.', '-' (not starting with '.' or '-'), "
+                          f"got {name!r}")
     results_dir = raw.get("results_dir", "results")
     if not isinstance(results_dir, str) or not results_dir:
         raise ConfigError(f"results_dir: expected a folder path, got {results_dir!r}")
+    results_dir = os.path.expanduser(results_dir)
 
     data = _resolve_data(from_dict(DataConfig, raw.get("data"), "data"), base_dir, "data")
     model = _parse_model(raw.get("model"))
@@ -353,7 +373,7 @@ def _parse_experiment(raw: Any, path: str) -> Experiment:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__}")
     kind = raw.get("kind")
-    if kind not in _EXPERIMENT_CLASSES:
+    if not isinstance(kind, str) or kind not in _EXPERIMENT_CLASSES:
         raise ConfigError(f"{path}.kind: expected one of {', '.join(EXPERIMENT_KINDS)}, got {kind!r}")
     cls = _EXPERIMENT_CLASSES[kind]
     required = [f.name for f in dataclasses.fields(cls)
@@ -363,8 +383,8 @@ def _parse_experiment(raw: Any, path: str) -> Experiment:
         raise ConfigError(f"{path}.{missing[0]}: required (kind {kind})")
     name = raw["name"]
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
-        raise ConfigError(f"{path}.name: expected letters, digits, '_', '.', '-' (not starting with '.' or '-'), "
-                          f"got {name!r}")
+        raise ConfigError(f"{path}.name: expected up to 100 letters, digits, '_', '.', '-' (not starting with '.' "
+                          f"or '-'), got {name!r}")
     for key in ("rho", "budgets", "seeds", "slots", "memory", "knowledge_share"):
         if key in raw and not isinstance(raw[key], list) and key in {f.name for f in dataclasses.fields(cls)}:
             raise ConfigError(f"{path}.{key}: expected a list, got {raw[key]!r}")
@@ -457,3 +477,42 @@ def spec_to_dict(spec: SweepSpec) -> dict[str, Any]:
 
 def dump_spec(spec: SweepSpec) -> str:
     return yaml.safe_dump(spec_to_dict(spec), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A spec against the one its store already holds
+
+# An experiment's grid may grow or change between runs into one store (more seeds, rho points, budgets, slot counts,
+# memory kinds, search trials): its new trials are new points of the same curves. Anything else changes what an
+# existing curve means.
+GRID_KEYS = frozenset({"rho", "budgets", "budget", "seeds", "seed", "slots", "memory", "n_trials", "knowledge_share"})
+
+
+def stored_spec_conflicts(spec: SweepSpec, stored: Any) -> list[str]:
+    """How `spec` differs from the spec its store holds (`stored`: the parsed spec.yaml) in what defines the trials
+    already there: every field of data, model and train, and every non-grid field (GRID_KEYS) of an experiment
+    present in both. One line per field, 'field: X in the store, Y in this spec'. Keys the stored spec lacks (written
+    before the field existed) are not compared. A new experiment name is no conflict."""
+    if not isinstance(stored, dict):
+        return []
+    new = spec_to_dict(spec)
+    out: list[str] = []
+
+    def compare(path: str, old: Any, now: Any) -> None:
+        if isinstance(old, dict) and isinstance(now, dict):
+            for key in old:
+                if key in now:
+                    compare(f"{path}.{key}", old[key], now[key])
+        elif old != now:
+            out.append(f"{path}: {old!r} in the store, {now!r} in this spec")
+
+    for section in ("data", "model", "train"):
+        if isinstance(stored.get(section), dict):
+            compare(section, stored[section], new[section])
+    old_exps = {e.get("name"): e for e in stored.get("experiments") or [] if isinstance(e, dict)}
+    for i, exp in enumerate(new["experiments"]):
+        old = old_exps.get(exp["name"])
+        if old is not None:   # every non-grid key of either (a None field is left out of the YAML)
+            for key in sorted((set(old) | set(exp)) - GRID_KEYS):
+                compare(f"experiments[{i}].{key}", old.get(key), exp.get(key))
+    return out

@@ -111,7 +111,7 @@ MALFORMED: list[tuple[str, Callable[[dict], None] | str, str]] = [
     ("cpus-out-of-range", _set("resources.cpus_per_trial", 0), "resources.cpus_per_trial: expected a positive"),
     ("gpus-out-of-range", _set("resources.gpus_per_trial", 1.5), "resources.gpus_per_trial: expected 0, a fraction"),
     ("retries-out-of-range", _set("resources.max_retries", -1), "resources.max_retries: expected an integer in 0..100"),
-    ("bad-name", _set("name", "my sweep!"), "name: expected letters, digits"),
+    ("bad-name", _set("name", "my sweep!"), "name: expected up to 100 letters, digits"),
     ("horizon-in-train", _set("train.steps", 100), "train.steps: not allowed in a sweep spec"),
     ("memory-kind-in-model", _set("model.memory.kind", "engram"), "model.memory.kind: not allowed in a sweep spec"),
     ("bad-train-value", _set("train.lr", -0.1), "train.lr: expected a positive number"),
@@ -120,6 +120,17 @@ MALFORMED: list[tuple[str, Callable[[dict], None] | str, str]] = [
     ("no-experiments", _set("experiments", DELETE), "experiments: required"),
     ("not-a-mapping", "- name: tiny\n- experiments: []\n", "spec: expected a mapping"),
     ("yaml-syntax", "name: tiny\nmodel: {d_model: 64\nexperiments: []\n", "sweep.yaml:3: YAML syntax error"),
+    ("duplicate-key", "name: tiny\nname: other\nexperiments: []\n", "sweep.yaml:2: YAML syntax error: duplicate key"),
+    ("nested-too-deep", "[" * 100_000, "sweep.yaml: YAML nested too deeply"),
+    ("non-finite-number", _set("train.lr", float("inf")), "train.lr: expected a finite number, got inf"),
+    ("nan-seed", _set("experiments.0.seeds", [0, float("nan")]), "experiments[0].seeds[1]: expected an integer"),
+    ("seed-too-large", _set("experiments.0.seeds", [0, 2 ** 32]),
+     "experiments[0].seeds[1]: expected an integer in 0..2^32-1"),
+    ("search-seed-too-large", _set("experiments.2.seed", 2 ** 32 - 2),
+     "experiments[2].seed: expected an integer in 0..2^32-1-n_trials"),
+    ("rope-theta-zero", _set("model.rope_theta", 0), "model.rope_theta: expected a positive number"),
+    ("kind-not-a-name", _set("experiments.0.kind", ["allocation"]), "experiments[0].kind: expected one of"),
+    ("name-too-long", _set("name", "a" * 101), "name: expected up to 100 letters"),
 ]
 
 
@@ -460,3 +471,100 @@ def test_run_moves_damaged_files_aside_and_trains_their_trials_again(ray_env: st
     runs = store.runs()
     assert len(runs) == 2 and set(runs["status"]) == {"ok"} and store.damaged() == []
     assert "/node-" in runs.set_index("trial_id").loc[victim.stem, "host"]  # trained on Ray this time, not faked
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# A store's spec, bad addresses and output folders, foreign files (an audit of the CLI, 2026-12-02)
+
+
+def test_run_refuses_a_spec_that_would_mix_other_trials_into_a_store(spec_dir: Path,
+                                                                     capsys: pytest.CaptureFixture) -> None:
+    """A second spec of the same name whose model, data or train differ (or an experiment's non-grid fields) would
+    put trials of another recipe on the same curves: `run` refuses in one line and leaves the store as it was,
+    `plan` warns. More seeds, rho points or a new experiment extend the store as before."""
+    from sweeps.spec import dump_spec
+
+    path, store = store_every_trial(spec_dir, BASE_SPEC)
+    store.write_spec(dump_spec(load_spec(path)))
+    before = store.spec_path.read_text()
+    other = copy.deepcopy(BASE_SPEC)
+    other["train"]["lr"] = 0.01
+    other["experiments"][0]["p_tot_ratio"] = 4
+    capsys.readouterr()
+    assert main(["run", str(write_spec(spec_dir, other, "other.yaml"))]) == 2
+    line = one_line(capsys.readouterr().err)
+    assert line.startswith("engram-sweep: error: ") and "train.lr: 0.003 in the store, 0.01 in this spec" in line
+    assert "1 more field(s) differ" in line and "give this one its own name or results_dir" in line
+    assert store.spec_path.read_text() == before
+    assert main(["plan", str(spec_dir / "other.yaml")]) == 0
+    err = capsys.readouterr().err
+    assert "experiments[0].p_tot_ratio: 3.0 in the store, 4.0 in this spec" in err
+    grown = copy.deepcopy(BASE_SPEC)
+    grown["experiments"][0]["seeds"] = [0, 1, 2]
+    grown["experiments"][0]["rho"] = [0.0, 0.25, 0.5, 1.0]
+    grown["experiments"].append({"name": "alloc2", "kind": "allocation", "p_tot_ratio": 4, "rho": [0.0, 1.0],
+                                 "budgets": [1.5e8]})
+    assert main(["plan", str(write_spec(spec_dir, grown, "grown.yaml"))]) == 0
+    assert "in the store" not in capsys.readouterr().err
+
+
+def test_a_corpus_that_cannot_be_read_leaves_the_store_untouched(spec_dir: Path, ray_env: str,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """The corpus is read before Ray starts: a JSONL corpus without the text field is one line, and neither the
+    spec nor Ray's log reaches results/ (the spec used to be written first, over a finished store's)."""
+    (spec_dir / "docs.jsonl").write_text('{"body": "no text field here"}\n' * 50)
+    bad = copy.deepcopy(BASE_SPEC)
+    bad["data"]["corpus"] = "docs.jsonl"
+    path = write_spec(spec_dir, bad)
+    assert main(["run", str(path)]) == 2
+    assert "no field 'text'" in one_line(capsys.readouterr().err)
+    assert not (spec_dir / "results").exists()
+
+
+@pytest.mark.parametrize("address", ["not an address", "localhost:abc", "http://127.0.0.1:6379", "host:70000"])
+def test_an_address_ray_cannot_use_is_one_line_before_ray(spec_dir: Path, capsys: pytest.CaptureFixture,
+                                                          address: str) -> None:
+    path = write_spec(spec_dir, BASE_SPEC)
+    assert main(["run", str(path), "--address", address]) == 2
+    assert one_line(capsys.readouterr().err) == (f"engram-sweep: error: --address: expected auto, HOST:PORT or "
+                                                 f"ray://HOST:PORT, got {address!r}")
+    assert not (spec_dir / "results").exists()
+
+
+def test_output_folders_that_cannot_be_made_are_one_line(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    path, store = store_every_trial(spec_dir, BASE_SPEC)
+    (spec_dir / "afile").write_text("x")
+    capsys.readouterr()
+    for out in (spec_dir / "afile", spec_dir / "afile" / "sub"):
+        assert main(["report", str(store.root), "--out", str(out)]) == 2
+        assert one_line(capsys.readouterr().err) == (f"engram-sweep: error: --out: cannot create the folder {out} "
+                                                     f"(a file is in the way)")
+    assert main(["report", str(spec_dir / "afile")]) == 2
+    assert "a file, expected a results folder" in one_line(capsys.readouterr().err)
+    config = write_spec(spec_dir, {"model": TINY_MODEL, "data": {"corpus": str(spec_dir / "corpus")},
+                                   "train": {"steps": 2, "batch_size": 2}}, "trial.yaml")
+    assert main(["train", "--config", str(config), "--checkpoint-dir", str(spec_dir / "afile")]) == 2
+    assert "--checkpoint-dir: cannot create the folder" in one_line(capsys.readouterr().err)
+
+
+def test_a_foreign_parquet_file_and_a_broken_spec_yaml_are_named_not_counted(spec_dir: Path,
+                                                                           capsys: pytest.CaptureFixture) -> None:
+    import pandas as pd
+
+    path, store = store_every_trial(spec_dir, BASE_SPEC)
+    n_rows = len(store.runs())
+    pd.DataFrame({"x": [1.0, 2.0]}).to_parquet(store.runs_dir / "zz-not-ours.parquet")
+    store.spec_path.write_text("name: [unclosed\n")
+    assert len(store.runs()) == n_rows
+    capsys.readouterr()
+    assert main(["status", str(store.root)]) == 0
+    out, err = capsys.readouterr()
+    assert "zz-not-ours.parquet (not a results file (no trial_id column))" in one_line(err)
+    assert f"{n_rows} trial row(s)" in out
+    assert main(["report", str(store.root), "--out", str(spec_dir / "rep")]) == 0
+    out, err = capsys.readouterr()
+    lines = err.strip().splitlines()
+    assert len(lines) == 2 and "Traceback" not in err
+    assert any("spec.yaml: unreadable (ScannerError)" in line or "spec.yaml: unreadable (ParserError)" in line
+               for line in lines), err
+    assert f"{n_rows} trials recorded" in (spec_dir / "rep" / "report.md").read_text()

@@ -89,7 +89,6 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
     """
     t_start = time.perf_counter()
     log_path = Path(log_path).resolve()
-    log_path.parent.mkdir(parents=True, exist_ok=True)
     cache_dir = Path(cache_dir).resolve() if cache_dir is not None else None
     tune_root = store.root.resolve() / TUNE_DIR
     storage = storage_path if storage_path is not None else str(tune_root)
@@ -119,6 +118,13 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
     recorder = Recorder(spec, store, grid, searches, stream, search_trials, resume_root)
     clean_tune_dir(tune_root, keep={t.trial_id for t in grid})
     tune_seconds = 0.0
+    # The corpus is read and tokenized first, in this process: one that cannot be read fails before Ray starts
+    # or anything is written to the store (the tokenizer cache lives outside it).
+    _prepare_data(spec, grid, searches, cache_dir)
+    try:
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"results_dir: cannot create {log_path.parent} ({err.strerror or err})") from None
     with _quiet(log_path) as (terminal, log):
         out = terminal if stream is None else stream
         where = "starting a local Ray" if address is None else f"connecting to Ray at {address}"
@@ -130,10 +136,10 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
                 _check_fits(spec)
             else:  # the driver's machine was checked by the CLI; a cluster's nodes are known only now
                 check_trials_fit(spec, grid, _largest_node_memory(), "the largest node's")
+            # Only now, with the data ready and the trials known to fit, does the store take the spec.
             if spec_text is not None:
                 store.write_spec(spec_text)
             recorder.attach(out, log, _n_slots(spec))
-            _prepare_data(spec, grid, searches, cache_dir)
             payload = Payload(spec=spec, configs={t.trial_id: (t.experiment, to_dict(t.config)) for t in grid},
                                cache_dir=None if cache_dir is None else str(cache_dir),
                                resume_root=None if resume_root is None else str(resume_root),
@@ -182,6 +188,8 @@ def _ray_session(address: str | None, log_path: Path) -> Iterator[None]:
                  configure_logging=True, logging_level=logging.WARNING)
     except AuthenticationError as err:
         raise ClusterError(f"Ray token authentication failed: {_first_sentence(err)} {AUTH_HINT}") from None
+    except (ValueError, RuntimeError) as err:   # an address Ray cannot parse, a ray:// client it cannot make
+        raise ClusterError(f"cannot use Ray address {address!r} ({_first_sentence(err)})") from None
     except ConnectionError as err:
         if _log_mentions_auth(log_path):
             raise ClusterError(f"Ray at {address} refused this driver's token (InvalidAuthToken). {AUTH_HINT}; "
