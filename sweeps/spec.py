@@ -235,6 +235,8 @@ def load_spec(path: str | Path) -> SweepSpec:
     """Read and validate a sweep spec file. Raises SpecError (one line) for any mistake."""
     path = Path(path)
     raw = _read_yaml(path)
+    if raw is None:
+        raise SpecError(f"{path}: empty (expected a sweep spec: a mapping with name and experiments)")
     return parse_spec(raw, base_dir=path.resolve().parent)
 
 

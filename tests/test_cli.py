@@ -120,6 +120,7 @@ MALFORMED: list[tuple[str, Callable[[dict], None] | str, str]] = [
     ("no-experiments", _set("experiments", DELETE), "experiments: required"),
     ("not-a-mapping", "- name: tiny\n- experiments: []\n", "spec: expected a mapping"),
     ("yaml-syntax", "name: tiny\nmodel: {d_model: 64\nexperiments: []\n", "sweep.yaml:3: YAML syntax error"),
+    ("empty-file", "# only a comment\n", "sweep.yaml: empty (expected a sweep spec"),
     ("duplicate-key", "name: tiny\nname: other\nexperiments: []\n", "sweep.yaml:2: YAML syntax error: duplicate key"),
     ("nested-too-deep", "[" * 100_000, "sweep.yaml: YAML nested too deeply"),
     ("non-finite-number", _set("train.lr", float("inf")), "train.lr: expected a finite number, got inf"),
