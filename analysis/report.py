@@ -929,6 +929,12 @@ def _verdict_text(fit: UCurveFit) -> str:
             text += "."
     elif fit.verdict == "boundary":
         text += " No interior optimum, so no rho* is claimed."
+        at_edge = float(fit.curve[0] if fit.edge == float(fit.grid[0]) else fit.curve[-1])
+        inside = float(fit.grid[0]) < fit.argmin.value < float(fit.grid[-1])
+        if inside and float(fit.curve.min()) < at_edge:
+            text += (f" But the fitted curve's lowest point is inside, at rho = {fit.argmin.value:.3g} "
+                     f"({float(fit.curve.min()):.4g} nats, against {at_edge:.4g} at rho = {fit.edge:.3g}): the "
+                     f"curve dips twice, and the edge slope alone does not make rho = {fit.edge:.3g} its minimum.")
     else:
         text += f" No rho* is claimed (the curve's minimum, {fit.argmin}, is not an estimate of one)."
         if fit.verdict == "too noisy" and fit.seeds_for_fitted_gain is not None and fit.gain is not None:

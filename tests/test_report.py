@@ -256,6 +256,25 @@ def test_an_interior_rho_star_whose_interval_reaches_an_edge_says_so():
     assert "reaches the edge" not in _verdict_text(clear)
 
 
+def test_a_boundary_whose_curve_dips_lower_inside_says_so():
+    """The boundary rule reads the edge slopes only. D12's allocation (the default on an Intel machine, 2 seeds)
+    rises from rho = 0 to 0.25 and falls again toward 0.5-0.75: "boundary at rho = 0", while the fitted cubic is
+    lowest at 0.63. The report must say that the edge is not shown to be the minimum; a monotone boundary must
+    not get that sentence."""
+    from analysis.fits import fit_u_curve
+    from analysis.report import _verdict_text
+    rho, seed = np.repeat([0.0, 0.258102, 0.499923, 0.741941, 1.0], 2), np.tile([0, 1], 5)
+    loss = np.array([3.773380, 3.784232, 3.819257, 3.841616, 3.763376, 3.811744, 3.774841, 3.810514, 3.937150,
+                     4.002972])
+    fit = fit_u_curve(rho, loss, seed)          # the report's 1,000 resamples: 96% at the low edge
+    assert fit.verdict == "boundary" and fit.edge == 0.0 and 0 < fit.argmin.value < 1
+    assert "But the fitted curve's lowest point is inside, at rho = 0.63" in _verdict_text(fit)
+    assert "the curve dips twice" in _verdict_text(fit)
+    falling = 3.8 + 0.1 * rho + np.random.default_rng(0).normal(0, 0.002, 10)
+    monotone = fit_u_curve(rho, falling, seed, n_resamples=300)
+    assert monotone.verdict == "boundary" and "dips twice" not in _verdict_text(monotone)
+
+
 def test_level_intervals_from_few_seeds_are_flagged():
     """Intervals of absolute losses (loss at the minimum, E, an extrapolated loss) under-cover with few seeds (a
     seed's luck moves all its points alike): the report says so under the tables whose fits have under
