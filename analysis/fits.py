@@ -646,10 +646,11 @@ def fit_u_curve(rho, loss, seed=None, *, method: str = "cubic", seed_offsets: bo
     then stop blurring the shape. Ignored for a single seed.
 
     Verdict (fixed before any real sweep was analysed): with s_lo, s_hi the secant slopes over the first and last
-    EDGE_WINDOW of the sampled range (or the design's gap at that edge, if wider), "interior" when P(s_lo < 0) and P(s_hi > 0) over the resamples both reach verdict_level;
-    "concave" when P(s_hi < s_lo) does; "boundary" when P(s_hi > 0) or P(s_lo < 0) is at most 1 - verdict_level
-    (the loss still falls at that edge); "flat" when the upper end of the curve range's `level` interval (its
-    97.5th percentile at 95%) is below flat_tolerance; otherwise "too noisy", with the smallest gain the sweep could detect.
+    EDGE_WINDOW of the sampled range (or the design's gap at that edge, if wider), "interior" when P(s_lo < 0)
+    and P(s_hi > 0) over the resamples both reach verdict_level; "concave" when P(s_hi < s_lo) does; "boundary"
+    when P(s_hi > 0) or P(s_lo < 0) is at most 1 - verdict_level (the loss still falls at that edge); "flat" when
+    the upper end of the curve range's `level` interval (its 97.5th percentile at 95%) is below flat_tolerance;
+    otherwise "too noisy", with the smallest gain the sweep could detect.
 
     Intervals: resample seeds, then points (points only for a single seed); percentile intervals at `level`.
     Needs at least 3 distinct rho values (quadratic) or 4 (cubic, spline); seeds may repeat a rho value.
