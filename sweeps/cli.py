@@ -137,7 +137,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sweeps.footprint import check_trials_fit, machine_memory_bytes
     from sweeps.plan import calibrate_throughput, plan_sweep
     from sweeps.spec import dump_spec, load_spec
-    from sweeps.store import ResultStore
+    from sweeps.store import ResultStore, StoreUnavailable
 
     spec = load_spec(args.spec)
     address = args.address or os.environ.get("RAY_ADDRESS") or None
@@ -156,16 +156,21 @@ def cmd_run(args: argparse.Namespace) -> int:
     if address is None:  # a cluster's nodes are checked by the launcher once it has joined
         check_trials_fit(spec, trials + search_probes(spec, throughput), machine_memory_bytes(),
                          "this machine's")
-    # Nothing is written before this point, so a bad spec leaves no trace. This driver is the store's only
-    # writer: leftovers of a killed predecessor can go, and damaged files move aside (their trials run again).
-    store.remove_temp_files()
-    moved = store.move_damaged_aside()
-    if moved:
-        print(f"{PROG}: moved {len(moved)} damaged file(s) aside into {store.damaged_dir} (their trials run "
-              f"again): {', '.join(p.name for p in moved)}", file=sys.stderr)
+    # Nothing is written before this point, so a bad spec leaves no trace. Under the store's writer lock this
+    # driver is the store's only writer: leftovers of a killed predecessor can go, and damaged files move aside
+    # (their trials run again).
     from sweeps.launcher import launch  # imports Ray: only once the spec is known to be good
-    summary = launch(spec, trials, store, address=address, log_path=store.root / "ray.log",
-                     storage_path=_storage(args.storage), spec_text=dump_spec(spec))
+    try:
+        with store.writer_lock():
+            store.remove_temp_files()
+            moved = store.move_damaged_aside()
+            if moved:
+                print(f"{PROG}: moved {len(moved)} damaged file(s) aside into {store.damaged_dir} (their trials run "
+                      f"again): {', '.join(p.name for p in moved)}", file=sys.stderr)
+            summary = launch(spec, trials, store, address=address, log_path=store.root / "ray.log",
+                             storage_path=_storage(args.storage), spec_text=dump_spec(spec))
+    except StoreUnavailable as err:
+        raise UserError(str(err)) from None
     print(summary_text(summary, store))
     # Failed trials are recorded and the rest completed, but the sweep is not whole: say so in the exit status.
     return 0 if summary.n_failed == 0 and summary.n_unrecorded == 0 else 1

@@ -16,6 +16,8 @@ here and named by `damaged()`.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -24,7 +26,7 @@ import socket
 import subprocess
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Iterator
 
 import pandas as pd
 import pyarrow as pa
@@ -40,6 +42,13 @@ if TYPE_CHECKING:
     from sweeps.plan import PlannedTrial
 
 VERSIONED_PACKAGES = ("torch", "ray", "numpy", "pandas", "pyarrow", "optuna", "engram-sweeps")
+
+
+LOCK_FILE = ".lock"
+
+
+class StoreUnavailable(RuntimeError):
+    """The store cannot be taken for writing (another driver holds it, or its folder cannot be made): one line."""
 
 
 class ResultStore:
@@ -120,6 +129,45 @@ class ResultStore:
             _atomic_write_table(table, self.curves_dir / f"{trial_id}.parquet")
         table = pa.Table.from_pylist([{name: row.get(name) for name in RUN_SCHEMA.names}], schema=RUN_SCHEMA)
         _atomic_write_table(table, self.runs_dir / f"{trial_id}.parquet")
+
+    @contextlib.contextmanager
+    def writer_lock(self) -> Iterator[None]:
+        """Hold the store for one writer (`run`): a second driver on the same store raises StoreUnavailable
+        instead of training every trial again beside the first and cleaning up its temp files mid-write. An
+        advisory flock on `<store>/.lock`, released by the kernel if the driver dies. Folders this call had to
+        create are removed again on the way out if nothing else was written into them."""
+        existing = next(p for p in (self.root, *self.root.parents) if p.exists())
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise StoreUnavailable(f"results_dir: cannot create {self.root} ({err.strerror or err})") from None
+        path = self.root / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
+                raise StoreUnavailable(f"{self.root}: another driver (pid {holder}) is running this sweep; one `run` per "
+                                f"store at a time") from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):
+                    path.unlink()
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+            # the folders this call made, while empty: a failed first launch leaves no folder behind
+            for folder in (self.root, *self.root.parents):
+                if folder == existing:
+                    break
+                try:
+                    folder.rmdir()
+                except OSError:
+                    break
 
     def write_spec(self, text: str) -> None:
         """Write the resolved spec (YAML text from sweeps.spec.dump_spec) beside the results."""

@@ -569,3 +569,24 @@ def test_a_foreign_parquet_file_and_a_broken_spec_yaml_are_named_not_counted(spe
     assert any("spec.yaml: unreadable (ScannerError)" in line or "spec.yaml: unreadable (ParserError)" in line
                for line in lines), err
     assert f"{n_rows} trials recorded" in (spec_dir / "rep" / "report.md").read_text()
+
+
+def test_a_second_run_on_a_store_in_use_is_refused(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
+    """One driver per store: while one holds the writer lock (here, this test), `run` refuses in one line and
+    touches nothing; once it is released the lock file is gone, and a store folder the lock had to create for a
+    launch that wrote nothing is removed again."""
+    path, store = store_every_trial(spec_dir, BASE_SPEC)
+    temp = store.runs_dir / ".x.123.tmp"   # a writer's file mid-write: a second driver must not clean it up
+    temp.write_text("partial")
+    with store.writer_lock():
+        assert (store.root / ".lock").read_text().strip() == str(os.getpid())
+        assert main(["run", str(path)]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert line == (f"engram-sweep: error: {store.root}: another driver (pid {os.getpid()}) is running this "
+                        f"sweep; one `run` per store at a time")
+        assert temp.exists()
+    assert not (store.root / ".lock").exists()
+    fresh = ResultStore(spec_dir / "results" / "fresh")
+    with fresh.writer_lock():
+        assert fresh.root.is_dir()
+    assert not fresh.root.exists()
