@@ -148,8 +148,8 @@ class ResultStore:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                raise StoreUnavailable(f"{self.root}: another driver (pid {holder}) is running this sweep; one `run` per "
-                                f"store at a time") from None
+                raise StoreUnavailable(f"{self.root}: another driver (pid {holder}) is running this sweep; one "
+                                       f"`run` per store at a time") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             try:
