@@ -156,6 +156,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     if address is None:  # a cluster's nodes are checked by the launcher once it has joined
         check_trials_fit(spec, trials + search_probes(spec, throughput), machine_memory_bytes(),
                          "this machine's")
+        check_gpu_here(spec)
     # Nothing is written before this point, so a bad spec leaves no trace. Under the store's writer lock this
     # driver is the store's only writer: leftovers of a killed predecessor can go, and damaged files move aside
     # (their trials run again).
@@ -174,6 +175,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     print(summary_text(summary, store))
     # Failed trials are recorded and the rest completed, but the sweep is not whole: say so in the exit status.
     return 0 if summary.n_failed == 0 and summary.n_unrecorded == 0 else 1
+
+
+def check_gpu_here(spec: SweepSpec) -> None:
+    """An embedded Ray trains on this machine: a spec that needs a GPU is refused here when it has none (else
+    every trial would fail at start, or wait for a GPU that never comes)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    for field, needs in (("train.device", spec.train.device == "cuda"),
+                         ("resources.gpus_per_trial", spec.resources.gpus_per_trial > 0)):
+        if needs:
+            raise UserError(f"{field}: asks for a GPU, but this machine has no CUDA device (the embedded Ray "
+                            f"trains here; join a GPU cluster with --address)")
 
 
 def spec_conflicts(spec: SweepSpec, store: ResultStore) -> list[str]:

@@ -590,3 +590,16 @@ def test_a_second_run_on_a_store_in_use_is_refused(spec_dir: Path, capsys: pytes
     with fresh.writer_lock():
         assert fresh.root.is_dir()
     assert not fresh.root.exists()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("field, value", [("train.device", "cuda"), ("resources.gpus_per_trial", 1)])
+def test_a_spec_that_needs_a_gpu_is_refused_on_a_machine_without_one(spec_dir: Path, capsys: pytest.CaptureFixture,
+                                                                     field: str, value: Any) -> None:
+    spec = copy.deepcopy(BASE_SPEC)
+    _set(field, value)(spec)
+    assert main(["run", str(write_spec(spec_dir, spec))]) == 2
+    assert one_line(capsys.readouterr().err) == (f"engram-sweep: error: {field}: asks for a GPU, but this machine has "
+                                                 f"no CUDA device (the embedded Ray trains here; join a GPU cluster "
+                                                 f"with --address)")
+    assert not (spec_dir / "results").exists()
