@@ -142,7 +142,10 @@ class ResultStore:
         except OSError as err:
             raise StoreUnavailable(f"results_dir: cannot create {self.root} ({err.strerror or err})") from None
         path = self.root / LOCK_FILE
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as err:
+            raise StoreUnavailable(f"results_dir: cannot write in {self.root} ({err.strerror or err})") from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -150,6 +153,8 @@ class ResultStore:
                 holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
                 raise StoreUnavailable(f"{self.root}: another driver (pid {holder}) is running this sweep; one "
                                        f"`run` per store at a time") from None
+            except OSError:
+                pass    # a file system without flock (some network mounts): run unguarded, as before the lock
             os.ftruncate(fd, 0)
             os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
             try:
@@ -157,7 +162,7 @@ class ResultStore:
             finally:
                 with contextlib.suppress(OSError):
                     path.unlink()
-                fcntl.flock(fd, fcntl.LOCK_UN)
+                    fcntl.flock(fd, fcntl.LOCK_UN)
         finally:
             os.close(fd)
             # the folders this call made, while empty: a failed first launch leaves no folder behind
