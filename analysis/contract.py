@@ -17,6 +17,7 @@ from pathlib import Path
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 RUNS_DIR = "runs"  # one <trial_id>.parquet per finished trial (one row)
 CURVES_DIR = "curves"  # one <trial_id>.parquet per trial: its training curve
@@ -136,6 +137,18 @@ def read_folder(folder: Path, schema: pa.Schema | None = None, columns: list[str
     if names is not None:  # files of older layouts lack newer columns: they read as missing
         table = table.reindex(columns=names)
     return FolderRead(table, tuple(damaged))
+
+
+def read_spec(store_dir: Path) -> tuple[dict, str | None]:
+    """The store's parsed spec.yaml ({} when absent) and, when it cannot be read or parsed, why (one phrase)."""
+    path = Path(store_dir) / SPEC_FILE
+    if not path.is_file():
+        return {}, None
+    try:
+        spec = yaml.safe_load(path.read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        return {}, type(err).__name__
+    return (spec, None) if isinstance(spec, dict) else ({}, "not a mapping")
 
 
 def damaged_files(store_dir: Path) -> list[Damaged]:

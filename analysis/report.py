@@ -22,10 +22,9 @@ from types import MappingProxyType
 
 import numpy as np
 import pandas as pd
-import yaml
 from matplotlib.figure import Figure
 
-from analysis.contract import CURVES_DIR, RUNS_DIR, SPEC_FILE, read_folder
+from analysis.contract import CURVES_DIR, RUNS_DIR, read_folder, read_spec
 from analysis.fits import (DROP_WARN_SHARE, LEVEL, N_RESAMPLES, REFERENCE_GAIN, VERDICT_LEVEL, Bootstrap, BudgetTrend,
                            ChinchillaFit, FitError, LogLinearFit, PowerLawFit, UCurveFit, fit_budget_trend,
                            fit_chinchilla, fit_loglinear, fit_power_law, fit_u_curve, single_threaded_blas)
@@ -84,12 +83,8 @@ def read_store(store_dir: Path) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     if runs.empty:
         raise ValueError(f"store_dir: {store_dir / RUNS_DIR} holds no finished trials")
     curves = _read_folder(store_dir / CURVES_DIR) if (store_dir / CURVES_DIR).is_dir() else pd.DataFrame()
-    spec_path = store_dir / SPEC_FILE
-    try:   # an unreadable spec.yaml costs the report its definitions table only (the CLI warns about it)
-        spec = yaml.safe_load(spec_path.read_text()) if spec_path.is_file() else {}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        spec = {}
-    return runs, curves, spec if isinstance(spec, dict) else {}
+    spec, _ = read_spec(store_dir)   # an unreadable spec.yaml costs the report its definitions only (the CLI warns)
+    return runs, curves, spec
 
 
 def _read_folder(folder: Path) -> pd.DataFrame:

@@ -194,16 +194,12 @@ def check_gpu_here(spec: SweepSpec) -> None:
 def spec_conflicts(spec: SweepSpec, store: ResultStore) -> list[str]:
     """How `spec` differs from the spec stored with the store's trials in what defines them (empty: no stored
     spec, no trials, or no difference; sweeps.spec.stored_spec_conflicts)."""
-    import yaml
-
+    from analysis.contract import read_spec
     from sweeps.spec import stored_spec_conflicts
 
-    if not store.spec_path.is_file() or store.runs().empty:
+    stored, _ = read_spec(store.root)   # a damaged spec.yaml says nothing about the trials: {}, no conflict
+    if not stored or store.runs().empty:
         return []
-    try:
-        stored = yaml.safe_load(store.spec_path.read_text())
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return []   # a damaged spec.yaml says nothing about the trials; the next launch rewrites it
     return stored_spec_conflicts(spec, stored)
 
 
@@ -303,7 +299,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from analysis.contract import RUNS_DIR
+    from analysis.contract import RUNS_DIR, read_spec
     from analysis.report import write_report
     from sweeps.store import ResultStore
 
@@ -321,13 +317,10 @@ def cmd_report(args: argparse.Namespace) -> int:
                         + ": nothing to report")
     if args.out is not None:
         make_folder(args.out, "--out")
-    if store.spec_path.is_file():
-        import yaml
-        try:
-            yaml.safe_load(store.spec_path.read_text())
-        except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-            print(f"{PROG}: warning: {store.spec_path}: unreadable ({type(err).__name__}); the report goes on "
-                  f"without the sweep's definitions", file=sys.stderr)
+    _, why = read_spec(store.root)
+    if why:
+        print(f"{PROG}: warning: {store.spec_path}: unreadable ({why}); the report goes on without the sweep's "
+              f"definitions", file=sys.stderr)
     path = write_report(args.results_dir, args.out)
     print(path)
     return 0
