@@ -243,6 +243,35 @@ def detectability_calibration(*, truth: str = "linear, best at rho = 1", cases=U
     return pd.DataFrame(out)
 
 
+def null_calibration(*, cases=U_CASES, offset_sds=(U_SEED_OFFSET_SD, 0.03), n_draws: int = 250,
+                     n_resamples: int = 1000, rng_seed: int = 5) -> pd.DataFrame:
+    """The verdict rule on a truth where rho does nothing (loss = base + seed offset + noise): per (offset sd, case)
+    the share of each verdict over `n_draws` draws. Every "interior", "boundary" or "concave" is a false claim; the
+    rule tests each edge slope one-sided at VERDICT_LEVEL, so up to ~2 x (1 - VERDICT_LEVEL) of draws may claim a
+    boundary at one edge or the other. Fits as the report does (`fit_u_curve` defaults, `n_resamples`)."""
+    from analysis.fits import fit_u_curve
+
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for sd in offset_sds:
+        for noise, n_rho, n_seeds in cases:
+            verdicts, strong = [], 0
+            for _ in range(n_draws):
+                rho = np.repeat(np.linspace(0.0, 1.0, n_rho), n_seeds)
+                seed = np.tile(np.arange(n_seeds), n_rho)
+                loss = 3.0 + rng.normal(0.0, sd, n_seeds)[seed] + rng.normal(0.0, noise, len(rho))
+                fit = fit_u_curve(rho, loss, seed, n_resamples=n_resamples, rng=rng)
+                verdicts.append(fit.verdict)
+                strong += fit.verdict == "boundary" and min(fit.p_falls_at_lo, fit.p_rises_at_hi) <= 0.01
+            v = pd.Series(verdicts)
+            rec = {"offset sd": sd, "noise": noise, "n_rho": n_rho, "n_seeds": n_seeds, "draws": n_draws}
+            rec.update({k: float((v == k).mean()) for k in ("interior", "boundary", "concave", "flat", "too noisy")})
+            rec["false claim"] = rec["interior"] + rec["boundary"] + rec["concave"]
+            rec["boundary at 99%"] = strong / n_draws   # the loss falls toward the edge in >= 99% of resamples
+            rows.append(rec)
+    return pd.DataFrame(rows)
+
+
 def level_coverage_study(*, u_seeds=(2, 3, 6, 10), law_seeds=(2, 3), n_draws: int = 150, n_law_draws: int = 120,
                          n_resamples: int = 300, level: float = 0.9, rng_seed: int = 4) -> pd.DataFrame:
     """How often a `level` interval of an absolute loss (a level, set by the sweep's seeds) covers the planted one:

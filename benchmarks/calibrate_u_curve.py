@@ -6,8 +6,8 @@ intervals and the share of each verdict, the worst case, and how much per-seed o
                                            [--csv OUT.csv] [--detect]
 
 First, the detectability study (the standard error behind "detectable gain" and "seeds needed" against the
-sampling sd of its contrast) and the level-coverage study (intervals of absolute losses against seed counts);
---detect stops there.
+sampling sd of its contrast), the level-coverage study (intervals of absolute losses against seed counts) and the
+null study (the verdicts on a truth where rho does nothing); --detect stops there (~2.5 min).
 
 Targets (issue 8): rho* coverage within 5 points of nominal on the truths with an interior optimum, false
 "interior" <= 10% on the truths without one, false "boundary" (or "concave") <= 10% on the truths with one.
@@ -29,7 +29,7 @@ sys.path.insert(0, str(ROOT))
 
 from analysis.fits import fit_u_curve, single_threaded_blas  # noqa: E402
 from analysis.synthetic import U_CASES, U_TRUTHS, detectability_calibration, level_coverage_study, \
-    planted_u_curve, summarise_calibration, u_curve_calibration  # noqa: E402
+    null_calibration, planted_u_curve, summarise_calibration, u_curve_calibration  # noqa: E402
 
 OFFSET_SDS = (0.003, 0.03)      # the issue's seed-offset sd, and one ten times larger (real seeds differ more)
 
@@ -65,7 +65,7 @@ def main() -> None:
     parser.add_argument("--offset-draws", type=int, default=12, help="draws per case for the offsets study")
     parser.add_argument("--csv", type=Path, default=None, help="write every draw here")
     parser.add_argument("--detect", action="store_true",
-                        help="only the detectability and level-coverage studies (~1 min)")
+                        help="only the detectability, level-coverage and null studies (~2.5 min)")
     args = parser.parse_args()
     pd.set_option("display.width", 250)
     pd.set_option("display.max_columns", 30)
@@ -84,6 +84,11 @@ def main() -> None:
         print(f"\n## levels: coverage of 90% intervals of absolute losses against seeds "
               f"({time.perf_counter() - t0:.0f} s)")
         print(levels.round(3).to_string(index=False))
+        t0 = time.perf_counter()
+        null = null_calibration()
+        print(f"\n## null: verdicts on a constant truth (rho does nothing), cubic, 1000 resamples "
+              f"({time.perf_counter() - t0:.0f} s); pooled false claim {null['false claim'].mean():.3f}")
+        print(null.round(3).to_string(index=False))
         if args.detect:
             return
         for method in args.methods:
