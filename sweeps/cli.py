@@ -220,11 +220,19 @@ def _storage(storage: str | None) -> str | None:
     return str(Path(storage).resolve())
 
 
+# An HTTP/2 client's connection preface: the magic string, then an empty SETTINGS frame (RFC 9113, 3.4).
+_H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+
+
 def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None:
-    """Fail fast on a head that cannot be reached: ray.init itself retries for minutes without a word.
+    """Fail fast on a head that cannot be reached: ray.init itself retries for minutes without a word, also at an
+    open port where no Ray head listens.
 
     Only plain host:port addresses are checked ("auto", "local" and ray:// client addresses go to Ray as they are);
-    anything else is refused here, before Ray is asked.
+    anything else is refused here, before Ray is asked. The port must accept a TCP connection and answer as a gRPC
+    server, which Ray's GCS is: to an HTTP/2 preface it replies with a SETTINGS frame first. That handshake needs no
+    token, so a head with token auth passes (its refusal of a wrong token is the launcher's to report). With
+    RAY_USE_TLS the GCS wants a TLS handshake instead, and only the connection is checked.
     """
     if address in ("auto", "local"):
         return
@@ -235,9 +243,21 @@ def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None
     if scheme:
         return
     try:
-        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+        sock = socket.create_connection((host, int(port)), timeout=timeout_s)
     except OSError as err:
         raise UserError(f"{source}: no Ray head answers at {address} ({err.strerror or err})") from None
+    with sock:
+        if os.environ.get("RAY_USE_TLS", "0").lower() in ("1", "true"):
+            return
+        try:
+            sock.sendall(_H2_PREFACE)
+            with sock.makefile("rb") as reply:
+                frame = reply.read(9)   # a frame header: length (3 bytes), type, flags, stream id (4 bytes)
+        except OSError:
+            frame = b""
+    if len(frame) < 9 or frame[3] != 0x4 or frame[5:9] != bytes(4):
+        raise UserError(f"{source}: no Ray head answers at {address}: the port is open but does not speak Ray's "
+                        f"GCS protocol (gRPC); give the head's GCS port (6379 unless `ray start --port` set another)")
 
 
 def search_probes(spec: SweepSpec, throughput: Throughput) -> list[PlannedTrial]:

@@ -2,19 +2,21 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import pytest
 import yaml
 
 from engram.accounting import FAIR_TOLERANCE, solve_allocation
-from sweeps.cli import main
+from sweeps.cli import UserError, check_ray_address, main
 from sweeps.footprint import check_trials_fit
 from sweeps.plan import Throughput, plan_sweep
 from sweeps.sizing import target_p_tot
@@ -308,6 +310,50 @@ def test_unreachable_ray_address_is_one_line_and_writes_nothing(spec_dir: Path, 
     assert err.startswith(f"engram-sweep: error: --address: no Ray head answers at 127.0.0.1:{port}"), err
     assert "\n" not in err
     assert not load_spec(path).store_dir.exists()
+
+
+@contextlib.contextmanager
+def tcp_server(reply: bytes | None) -> Iterator[str]:
+    """A local TCP server that is no Ray head: each connection gets `reply` once it has sent something (None: the
+    server accepts and stays silent). Yields its HOST:PORT."""
+    server = socket.create_server(("127.0.0.1", 0))
+    conns: list[socket.socket] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            while True:
+                conn, _ = server.accept()
+                conns.append(conn)
+                if reply is not None:
+                    conn.recv(1024)
+                    conn.sendall(reply)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        yield f"127.0.0.1:{server.getsockname()[1]}"
+    finally:
+        server.close()
+        for conn in conns:
+            conn.close()
+
+
+@pytest.mark.parametrize("reply", [None, b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n", b"\x00" * 9],
+                         ids=["silent", "http1", "not-settings"])
+def test_an_open_port_that_is_no_ray_head_is_refused_before_ray(reply: bytes | None) -> None:
+    """ray.init retries for minutes at a port that accepts connections but is no GCS; the CLI's probe (an HTTP/2
+    preface, answered with a SETTINGS frame by every gRPC server) says so at once."""
+    with tcp_server(reply) as address:
+        with pytest.raises(UserError) as err:
+            check_ray_address(address, "--address", timeout_s=1.0)
+    assert str(err.value) == (f"--address: no Ray head answers at {address}: the port is open but does not speak "
+                              f"Ray's GCS protocol (gRPC); give the head's GCS port (6379 unless `ray start --port` "
+                              f"set another)")
+
+
+def test_a_port_that_answers_as_grpc_passes_the_address_check() -> None:
+    settings = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64"  # MAX_CONCURRENT_STREAMS
+    with tcp_server(settings) as address:
+        check_ray_address(address, "--address", timeout_s=1.0)   # a real head: tests/test_cluster.py
 
 
 # ---------------------------------------------------------------------------------------------------------------

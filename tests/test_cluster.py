@@ -97,6 +97,15 @@ def test_trials_run_on_both_nodes(cluster, cache_dir, tmp_path):
     assert any(node_tag(worker) in h for h in hosts)
 
 
+def test_the_cli_address_check_lets_a_real_head_through(cluster):
+    """`run --address` first probes the port (a gRPC handshake, sweeps.cli.check_ray_address): a Ray head passes.
+    (A head with token auth passes too: test_a_head_with_token_auth_refusing_the_driver_is_one_line.)"""
+    from sweeps.cli import check_ray_address
+
+    c, _ = cluster
+    check_ray_address(c.address, "--address")
+
+
 def test_losing_the_worker_mid_sweep_is_survived(cluster, cache_dir, tmp_path):
     c, worker = cluster
     spec = make_spec(tmp_path, "worker-loss", 6.0e10, [0])  # ~900 steps a trial: long enough to kill mid-way
