@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from sweeps.store import ResultStore
 
 USER_ERROR = 2
+INTERRUPTED = 130   # 128 + SIGINT, as a shell reports a command stopped by Ctrl-C
 PROG = "engram-sweep"
 
 
@@ -59,7 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return USER_ERROR
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
-        return 130
+        return INTERRUPTED
 
 
 class UserError(ValueError):
@@ -173,6 +174,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     except StoreUnavailable as err:
         raise UserError(str(err)) from None
     print(summary_text(summary, store))
+    if summary.interrupted:
+        return INTERRUPTED
     # Failed trials are recorded and the rest completed, but the sweep is not whole: say so in the exit status.
     return 0 if summary.n_failed == 0 and summary.n_unrecorded == 0 else 1
 
@@ -387,9 +390,15 @@ def summary_text(summary: LaunchSummary, store: ResultStore) -> str:
     from engram.util import format_duration
 
     ratio = summary.overhead_ratio
-    lines = [f"{summary.n_requested} trial(s) run, {summary.n_skipped} already complete: {summary.n_ok} ok, "
-             f"{summary.n_diverged} diverged, {summary.n_failed} failed"
-             + (f", {summary.n_unrecorded} unrecorded" if summary.n_unrecorded else ""),
+    counts = (f"{summary.n_ok} ok, {summary.n_diverged} diverged, {summary.n_failed} failed"
+              + (f", {summary.n_unrecorded} unrecorded" if summary.n_unrecorded and not summary.interrupted else ""))
+    if summary.interrupted:
+        first = (f"interrupted: {summary.n_recorded} of {summary.n_requested} trial(s) recorded ({counts}), "
+                 f"{summary.n_skipped} already complete; run the same command again for the rest (complete trials "
+                 f"are not run again)")
+    else:
+        first = f"{summary.n_requested} trial(s) run, {summary.n_skipped} already complete: {counts}"
+    lines = [first,
              f"wall {format_duration(summary.wall_seconds)} ({summary.n_slots} trial(s) at once"
              + (f", scheduling overhead {ratio:.2f}x the ideal" if ratio is not None else "") + ")",
              f"results in {store.root}; Ray's log in {summary.log_path}"]

@@ -5,10 +5,12 @@ from __future__ import annotations
 import contextlib
 import copy
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
@@ -298,6 +300,54 @@ def test_report_writes_report_md_for_a_store(spec_dir: Path, capsys: pytest.Capt
     assert main(["report", str(spec.store_dir), "--out", str(spec_dir / "rep")]) == 0
     printed = Path(capsys.readouterr().out.strip())
     assert printed == spec_dir / "rep" / "report.md" and printed.is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_run_says_interrupted_and_exits_130(ray_env: str, tmp_path: Path) -> None:
+    """Ctrl-C (SIGINT to the driver; Ray's own processes block it) ends the Tune run: the summary says so and how
+    to go on, the exit status is 130, and the trial cut short keeps its published checkpoint for the next run."""
+    from sweeps.launcher import RESUME_DIR, TUNE_DIR
+    from sweeps.tiny import tiny_sweep
+
+    raw = {"name": "ctrl-c", **tiny_sweep(resources={"max_concurrent": 1}), "experiments": [
+        {"name": "alloc", "kind": "allocation", "p_tot_ratio": 3, "rho": [0.5, 1.0], "budgets": [6.0e10]}]}
+    path = write_spec(tmp_path, raw)
+    resume = tmp_path / "results" / "ctrl-c" / TUNE_DIR / RESUME_DIR
+    proc = subprocess.Popen([sys.executable, "-m", "sweeps.cli", "run", str(path)], cwd=ROOT, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while not (resume.is_dir() and any(not p.name.startswith(".") for p in resume.iterdir())):
+            assert proc.poll() is None and time.monotonic() < deadline, "no trial got under way"
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=180)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert out.startswith("interrupted: 0 of 2 trial(s) recorded (0 ok, 0 diverged, 0 failed), 0 already complete; "
+                          "run the same command again for the rest"), out
+    assert "Traceback" not in err
+    assert any(not p.name.startswith(".") for p in resume.iterdir())
+
+
+def test_the_first_ctrl_c_stops_the_tune_run_and_a_second_one_interrupts() -> None:
+    """The mechanism behind the test above, without Ray: the first SIGINT only asks Tune to stop (through the
+    stopper); the second raises KeyboardInterrupt (`engram-sweep: interrupted`, 130); on the way out the previous
+    handler and Tune's own setting are back."""
+    from sweeps.launcher.driver import _stop_on_sigint
+
+    before = signal.getsignal(signal.SIGINT)
+    with _stop_on_sigint() as stop:
+        assert os.environ["TUNE_DISABLE_SIGINT_HANDLER"] == "1" and not stop.stop_all()
+        signal.raise_signal(signal.SIGINT)
+        assert stop.stop_all() and not stop("any-trial", {})
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is before and "TUNE_DISABLE_SIGINT_HANDLER" not in os.environ
 
 
 def test_unreachable_ray_address_is_one_line_and_writes_nothing(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:

@@ -12,7 +12,9 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,6 +58,7 @@ class LaunchSummary:
     trial_seconds: float  # sum over recorded trials of their training wall time (TrialResult.wall_seconds)
     setup_seconds: tuple[float, ...]  # per trial: time in the trainable outside run_trial's training loop
     log_path: Path
+    interrupted: bool = False  # Ctrl-C (SIGINT) ended the Tune run: the trials still running were left unrecorded
 
     @property
     def n_recorded(self) -> int:
@@ -117,7 +120,7 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
     search_trials = SearchTrials(spec, fingerprint, throughput)
     recorder = Recorder(spec, store, grid, searches, stream, search_trials, resume_root)
     clean_tune_dir(tune_root, keep={t.trial_id for t in grid})
-    tune_seconds = 0.0
+    tune_seconds, interrupted = 0.0, False
     # The corpus is read and tokenized first, in this process: one that cannot be read fails before Ray starts
     # or anything is written to the store (the tokenizer cache lives outside it).
     _prepare_data(spec, grid, searches, cache_dir)
@@ -158,7 +161,7 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
             searcher = SweepSearcher([t.trial_id for t in grid], optuna, n_left, search_trials.resolve,
                                       dict(zip(stored["trial_id"], stored["final_val_loss"].astype(float))))
             t_tune = time.perf_counter()
-            _run_tune(spec, payload, storage, recorder, searcher, num_samples=n_requested)
+            interrupted = _run_tune(spec, payload, storage, recorder, searcher, num_samples=n_requested)
             tune_seconds = time.perf_counter() - t_tune
             recorder.close()
 
@@ -168,7 +171,8 @@ def launch(spec: SweepSpec, trials: list[PlannedTrial], store: ResultStore, *, a
         n_failed=st.count("failed"), n_unrecorded=max(0, n_requested - searcher.n_abandoned - len(st)),
         n_resumed=recorder.n_resumed, n_slots=recorder.n_slots,
         wall_seconds=time.perf_counter() - t_start, tune_seconds=tune_seconds,
-        trial_seconds=recorder.trial_seconds, setup_seconds=tuple(recorder.setup_seconds), log_path=log_path)
+        trial_seconds=recorder.trial_seconds, setup_seconds=tuple(recorder.setup_seconds), log_path=log_path,
+        interrupted=interrupted)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,31 +289,76 @@ def _n_slots(spec: SweepSpec) -> int:
     return max(1, slots)
 
 
+class _Interrupt(tune.Stopper):
+    """Ends the whole Tune run once `requested` is set; stops no trial on its own."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, trial_id: str, result: dict) -> bool:
+        return False
+
+    def stop_all(self) -> bool:
+        return self.requested
+
+
+@contextlib.contextmanager
+def _stop_on_sigint() -> Iterator[_Interrupt]:
+    """While the Tune run lasts, the first SIGINT (Ctrl-C) ends it through the yielded stopper, so that `launch` can
+    say the sweep was cut short; the handler it replaced is back at once, so a second Ctrl-C raises
+    KeyboardInterrupt. Tune's own SIGINT handler, which ends the run alike but tells only its log, is turned off
+    (TUNE_DISABLE_SIGINT_HANDLER, read when the run starts). Signals reach only the main thread."""
+    stop = _Interrupt()
+    if threading.current_thread() is not threading.main_thread():
+        yield stop
+        return
+    previous = signal.getsignal(signal.SIGINT)
+    saved_env = os.environ.get("TUNE_DISABLE_SIGINT_HANDLER")
+
+    def on_sigint(signum, frame) -> None:
+        stop.requested = True
+        signal.signal(signal.SIGINT, previous)
+
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if saved_env is None:
+            os.environ.pop("TUNE_DISABLE_SIGINT_HANDLER", None)
+        else:
+            os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = saved_env
+
+
 def _run_tune(spec: SweepSpec, payload: Payload, storage: str, recorder: Recorder, searcher: SweepSearcher,
-              num_samples: int) -> None:
+              num_samples: int) -> bool:
+    """One Tune run over the searcher's trials; True when Ctrl-C cut it short."""
     res = spec.resources
     resourced = tune.with_resources(tune.with_parameters(trainable, payload=payload),
                                     {"cpu": res.cpus_per_trial, "gpu": res.gpus_per_trial})
     run_name = f"sweep-{dt.datetime.now(dt.timezone.utc).strftime('%Y%m%dT%H%M%S')}-{os.getpid()}"
-    tuner = tune.Tuner(
-        resourced, param_space={},
-        tune_config=tune.TuneConfig(
-            search_alg=searcher, metric=METRIC, mode="min", num_samples=num_samples,
-            max_concurrent_trials=res.max_concurrent,
-            # A worker process keeps torch and the token cache imported between trials (start-up overhead).
-            reuse_actors=True,
-            trial_dirname_creator=lambda t: f"{t.trial_id}",
-        ),
-        run_config=tune.RunConfig(
-            name=run_name, storage_path=storage, verbose=0, callbacks=[recorder],
-            failure_config=tune.FailureConfig(max_failures=res.max_retries),
-            checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
-        ),
-    )
-    tuner.fit()
+    with _stop_on_sigint() as interrupt:
+        tuner = tune.Tuner(
+            resourced, param_space={},
+            tune_config=tune.TuneConfig(
+                search_alg=searcher, metric=METRIC, mode="min", num_samples=num_samples,
+                max_concurrent_trials=res.max_concurrent,
+                # A worker process keeps torch and the token cache imported between trials (start-up overhead).
+                reuse_actors=True,
+                trial_dirname_creator=lambda t: f"{t.trial_id}",
+            ),
+            run_config=tune.RunConfig(
+                name=run_name, storage_path=storage, verbose=0, callbacks=[recorder], stop=interrupt,
+                failure_config=tune.FailureConfig(max_failures=res.max_retries),
+                checkpoint_config=tune.CheckpointConfig(num_to_keep=1),
+            ),
+        )
+        tuner.fit()
     # Finished trials are in the store; Tune's copies of their checkpoints are no longer needed.
     if "://" not in storage:
         shutil.rmtree(Path(storage) / run_name, ignore_errors=True)
+    return interrupt.requested
 
 
 def _prepare_data(spec: SweepSpec, grid: list[PlannedTrial], searches: dict[str, PendingSearch],
