@@ -11,13 +11,14 @@ its data and RESULTS_VERSION) and its length in optimiser steps (`horizon_steps`
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Iterable, Literal
 
 MEMORY_KINDS = ("engram", "overencoding", "none")
 DATA_FORMATS = ("auto", "stdlib", "text", "jsonl", "parquet", "tokens")
@@ -296,15 +297,30 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"{where}: expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(str(k) for k in set(data) - names)
-    if unknown:
-        raise ConfigError(f"{_join(path, str(unknown[0]))}: unknown key (expected one of {', '.join(sorted(names))})")
+    fields = dataclasses.fields(cls)
+    check_keys(data, sorted(f.name for f in fields), path,
+               required=[f.name for f in fields
+                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING])
     kwargs = {name: _coerce(hints[name], value, _join(path, name)) for name, value in data.items()}
     try:
         return cls(**kwargs)
     except ConfigError as err:
         raise ConfigError(_join(path, str(err))) from None
+
+
+def check_keys(data: dict, allowed: Iterable[str], path: str, required: Iterable[str] = (), note: str = "") -> None:
+    """The keys of the mapping `data` at `path` against those it may hold (listed in the given order): the first
+    unknown key, with the allowed key closest to it (a misspelt required key is named as written and as meant),
+    then the first missing `required` key (`note` ends that message)."""
+    allowed = list(allowed)
+    unknown = sorted(str(k) for k in set(data) - set(allowed))
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ConfigError(f"{_join(path, unknown[0])}: unknown key{hint} (expected one of {', '.join(allowed)})")
+    for key in required:
+        if key not in data:
+            raise ConfigError(f"{_join(path, key)}: required{note}")
 
 
 def to_dict(config: Any) -> dict[str, Any]:

@@ -23,8 +23,8 @@ from typing import Any, Union
 import yaml
 
 from engram.accounting import AllocationError, check_fair, moe_model_for_p_tot, solve_allocation
-from engram.config import (MAX_SEED, MIX_CORPUS, ConfigError, DataConfig, ModelConfig, TrainConfig, TrialConfig,
-                           from_dict, to_dict)
+from engram.config import (MAX_SEED, MIX_CORPUS, ConfigError, DataConfig, MemoryConfig, ModelConfig, TrainConfig,
+                           TrialConfig, check_keys, from_dict, to_dict)
 from sweeps.sizing import memory_for_slots, step_flops, target_p_tot
 
 EXPERIMENT_KINDS = ("allocation", "memory", "search")
@@ -299,12 +299,7 @@ def parse_spec(raw: Any, base_dir: Path) -> SweepSpec:
 def _parse(raw: Any, base_dir: Path) -> SweepSpec:
     if not isinstance(raw, dict):
         raise ConfigError(f"spec: expected a mapping with keys {', '.join(_TOP_KEYS)}, got {type(raw).__name__}")
-    unknown = sorted(str(k) for k in set(raw) - set(_TOP_KEYS))
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key (expected one of {', '.join(_TOP_KEYS)})")
-    for key in ("name", "experiments"):
-        if key not in raw:
-            raise ConfigError(f"{key}: required")
+    check_keys(raw, _TOP_KEYS, "", required=("name", "experiments"))
     name = raw["name"]
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"name: expected up to 100 letters, digits, '_', '.', '-' (not starting with '.' or '-'), "
@@ -341,6 +336,11 @@ def _parse(raw: Any, base_dir: Path) -> SweepSpec:
     return spec
 
 
+def _settable(cls: type, per_trial: Any) -> list[str]:
+    """The fields of `cls` a sweep spec may set: all but those each experiment sets per trial."""
+    return sorted(f.name for f in dataclasses.fields(cls) if f.name not in per_trial)
+
+
 def _parse_model(raw: Any) -> ModelConfig:
     if raw is None:
         raw = {}
@@ -348,6 +348,7 @@ def _parse_model(raw: Any) -> ModelConfig:
         for key, why in _MEMORY_PER_TRIAL.items():
             if key in raw["memory"]:
                 raise ConfigError(f"model.memory.{key}: not allowed in a sweep spec ({why})")
+        check_keys(raw["memory"], _settable(MemoryConfig, _MEMORY_PER_TRIAL), "model.memory")
     model = from_dict(ModelConfig, raw, "model")
     # Validate the Engram shape now (a MemoryConfig of kind 'none' skips its checks); the slot count is a
     # stand-in large enough to pass the rows-per-table floor.
@@ -367,6 +368,7 @@ def _parse_train(raw: Any) -> TrainConfig:
         for key, why in _TRAIN_PER_TRIAL.items():
             if key in raw:
                 raise ConfigError(f"train.{key}: not allowed in a sweep spec ({why})")
+        check_keys(raw, _settable(TrainConfig, _TRAIN_PER_TRIAL), "train")
         raw = {**raw, "steps": 1}  # placeholder horizon, replaced per trial by SweepSpec.trial_train
     return from_dict(TrainConfig, raw, "train")
 
@@ -375,14 +377,15 @@ def _parse_experiment(raw: Any, path: str) -> Experiment:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping, got {type(raw).__name__}")
     kind = raw.get("kind")
+    if "kind" not in raw:   # a misspelt `kind` is named as written
+        check_keys(raw, sorted({f.name for c in _EXPERIMENT_CLASSES.values() for f in dataclasses.fields(c)}), path)
     if not isinstance(kind, str) or kind not in _EXPERIMENT_CLASSES:
         raise ConfigError(f"{path}.kind: expected one of {', '.join(EXPERIMENT_KINDS)}, got {kind!r}")
     cls = _EXPERIMENT_CLASSES[kind]
-    required = [f.name for f in dataclasses.fields(cls)
-                if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
-    missing = [k for k in required if k not in raw]
-    if missing:
-        raise ConfigError(f"{path}.{missing[0]}: required (kind {kind})")
+    fields = dataclasses.fields(cls)
+    check_keys(raw, sorted(f.name for f in fields), path, note=f" (kind {kind})",
+               required=[f.name for f in fields
+                         if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING])
     name = raw["name"]
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise ConfigError(f"{path}.name: expected up to 100 letters, digits, '_', '.', '-' (not starting with '.' "

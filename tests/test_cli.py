@@ -83,6 +83,18 @@ def _set(path: str, value: Any) -> Callable[[dict], None]:
 
 DELETE = object()
 
+
+def _rename(path: str, new_key: str) -> Callable[[dict], None]:
+    """A mutation renaming the key at `path` (dotted keys, numeric indices) to `new_key`, keeping its value."""
+    *parents, key = [int(k) if k.isdigit() else k for k in path.split(".")]
+
+    def mutate(spec: dict) -> None:
+        node = spec
+        for k in parents:
+            node = node[k]
+        node[new_key] = node.pop(key)
+    return mutate
+
 # (case id, mutation of BASE_SPEC or the whole file text, the start of the message after "engram-sweep: error: ")
 MALFORMED: list[tuple[str, Callable[[dict], None] | str, str]] = [
     ("unknown-top-key", _set("experimentz", []), "experimentz: unknown key"),
@@ -136,6 +148,20 @@ MALFORMED: list[tuple[str, Callable[[dict], None] | str, str]] = [
     ("rope-theta-zero", _set("model.rope_theta", 0), "model.rope_theta: expected a positive number"),
     ("kind-not-a-name", _set("experiments.0.kind", ["allocation"]), "experiments[0].kind: expected one of"),
     ("name-too-long", _set("name", "a" * 101), "name: expected up to 100 letters"),
+    ("misspelt-required-key", _rename("experiments.0.budgets", "budgtes"),
+     "experiments[0].budgtes: unknown key; did you mean 'budgets'? (expected one of budgets, kind, knowledge_share, "
+     "name, p_tot, p_tot_ratio, rho, seeds)"),
+    ("misspelt-kind", _rename("experiments.0.kind", "kidn"), "experiments[0].kidn: unknown key; did you mean 'kind'?"),
+    ("budgets-in-memory-experiment", _rename("experiments.1.budget", "budgets"),
+     "experiments[1].budgets: unknown key; did you mean 'budget'?"),
+    ("unknown-train-key", _set("train.lrr", 0.1),
+     "train.lrr: unknown key; did you mean 'lr'? (expected one of batch_size, beta1, beta2, checkpoint_interval, "
+     "decay_fraction, device, engram_lr_mult, eval_interval, eval_tokens, grad_clip, lr, min_lr_ratio, precision, "
+     "schedule, warmup_steps, weight_decay)"),
+    ("unknown-memory-key", _set("model.memory", {"slotz": 100}),
+     "model.memory.slotz: unknown key (expected one of conv_kernel, d_head, hash_seed, layers, max_ngram, n_heads, "
+     "overencoding_mean, signed_sqrt, table_init_std)"),
+    ("fault-without-match", _set("testing", {"fail_attempts": {"times": 2}}), "testing.fail_attempts.match: required"),
 ]
 
 
@@ -256,7 +282,8 @@ def test_train_runs_one_trial_with_progress_lines(spec_dir: Path, capsys: pytest
 def test_train_config_mistake_is_one_line(spec_dir: Path, capsys: pytest.CaptureFixture) -> None:
     path = write_spec(spec_dir, {"model": {"d_modle": 8}, "train": {"steps": 1}}, "trial.yaml")
     assert main(["train", "--config", str(path)]) == 2
-    assert capsys.readouterr().err.strip() == ("engram-sweep: error: model.d_modle: unknown key (expected one of "
+    assert capsys.readouterr().err.strip() == ("engram-sweep: error: model.d_modle: unknown key; did you mean "
+                                               "'d_model'? (expected one of "
                                                "balance_aux, balance_moments, balance_rate, balance_travel, d_expert, d_ff_dense, d_model, memory, "
                                                "n_dense_layers, "
                                                "n_heads, n_layers, n_routed, n_shared_experts, rope_theta, seq_len, "
