@@ -44,6 +44,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from sweeps.spec import SpecError
 
     try:
+        for dest, name in _PATH_ARGS.items():
+            if getattr(args, dest, None) == "":
+                raise UserError(f"{name}: expected a path, got an empty string")
         return args.func(args)
     except (SpecError, ConfigError, DataError, AllocationError, UserError) as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
@@ -67,19 +70,30 @@ class UserError(ValueError):
     """A mistake in the command line (a missing folder, a wrong kind of file); one line, exit status 2."""
 
 
+# The arguments that name a file or folder (by dest, named as the usage line shows them). Path("") is ".", so an empty
+# one (`--out ""`, an unset shell variable) would quietly mean the current folder: it is refused instead.
+_PATH_ARGS = {"spec": "spec", "target": "target", "results_dir": "results_dir", "out": "--out", "config": "--config",
+              "checkpoint_dir": "--checkpoint-dir", "cache_dir": "--cache-dir", "storage": "--storage"}
+
+
+def _path(text: str) -> Path | str:
+    """argparse type of the path arguments: a Path, but an empty string stays one (for `main` to refuse)."""
+    return Path(text) if text else text
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=PROG, description="Scaling-law sweeps of Engram + MoE models on Ray.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plan", help="print every trial of a sweep without running anything")
-    p.add_argument("spec", type=Path, help="sweep spec (YAML)")
+    p.add_argument("spec", type=_path, help="sweep spec (YAML)")
     p.add_argument("--json", action="store_true",
                    help="print every grid trial's planned row (params, tokens, FLOPs, lookups per row) as one JSON "
                         "array instead of the table")
     p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser("run", help="run a sweep on Ray, skipping trials already complete in the store")
-    p.add_argument("spec", type=Path, help="sweep spec (YAML)")
+    p.add_argument("spec", type=_path, help="sweep spec (YAML)")
     p.add_argument("--address", default=None,
                    help="Ray cluster to join (default: $RAY_ADDRESS, else an embedded local Ray)")
     p.add_argument("--storage", default=None, metavar="URI_OR_PATH",
@@ -88,18 +102,18 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("status", help="summarise a sweep's progress from its results store")
-    p.add_argument("target", type=Path, help="results folder (results/<sweep>) or the sweep spec (YAML)")
+    p.add_argument("target", type=_path, help="results folder (results/<sweep>) or the sweep spec (YAML)")
     p.set_defaults(func=cmd_status)
 
     p = sub.add_parser("report", help="fit, plot and write report.md for a results folder")
-    p.add_argument("results_dir", type=Path)
-    p.add_argument("--out", type=Path, default=None, help="output folder (default: RESULTS_DIR/report)")
+    p.add_argument("results_dir", type=_path)
+    p.add_argument("--out", type=_path, default=None, help="output folder (default: RESULTS_DIR/report)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("train", help="train one trial from a TrialConfig YAML, in this process")
-    p.add_argument("--config", type=Path, required=True, help="trial config (YAML: model, data, train)")
-    p.add_argument("--checkpoint-dir", type=Path, default=None, help="resume from / save checkpoints here")
-    p.add_argument("--cache-dir", type=Path, default=None, help="token cache folder (default: engram.data's)")
+    p.add_argument("--config", type=_path, required=True, help="trial config (YAML: model, data, train)")
+    p.add_argument("--checkpoint-dir", type=_path, default=None, help="resume from / save checkpoints here")
+    p.add_argument("--cache-dir", type=_path, default=None, help="token cache folder (default: engram.data's)")
     p.set_defaults(func=cmd_train)
     return parser
 

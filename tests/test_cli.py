@@ -671,6 +671,30 @@ def test_output_folders_that_cannot_be_made_are_one_line(spec_dir: Path, capsys:
     assert "--checkpoint-dir: cannot create the folder" in one_line(capsys.readouterr().err)
 
 
+@pytest.mark.parametrize("argv, name", [
+    (["report", "{store}", "--out", ""], "--out"),
+    (["report", ""], "results_dir"),
+    (["status", ""], "target"),
+    (["plan", ""], "spec"),
+    (["run", "{spec}", "--storage", ""], "--storage"),
+    (["train", "--config", ""], "--config"),
+    (["train", "--config", "{spec}", "--checkpoint-dir", ""], "--checkpoint-dir"),
+    (["train", "--config", "{spec}", "--cache-dir", ""], "--cache-dir"),
+], ids=["report-out", "report", "status", "plan", "run-storage", "train-config", "train-checkpoint-dir",
+        "train-cache-dir"])
+def test_an_empty_path_is_one_line_and_writes_nothing(spec_dir: Path, monkeypatch: pytest.MonkeyPatch,
+                                                      capsys: pytest.CaptureFixture, argv: list[str], name: str) -> None:
+    """Path("") is "." : `report --out ''` (an unset shell variable) wrote the report into the current folder."""
+    path, store = store_every_trial(spec_dir, BASE_SPEC, n_search=3)   # every trial stored: `run` launches nothing
+    here = spec_dir / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    capsys.readouterr()
+    assert main([a.format(store=store.root, spec=path) for a in argv]) == 2
+    assert one_line(capsys.readouterr().err) == f"engram-sweep: error: {name}: expected a path, got an empty string"
+    assert list(here.iterdir()) == []
+
+
 def test_a_foreign_parquet_file_and_a_broken_spec_yaml_are_named_not_counted(spec_dir: Path,
                                                                            capsys: pytest.CaptureFixture) -> None:
     import pandas as pd
