@@ -38,6 +38,13 @@ benchmark's model, ModelConfig's default) and untied (the default sweep's since 
 large squares: what bf16 can buy on the machine at hand (AMX or AVX512_BF16 alone differ several-fold).
 
     python -m benchmarks.bench_trial --matmul-shapes
+
+`--spec sweep.yaml` measures (s) and (a) on the sweep's own trials instead of `ModelConfig()`: every distinct model
+of its plan (seed 0; allocation rho points, memory-free, Engram and OverEncoding points), its data, batch and
+vocabulary, fp32 and bf16 interleaved (and today's fp32 step on the first model), then the sweep's bf16 over fp32
+speed-up weighted by each model's tokens and seeds (what the sweep's wall time gains).
+
+    python -m benchmarks.bench_trial --spec sweep.yaml [--rounds 3] [--steps 3]
 """
 
 from __future__ import annotations
@@ -57,7 +64,7 @@ from engram.config import DataConfig, MemoryConfig, ModelConfig, TrainConfig
 from engram.data import prepare_data
 from engram.memory import Engram, build_compression
 from engram.model import EngramMoE, cross_entropy
-from engram.trial import build_optimizers, keep_large_buffers_in_heap, sample_batch, train_step
+from engram.trial import build_optimizers, cpu_has_native_bf16, keep_large_buffers_in_heap, sample_batch, train_step
 
 MATMUL_N = 2048  # matmul size for the reference FLOP/s: large enough to run at the core's peak
 BASE_SLOTS = 1 << 16  # Engram rows over all tables of the base model of (b)
@@ -211,10 +218,17 @@ def main() -> None:
                         help="only the default step with tied and untied embeddings")
     parser.add_argument("--matmul-shapes", action="store_true",
                         help="only fp32 and bf16 matmul GFLOP/s at the default step's product shapes")
+    parser.add_argument("--spec", type=Path, default=None,
+                        help="only (s) and (a), on this sweep spec's planned models (its data, batch, vocabulary)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     if args.matmul_shapes:
         matmul_shapes()
+        return
+    if args.spec:
+        heap = False if args.glibc_defaults else keep_large_buffers_in_heap()
+        print(f"large buffers kept in the heap (glibc mallopt): {'yes' if heap else 'no'}")
+        spec_scan(args.spec, args.rounds, args.steps, args.cache_dir)
         return
     heap = False if args.glibc_defaults else keep_large_buffers_in_heap()
     print(f"large buffers kept in the heap (glibc mallopt): {'yes' if heap else 'no'}")
@@ -346,6 +360,65 @@ def tied_vs_untied(base: ModelConfig, train: TrainConfig, tokens: np.ndarray, co
     for precision in ("bf16", "fp32"):
         tied, untied = step_s[True, precision], step_s[False, precision]
         print(f"{precision}: tied {1e3 * tied:.1f} ms, untied {1e3 * untied:.1f} ms, untied / tied {untied / tied:.3f}")
+
+
+def spec_scan(path: Path, n_rounds: int, n_steps: int, cache_dir: Path | None) -> None:
+    """(s) and (a) on every distinct model a sweep spec plans (seed 0), with the spec's data, batch and vocabulary;
+    then the bf16 over fp32 speed-up of the whole sweep, each model weighted by its planned tokens x seeds."""
+    from sweeps.plan import Throughput, plan_sweep
+    from sweeps.spec import load_spec
+
+    spec = load_spec(path)
+    trials = plan_sweep(spec, throughput=Throughput(1.0, 0.0, "not used"))
+    models: dict[str, tuple[ModelConfig, float]] = {}  # label -> (model, tokens of all its seeds)
+    for t in trials:
+        point = f"rho={t.rho:g}" if t.rho is not None else (f"{t.memory} {t.slots}" if t.memory != "none" else "none")
+        label = f"{t.experiment} {point}"
+        model, tokens = models.get(label, (t.config.model, 0.0))
+        models[label] = (model, tokens + t.tokens)
+    train = dataclasses.replace(spec.train, steps=1)
+    first = next(iter(models.values()))[0]
+    data = prepare_data(spec.data, first.vocab_size, cache_dir, seq_len=first.seq_len)
+    compression = torch.as_tensor(build_compression(data.token_texts)) if data.token_texts else None
+    precisions = ("fp32", "bf16") if cpu_has_native_bf16() else ("fp32",)
+    if len(precisions) == 1:
+        print("this CPU has no native bf16 (no AVX512_BF16 or AMX flag): its bf16 products are emulated, tens of "
+              "times slower than fp32 (--matmul-shapes), and train.precision auto trains fp32; fp32 steps only")
+    runs: dict[tuple[str, str], StepBench] = {}
+    for label, (model, _) in models.items():
+        for precision in precisions:
+            runs[label, precision] = make_bench(model, train, data.train, compression, precision)
+    first_label = next(iter(models))
+    runs[first_label, "fp32 today"] = make_bench(first, train, data.train, compression, "fp32",
+                                                 model_cls=UnfusedLossMoE)
+    nan = float("nan")
+    peak = {"fp32": matmul_flops_per_second(torch.float32),
+            "bf16": matmul_flops_per_second(torch.bfloat16) if "bf16" in precisions else nan}
+    step_s, _ = time_interleaved({k: b.run_step for k, b in runs.items()}, n_rounds, n_steps, n_warmup=WIDTH_WARMUP)
+    print(f"torch {torch.__version__}, 1 thread; {path}: {len(models)} models, batch {train.batch_size} x seq "
+          f"{first.seq_len}, vocabulary {first.vocab_size}; matmul {MATMUL_N}^3 fp32 {peak['fp32'] / 1e9:.1f} "
+          f"GFLOP/s, bf16 {peak['bf16'] / 1e9:.1f}; median of {n_rounds} x {n_steps} steps after {WIDTH_WARMUP} "
+          f"warm-up steps each (thread CPU ms)")
+    print(f"{'model':34s} {'P_act':>8s} {'n_routed':>8s} {'fp32 ms':>8s} {'bf16 ms':>8s} {'bf16/fp32':>9s} "
+          f"{'bf16 MFU':>8s} {'fp32 MFU':>8s}")
+    total = dict.fromkeys(precisions, 0.0)  # one thread's seconds of the sweep's training steps
+    for label, (model, tokens) in models.items():
+        bench = runs[label, "fp32"]
+        f32, b16 = step_s[label, "fp32"], step_s.get((label, "bf16"), nan)
+        work = bench.flops_per_token * bench.tokens_per_step
+        print(f"{label:34s} {param_counts(model).p_act:8d} {model.n_routed:8d} {1e3 * f32:8.1f} {1e3 * b16:8.1f} "
+              f"{f32 / b16:9.2f} {work / b16 / peak['bf16']:8.3f} {work / f32 / peak['fp32']:8.3f}")
+        for precision in precisions:
+            total[precision] += tokens / bench.tokens_per_step * step_s[label, precision]
+    today = step_s[first_label, "fp32 today"]
+    print(f"\n(s) {first_label}: this code's fp32 step over today's (unfused loss) "
+          f"{today / step_s[first_label, 'fp32']:.2f}" + (
+              f"; bf16 over today's fp32 {today / step_s[first_label, 'bf16']:.2f} (target >= 2.5), over this "
+              f"code's fp32 {step_s[first_label, 'fp32'] / step_s[first_label, 'bf16']:.2f}" if "bf16" in total
+              else ""))
+    print(f"    the whole sweep's training steps (tokens x seeds per model), one thread: fp32 "
+          f"{total['fp32'] / 60:.1f} min" + (f", bf16 {total['bf16'] / 60:.1f} min: bf16 over fp32 "
+                                            f"{total['fp32'] / total['bf16']:.2f}" if "bf16" in total else ""))
 
 
 if __name__ == "__main__":
