@@ -70,6 +70,11 @@ CPU_EFFICIENCY = CPU_EFFICIENCY_BF16 / BF16_CPU_SPEEDUP
 # against 38.7-46.3 in that script, so an ETA from it carries about +-10%.
 TRIAL_OVER_STEP = 1.0
 TIMED_STEPS = 3
+# The timed ETA over the measured run, lowest and highest of the eleven runs it was checked against (docs/
+# benchmarks.md, "`plan`'s ETA against the trials it predicts"; D14, 2026-12-02: 0.74). The same lone step, timed
+# again minutes apart on one idle machine, read 126-163 ms (2026-12-03): the drift is the machine's, and timing
+# two copies at once (as a sweep runs them) did not narrow it, so the plan prints the range with its ETA.
+TIMED_ETA_OVER_RUN = (0.74, 1.12)
 # Models whose step costs more than this (~2 s at the default's speed) or needs more memory are not timed at
 # plan time: the matmul calibration stands in.
 MAX_TIMED_STEP_FLOPS = 1e11
@@ -415,6 +420,10 @@ def plan_table(spec: SweepSpec, trials: list[PlannedTrial], stored: set[str], th
     lines.append(f"ETA: {format_duration(eta / slots)} with {slots} trial(s) at once "
                  f"({format_duration(eta)} of trial time; {throughput.source}; "
                  f"startup {throughput.startup_seconds:.0f}s/trial)")
+    if throughput.source.startswith("timed"):
+        low, high = TIMED_ETA_OVER_RUN
+        lines.append(f"  (timed ETAs have read {low:.2f}-{high:.2f} of the measured run on 2-core machines: a step "
+                     f"timed alone drifts +-15% from minute to minute there; docs/benchmarks.md)")
     return "\n".join(lines)
 
 

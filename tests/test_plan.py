@@ -12,9 +12,9 @@ from engram.accounting import FAIR_TOLERANCE, AllocationError
 from engram.config import trial_id
 from engram.data import corpus_fingerprint
 from engram.memory_layout import memory_primes
-from sweeps.plan import (STARTUP_SECONDS, Throughput, calibrate_throughput, matmul_flops_per_second, plan_search_trial,
-                         plan_sweep, plan_table, step_flops_per_second, table_training_warnings, timing_models,
-                         allocation_table_warnings, memory_law_notes)
+from sweeps.plan import (STARTUP_SECONDS, TIMED_ETA_OVER_RUN, Throughput, allocation_table_warnings,
+                         calibrate_throughput, matmul_flops_per_second, memory_law_notes, plan_search_trial,
+                         plan_sweep, plan_table, step_flops_per_second, table_training_warnings, timing_models)
 from analysis.diagnostics import PLANNED_LOOKUPS_PER_ROW
 from sweeps.sizing import target_p_tot
 from sweeps.spec import SpecError, parse_spec
@@ -198,6 +198,16 @@ def test_table_has_a_row_per_trial_and_the_totals(base_dir: Path) -> None:
     assert [r.split()[-1] for r in rows] == ["yes"] + ["no"] * (len(trials) - 1)
     assert f"{len(trials)} grid trials: 1 stored, {len(trials) - 1} to run" in text
     assert "search: search, 3 Optuna trials" in text and "ETA:" in text
+    assert "timed ETAs have read" not in text  # a fixed or measured throughput carries no timing drift
+
+
+def test_a_timed_eta_prints_how_far_timed_etas_have_been_off(base_dir: Path) -> None:
+    spec = spec_with(base_dir)
+    timed = Throughput(1e9, 2.0, "timed: training steps at mem 1.0 GFLOP/s x 1.0 in a sweep")
+    text = plan_table(spec, plan_sweep(spec, throughput=timed), set(), timed)
+    low, high = TIMED_ETA_OVER_RUN
+    assert low < 1 < high
+    assert f"timed ETAs have read {low:.2f}-{high:.2f} of the measured run" in text.splitlines()[-1]
 
 
 def test_memory_none_is_one_memory_free_point_on_the_same_tokens(base_dir: Path) -> None:
