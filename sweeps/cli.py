@@ -155,8 +155,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     from sweeps.store import ResultStore, StoreUnavailable
 
     spec = load_spec(args.spec)
-    address = args.address or os.environ.get("RAY_ADDRESS") or None
-    args.address_source = "--address" if args.address else "RAY_ADDRESS"
+    # An empty --address (an unset shell variable) is refused by the check, not read as "no address".
+    address = args.address if args.address is not None else (os.environ.get("RAY_ADDRESS") or None)
+    args.address_source = "--address" if args.address is not None else "RAY_ADDRESS"
     if address is not None:
         check_ray_address(address, args.address_source)
     check_store_location(spec.store_dir)
@@ -259,8 +260,8 @@ def check_ray_address(address: str, source: str, timeout_s: float = 5.0) -> None
         raise UserError(f"{source}: expected auto, HOST:PORT or ray://HOST:PORT, got {address!r}")
     if scheme:
         return
-    try:
-        sock = socket.create_connection((host, int(port)), timeout=timeout_s)
+    try:  # an IPv6 head is written [HOST]:PORT
+        sock = socket.create_connection((host.removeprefix("[").removesuffix("]"), int(port)), timeout=timeout_s)
     except OSError as err:
         raise UserError(f"{source}: no Ray head answers at {address} ({err.strerror or err})") from None
     with sock:

@@ -390,10 +390,10 @@ def test_unreachable_ray_address_is_one_line_and_writes_nothing(spec_dir: Path, 
 
 
 @contextlib.contextmanager
-def tcp_server(reply: bytes | None) -> Iterator[str]:
+def tcp_server(reply: bytes | None, host: str = "127.0.0.1") -> Iterator[str]:
     """A local TCP server that is no Ray head: each connection gets `reply` once it has sent something (None: the
-    server accepts and stays silent). Yields its HOST:PORT."""
-    server = socket.create_server(("127.0.0.1", 0))
+    server accepts and stays silent). Yields its HOST:PORT ([HOST]:PORT for an IPv6 host)."""
+    server = socket.create_server((host, 0), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
     conns: list[socket.socket] = []
 
     def serve() -> None:
@@ -407,7 +407,7 @@ def tcp_server(reply: bytes | None) -> Iterator[str]:
 
     threading.Thread(target=serve, daemon=True).start()
     try:
-        yield f"127.0.0.1:{server.getsockname()[1]}"
+        yield f"[{host}]:{server.getsockname()[1]}" if ":" in host else f"{host}:{server.getsockname()[1]}"
     finally:
         server.close()
         for conn in conns:
@@ -427,10 +427,23 @@ def test_an_open_port_that_is_no_ray_head_is_refused_before_ray(reply: bytes | N
                               f"set another)")
 
 
+SETTINGS_FRAME = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64"  # MAX_CONCURRENT_STREAMS
+
+
 def test_a_port_that_answers_as_grpc_passes_the_address_check() -> None:
-    settings = b"\x00\x00\x06\x04\x00\x00\x00\x00\x00" + b"\x00\x03\x00\x00\x00\x64"  # MAX_CONCURRENT_STREAMS
-    with tcp_server(settings) as address:
+    with tcp_server(SETTINGS_FRAME) as address:
         check_ray_address(address, "--address", timeout_s=1.0)   # a real head: tests/test_cluster.py
+
+
+def test_an_ipv6_head_written_in_brackets_is_probed_at_its_address() -> None:
+    try:
+        probe = socket.create_server(("::1", 0), family=socket.AF_INET6)
+    except OSError:
+        pytest.skip("no IPv6 loopback here")
+    probe.close()
+    with tcp_server(SETTINGS_FRAME, host="::1") as address:
+        assert address.startswith("[::1]:")
+        check_ray_address(address, "--address", timeout_s=1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -645,7 +658,7 @@ def test_a_corpus_that_cannot_be_read_leaves_the_store_untouched(spec_dir: Path,
     assert not (spec_dir / "results").exists()
 
 
-@pytest.mark.parametrize("address", ["not an address", "localhost:abc", "http://127.0.0.1:6379", "host:70000"])
+@pytest.mark.parametrize("address", ["not an address", "localhost:abc", "http://127.0.0.1:6379", "host:70000", ""])
 def test_an_address_ray_cannot_use_is_one_line_before_ray(spec_dir: Path, capsys: pytest.CaptureFixture,
                                                           address: str) -> None:
     path = write_spec(spec_dir, BASE_SPEC)
