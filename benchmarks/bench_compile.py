@@ -10,6 +10,11 @@ median. Times are CPU seconds of this process and its children (compilation may 
 that on a shared machine time spent waiting for a core counts for neither side; wall seconds alongside.
 
     python -m benchmarks.bench_compile [--first 6] [--steps 8] [--slots 100000]
+
+With `--spec sweep.yaml` the model, training settings, corpus and step count are those of the spec's largest
+Engram trial (its memory experiment's top slot count), as `plan` builds it.
+
+    python -m benchmarks.bench_compile --spec sweep.yaml [--first 6] [--steps 8]
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8, help="steps per variant after that, interleaved")
     parser.add_argument("--slots", type=int, default=100_000)
     parser.add_argument("--max-bytes", type=int, default=4_000_000)
+    parser.add_argument("--spec", default=None, help="time this sweep spec's largest Engram trial instead")
     args = parser.parse_args()
     torch.set_num_threads(1)
     keep_large_buffers_in_heap()
@@ -52,11 +58,21 @@ def main() -> None:
 
     inductor_config.compile_threads = 1  # compile in this process (and waited-for compilers), so its CPU time counts
 
-    cfg = dataclasses.replace(ModelConfig(), memory=MemoryConfig(kind="engram", slots=args.slots))
-    train = TrainConfig(flops=DEFAULT_BUDGET)
+    if args.spec:
+        from sweeps.plan import Throughput, plan_sweep
+        from sweeps.spec import load_spec
+
+        spec = load_spec(args.spec)
+        trial = max((t for t in plan_sweep(spec, throughput=Throughput(1.0, 0.0, "not used"))
+                     if t.memory == "engram"), key=lambda t: (t.kind == "memory", t.slots))
+        cfg, train, data_cfg = trial.config.model, trial.config.train, spec.data
+        print(f"{args.spec}: {trial.experiment}, Engram {trial.slots} slots, seed {trial.seed}")
+    else:
+        cfg = dataclasses.replace(ModelConfig(), memory=MemoryConfig(kind="engram", slots=args.slots))
+        train, data_cfg = TrainConfig(flops=DEFAULT_BUDGET), DataConfig(max_bytes=args.max_bytes)
     precision = resolve_precision(train.precision, torch.device("cpu"))
     n_trial_steps = horizon_steps(train, flops_per_token(cfg), cfg.seq_len)
-    data = prepare_data(DataConfig(max_bytes=args.max_bytes), cfg.vocab_size, None, seq_len=cfg.seq_len)
+    data = prepare_data(data_cfg, cfg.vocab_size, None, seq_len=cfg.seq_len)
     compression = torch.as_tensor(build_compression(data.token_texts)) if data.token_texts else None
     gen = torch.Generator().manual_seed(0)
     batches = [sample_batch(data.train, train.batch_size, cfg.seq_len, gen) for _ in range(8)]
