@@ -70,7 +70,7 @@ CPU_EFFICIENCY = CPU_EFFICIENCY_BF16 / BF16_CPU_SPEEDUP
 # against 38.7-46.3 in that script, so an ETA from it carries about +-10%.
 TRIAL_OVER_STEP = 1.0
 TIMED_STEPS = 3
-# The timed ETA over the measured run, lowest and highest of the eleven runs it was checked against (docs/
+# The timed ETA over the measured run, lowest and highest of eleven readings over nine runs (docs/
 # benchmarks.md, "`plan`'s ETA against the trials it predicts"; D14, 2026-12-02: 0.74). The same lone step, timed
 # again minutes apart on one idle machine, read 126-163 ms (2026-12-03): the drift is the machine's, and timing
 # two copies at once (as a sweep runs them) did not narrow it, so the plan prints the range with its ETA.
