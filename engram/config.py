@@ -18,7 +18,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable, Literal, Mapping
 
 MEMORY_KINDS = ("engram", "overencoding", "none")
 DATA_FORMATS = ("auto", "stdlib", "text", "jsonl", "parquet", "tokens")
@@ -308,15 +308,21 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
         raise ConfigError(_join(path, str(err))) from None
 
 
-def check_keys(data: dict, allowed: Iterable[str], path: str, required: Iterable[str] = (), note: str = "") -> None:
+def check_keys(data: dict, allowed: Iterable[str], path: str, required: Iterable[str] = (), note: str = "",
+               elsewhere: Mapping[str, str] | None = None) -> None:
     """The keys of the mapping `data` at `path` against those it may hold (listed in the given order): the first
     unknown key, with the allowed key closest to it (a misspelt required key is named as written and as meant),
-    then the first missing `required` key (`note` ends that message)."""
+    then the first missing `required` key (`note` ends that message). `elsewhere` maps keys that exist but may not
+    be set here to why: a misspelling closest to one of them is pointed there (`train.step` -> 'steps', set by the
+    budget)."""
     allowed = list(allowed)
+    elsewhere = dict(elsewhere or {})
     unknown = sorted(str(k) for k in set(data) - set(allowed))
     if unknown:
-        close = difflib.get_close_matches(unknown[0], allowed, n=1)
+        close = difflib.get_close_matches(unknown[0], allowed + list(elsewhere), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
+        if close and close[0] in elsewhere:
+            hint = f"; did you mean {close[0]!r}? It is not set in a sweep spec: {elsewhere[close[0]]}"
         raise ConfigError(f"{_join(path, unknown[0])}: unknown key{hint} (expected one of {', '.join(allowed)})")
     for key in required:
         if key not in data:

@@ -348,7 +348,8 @@ def _parse_model(raw: Any) -> ModelConfig:
         for key, why in _MEMORY_PER_TRIAL.items():
             if key in raw["memory"]:
                 raise ConfigError(f"model.memory.{key}: not allowed in a sweep spec ({why})")
-        check_keys(raw["memory"], _settable(MemoryConfig, _MEMORY_PER_TRIAL), "model.memory")
+        check_keys(raw["memory"], _settable(MemoryConfig, _MEMORY_PER_TRIAL), "model.memory",
+                   elsewhere=_MEMORY_PER_TRIAL)
     model = from_dict(ModelConfig, raw, "model")
     # Validate the Engram shape now (a MemoryConfig of kind 'none' skips its checks); the slot count is a
     # stand-in large enough to pass the rows-per-table floor.
@@ -368,7 +369,7 @@ def _parse_train(raw: Any) -> TrainConfig:
         for key, why in _TRAIN_PER_TRIAL.items():
             if key in raw:
                 raise ConfigError(f"train.{key}: not allowed in a sweep spec ({why})")
-        check_keys(raw, _settable(TrainConfig, _TRAIN_PER_TRIAL), "train")
+        check_keys(raw, _settable(TrainConfig, _TRAIN_PER_TRIAL), "train", elsewhere=_TRAIN_PER_TRIAL)
         raw = {**raw, "steps": 1}  # placeholder horizon, replaced per trial by SweepSpec.trial_train
     return from_dict(TrainConfig, raw, "train")
 

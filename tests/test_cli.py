@@ -159,8 +159,14 @@ MALFORMED: list[tuple[str, Callable[[dict], None] | str, str]] = [
      "decay_fraction, device, engram_lr_mult, eval_interval, eval_tokens, grad_clip, lr, min_lr_ratio, precision, "
      "schedule, warmup_steps, weight_decay)"),
     ("unknown-memory-key", _set("model.memory", {"slotz": 100}),
-     "model.memory.slotz: unknown key (expected one of conv_kernel, d_head, hash_seed, layers, max_ngram, n_heads, "
-     "overencoding_mean, signed_sqrt, table_init_std)"),
+     "model.memory.slotz: unknown key; did you mean 'slots'? It is not set in a sweep spec: each experiment sets the "
+     "slot count (allocation: the solver; memory: `slots`) (expected one of conv_kernel, d_head, hash_seed, layers, "
+     "max_ngram, n_heads, overencoding_mean, signed_sqrt, table_init_std)"),
+    ("misspelt-horizon-key", _set("train.step", 100),
+     "train.step: unknown key; did you mean 'steps'? It is not set in a sweep spec: each experiment's budget sets "
+     "the horizon as train.flops (expected one of batch_size,"),
+    ("unknown-memory-key-far-from-all", _set("model.memory", {"rows": 100}),
+     "model.memory.rows: unknown key (expected one of conv_kernel,"),
     ("fault-without-match", _set("testing", {"fail_attempts": {"times": 2}}), "testing.fail_attempts.match: required"),
 ]
 
