@@ -313,8 +313,7 @@ def check_keys(data: dict, allowed: Iterable[str], path: str, required: Iterable
     """The keys of the mapping `data` at `path` against those it may hold (listed in the given order): the first
     unknown key, with the allowed key closest to it (a misspelt required key is named as written and as meant),
     then the first missing `required` key (`note` ends that message). `elsewhere` maps keys that exist but may not
-    be set here to why: a misspelling closest to one of them is pointed there (`train.step` -> 'steps', set by the
-    budget)."""
+    be set here to a sentence saying why: a misspelling closest to one of them is pointed there with it."""
     allowed = list(allowed)
     elsewhere = dict(elsewhere or {})
     unknown = sorted(str(k) for k in set(data) - set(allowed))
@@ -322,7 +321,7 @@ def check_keys(data: dict, allowed: Iterable[str], path: str, required: Iterable
         close = difflib.get_close_matches(unknown[0], allowed + list(elsewhere), n=1)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         if close and close[0] in elsewhere:
-            hint = f"; did you mean {close[0]!r}? It is not set in a sweep spec: {elsewhere[close[0]]}"
+            hint = f"; did you mean {close[0]!r}? {elsewhere[close[0]]}"
         raise ConfigError(f"{_join(path, unknown[0])}: unknown key{hint} (expected one of {', '.join(allowed)})")
     for key in required:
         if key not in data:

@@ -341,6 +341,11 @@ def _settable(cls: type, per_trial: Any) -> list[str]:
     return sorted(f.name for f in dataclasses.fields(cls) if f.name not in per_trial)
 
 
+def _not_settable(per_trial: Any) -> dict[str, str]:
+    """What a misspelling of a key each experiment sets is told (engram.config.check_keys's `elsewhere`)."""
+    return {key: f"It is not set in a sweep spec: {why}" for key, why in per_trial.items()}
+
+
 def _parse_model(raw: Any) -> ModelConfig:
     if raw is None:
         raw = {}
@@ -349,7 +354,7 @@ def _parse_model(raw: Any) -> ModelConfig:
             if key in raw["memory"]:
                 raise ConfigError(f"model.memory.{key}: not allowed in a sweep spec ({why})")
         check_keys(raw["memory"], _settable(MemoryConfig, _MEMORY_PER_TRIAL), "model.memory",
-                   elsewhere=_MEMORY_PER_TRIAL)
+                   elsewhere=_not_settable(_MEMORY_PER_TRIAL))
     model = from_dict(ModelConfig, raw, "model")
     # Validate the Engram shape now (a MemoryConfig of kind 'none' skips its checks); the slot count is a
     # stand-in large enough to pass the rows-per-table floor.
@@ -369,7 +374,7 @@ def _parse_train(raw: Any) -> TrainConfig:
         for key, why in _TRAIN_PER_TRIAL.items():
             if key in raw:
                 raise ConfigError(f"train.{key}: not allowed in a sweep spec ({why})")
-        check_keys(raw, _settable(TrainConfig, _TRAIN_PER_TRIAL), "train", elsewhere=_TRAIN_PER_TRIAL)
+        check_keys(raw, _settable(TrainConfig, _TRAIN_PER_TRIAL), "train", elsewhere=_not_settable(_TRAIN_PER_TRIAL))
         raw = {**raw, "steps": 1}  # placeholder horizon, replaced per trial by SweepSpec.trial_train
     return from_dict(TrainConfig, raw, "train")
 
