@@ -49,6 +49,7 @@ import torch
 import engram.trial
 from engram.moe import MoE
 from engram.trial import keep_large_buffers_in_heap, run_trial
+from scripts.measure_val_groups import codec_windows
 from sweeps.plan import Throughput, plan_sweep
 from sweeps.spec import load_spec
 
@@ -163,18 +164,6 @@ def _tail_load(model) -> float | None:
     return None if worst is None else round(worst, 3)
 
 
-def _val_document_names(data_cfg) -> list[str] | None:
-    """The validation documents' names in split order (stdlib and text corpora)."""
-    from engram import data as D
-    try:
-        src = D._resolve(data_cfg)
-        docs, _ = D._documents(data_cfg, src)
-    except (D.DataError, OSError):  # a corpus without named documents (e.g. a token file)
-        return None
-    is_val = D._split([n for n, _ in docs], data_cfg)
-    return [n for (n, _), v in zip(docs, is_val) if v]
-
-
 def _document_sets(train_tokens: np.ndarray, eot: int, n_docs: int, k: int, seq_len: int, eval_tokens: int,
                    seed: int = 2468) -> list[torch.Tensor]:
     """K sets of `n_docs` random training documents (joined with eot, as the splits are), each as the validation
@@ -220,15 +209,11 @@ def _probe(config, model, solve_iters: int = 0, docsets: int = 0) -> dict[str, f
            "probe_train1024_final_bias": load(sample_batch(data.train, 1024, config.model.seq_len,
                                                             torch.Generator().manual_seed(54321)))}
     # The validation windows outside the codec tables (encodings/*.py: 22% of the stdlib split's bytes at seed 0)
-    names = _val_document_names(config.data)
+    codec = codec_windows(config, data, len(val_NT))
     eot = data.eot_id
-    if names is not None and eot is not None:
-        starts = np.linspace(0, len(data.val) - config.model.seq_len - 1, len(val_NT)).round().astype(np.int64)
-        doc_of_pos = np.cumsum(np.asarray(data.val) == eot)  # documents joined with eot_id
-        keep = [i for i, s0 in enumerate(starts) if not names[min(doc_of_pos[s0], len(names) - 1)]
-                .startswith("encodings/")]
-        out["probe_val_no_codecs"] = load(val_NT[keep])
-        out["probe_val_codec_share"] = round(1 - len(keep) / len(val_NT), 3)
+    if codec is not None:
+        out["probe_val_no_codecs"] = load(val_NT[torch.from_numpy(~codec)])
+        out["probe_val_codec_share"] = round(float(codec.mean()), 3)
     final = [moe.bias.clone() for moe in moes]
     for moe in moes:
         moe.bias.copy_(torch.stack(moe.tail_bias).mean(0))

@@ -23,25 +23,35 @@ import torch
 import engram.trial
 from engram.data import prepare_data
 from engram.trial import evaluate, keep_large_buffers_in_heap, run_trial, validation_windows
-from scripts.measure_balance import _val_document_names
 from sweeps.plan import Throughput, plan_sweep
 from sweeps.spec import load_spec
 
 CODEC_PREFIX = "encodings/"
 
 
-def codec_window_mask(config) -> tuple[torch.Tensor, np.ndarray]:
-    """The trial's validation windows and, per window, whether it starts in a codec table."""
-    data = prepare_data(config.data, config.model.vocab_size, None, seq_len=config.model.seq_len)
-    windows_NT = validation_windows(data.val, config.model.seq_len, config.train.eval_tokens)
-    names = _val_document_names(config.data)
+def val_document_names(data_cfg) -> list[str] | None:
+    """The validation documents' names in split order (stdlib and text corpora; None for a corpus without named
+    documents, e.g. a token file)."""
+    from engram import data as D
+    try:
+        src = D._resolve(data_cfg)
+        docs, _ = D._documents(data_cfg, src)
+    except (D.DataError, OSError):
+        return None
+    is_val = D._split([n for n, _ in docs], data_cfg)
+    return [n for (n, _), v in zip(docs, is_val) if v]
+
+
+def codec_windows(config, data, n_windows: int) -> np.ndarray | None:
+    """Per validation window of the trial (engram.trial.validation_windows over `data`, the prepared data of
+    `config`), whether it starts in a codec table; None without named documents or an end-of-text id."""
+    names = val_document_names(config.data)
     if names is None or data.eot_id is None:
-        raise SystemExit("measure_val_groups: the corpus has no named documents")
+        return None
     val = np.asarray(data.val)
-    starts = np.linspace(0, len(val) - config.model.seq_len - 1, len(windows_NT)).round().astype(np.int64)
+    starts = np.linspace(0, len(val) - config.model.seq_len - 1, n_windows).round().astype(np.int64)
     doc_of = np.cumsum(val == data.eot_id)  # documents are joined with eot_id: the count before a position
-    codec = np.array([names[min(doc_of[s], len(names) - 1)].startswith(CODEC_PREFIX) for s in starts])
-    return windows_NT, codec
+    return np.array([names[min(doc_of[s], len(names) - 1)].startswith(CODEC_PREFIX) for s in starts])
 
 
 def select(trials, case: str):
@@ -78,7 +88,12 @@ def main(argv: list[str]) -> None:
         trial = select(trials, case)
         t0 = time.perf_counter()
         result = run_trial(trial.config)
-        windows_NT, codec = codec_window_mask(trial.config)
+        config = trial.config
+        data = prepare_data(config.data, config.model.vocab_size, None, seq_len=config.model.seq_len)
+        windows_NT = validation_windows(data.val, config.model.seq_len, config.train.eval_tokens)
+        codec = codec_windows(config, data, len(windows_NT))
+        if codec is None:
+            raise SystemExit("measure_val_groups: the corpus has no named documents")
         model = captured["model"]
         with torch.no_grad():
             loss = {name: evaluate(model, windows_NT[torch.from_numpy(mask)], 16, torch.device("cpu"))
