@@ -22,6 +22,7 @@ from typing import Any, Iterable, Literal, Mapping
 
 MEMORY_KINDS = ("engram", "overencoding", "none")
 DATA_FORMATS = ("auto", "stdlib", "text", "jsonl", "parquet", "tokens")
+DATA_SPLITS = ("documents", "folders")
 SCHEDULES = ("cosine", "wsd")
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("auto", "fp32", "bf16")
@@ -184,6 +185,10 @@ class DataConfig:
     "mix": the built-in generated corpus of knowledge and computation text (engram.mixcorpus), about `max_bytes`
     characters of it, `knowledge_share` of them knowledge, over a table of `mix_entities` entities drawn from
     `mix_seed`. The three mix fields apply to the mix corpus only (and enter trial ids only there: MIX_FIELDS).
+
+    split: "documents" holds out the round(val_fraction * n) documents with the smallest seeded hashes; "folders"
+    holds out about val_fraction of the characters of every folder (engram.data: a validation split that weighs
+    the corpus's folders as training does).
     """
 
     corpus: str = "stdlib"
@@ -191,6 +196,7 @@ class DataConfig:
     text_field: str = "text"
     val_fraction: float = 0.05
     split_seed: int = 0
+    split: Literal["documents", "folders"] = "documents"
     max_bytes: int | None = 16_000_000
     knowledge_share: float = 0.5
     mix_entities: int = 2000
@@ -198,6 +204,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _choice("format", self.format, DATA_FORMATS)
+        _choice("split", self.split, DATA_SPLITS)
         if not self.corpus:
             raise ConfigError("corpus: expected 'stdlib', 'mix' or a path, got an empty string")
         if not 0 < self.val_fraction < 0.5:
@@ -215,6 +222,8 @@ class DataConfig:
                 raise ConfigError(f"format: the generated corpus 'mix' takes format auto, got {self.format!r}")
             if self.max_bytes is None:
                 raise ConfigError("max_bytes: the generated corpus 'mix' needs a size in characters, got null")
+            if self.split != "documents":
+                raise ConfigError(f"split: the generated corpus 'mix' is split by documents, got {self.split!r}")
 
     @property
     def is_mix(self) -> bool:
@@ -357,12 +366,15 @@ def horizon_steps(train: TrainConfig, flops_per_token: float, seq_len: int) -> i
 
 def _hashed(plain: dict[str, Any]) -> dict[str, Any]:
     """The mapping `config_hash` hashes: a DataConfig (on its own or as a TrialConfig's `data`) without the
-    MIX_FIELDS unless its corpus is the mix corpus; a ModelConfig (on its own or as `model`) without the
+    MIX_FIELDS unless its corpus is the mix corpus and without `split` while it is "documents" (the only split
+    before 2026-12-03, so earlier trial ids stand); a ModelConfig (on its own or as `model`) without the
     HASH_OMITTED_AT_NONE fields that are None; a MemoryConfig (anywhere) without the OVERENCODING_FIELDS unless its
     kind is OverEncoding."""
     data = plain.get("data") if isinstance(plain.get("data"), dict) else plain
-    if "corpus" in data and all(f in data for f in MIX_FIELDS) and data["corpus"] != MIX_CORPUS:
-        stripped = {k: v for k, v in data.items() if k not in MIX_FIELDS}
+    if "corpus" in data and all(f in data for f in MIX_FIELDS):
+        stripped = {k: v for k, v in data.items()
+                    if not (k in MIX_FIELDS and data["corpus"] != MIX_CORPUS
+                            or k == "split" and v == "documents")}
         plain = stripped if data is plain else {**plain, "data": stripped}
     model = plain.get("model") if isinstance(plain.get("model"), dict) else plain
     if "memory" in model and isinstance(model["memory"], dict):

@@ -21,9 +21,12 @@ A corpus (`DataConfig.corpus`) is one of:
 and the last file taken is cut to fill the cap exactly; records of JSONL / Parquet files are taken from the start
 (a prefix, so a large file is not read whole); a token file keeps its first `max_bytes // itemsize` tokens.
 
-The split is by document: a document goes to validation when it ranks among the `round(val_fraction * n)`
-smallest blake2b hashes of (split_seed, its name), so the split depends on the seed and the names only (not on
-numpy's RNG streams). The tokenizer (`tokenizers` BPE over GPT-2 byte-level pre-tokenisation, one end-of-text
+The split is by document: with `split: documents` a document goes to validation when it ranks among the
+`round(val_fraction * n)` smallest blake2b hashes of (split_seed, its name), so the split depends on the seed and
+the names only (not on numpy's RNG streams). With `split: folders` the same hash order is walked folder by folder
+and each folder holds out about val_fraction of its characters (`_split`), so the validation split weighs the
+corpus's folders as training does: a few large documents of one folder (the stdlib's generated codec tables)
+cannot fill it (LOG.md, 2026-12-03). A token file's chunks share one folder. The tokenizer (`tokenizers` BPE over GPT-2 byte-level pre-tokenisation, one end-of-text
 special token, id 0) is trained on the training split only. Documents are joined with an end-of-text id after
 each one. Token ids are cached as `.npy` files (uint16 when the vocabulary fits) and opened memory-mapped.
 
@@ -275,7 +278,7 @@ def _documents(cfg: DataConfig, src: _Source) -> tuple[list[tuple[str, str]], bo
         for name, text in records:
             if budget <= 0:
                 truncated = True
-                break
+                continue
             data = text.encode()
             if len(data) > budget:
                 text = data[: int(budget)].decode("utf-8", errors="ignore")  # drop a cut multi-byte character
@@ -355,13 +358,38 @@ def _parquet_records(f: _File, text_field: str) -> Iterator[tuple[str, str]]:
 # Split, tokenizer, encoding
 
 
-def _split(names: list[str], cfg: DataConfig) -> np.ndarray:
-    """Boolean mask of validation documents: the round(val_fraction * n) smallest hashes of (seed, name)."""
+def _split(names: list[str], cfg: DataConfig, sizes: list[int] | None = None) -> np.ndarray:
+    """Boolean mask of validation documents (`sizes`: their characters, needed by the "folders" split).
+
+    "documents": the round(val_fraction * n) smallest hashes of (seed, name). "folders": within each top-level
+    folder (a name's first path component; names without one share a folder), documents in the order of those
+    hashes join validation when each brings the folder's validation characters nearer to val_fraction of its
+    characters than they are without it (a document that would overshoot by more is skipped, the walk goes on).
+    A folder never goes to validation whole (val_fraction < 0.5); when no folder holds a document out, the
+    smallest hash does. On the stdlib corpus the folder shares of the validation characters are then within a
+    total variation of 0.11 of training's over split seeds 0-19 (documents: 0.31-0.72), leaning to smaller
+    documents (LOG.md, 2026-12-03, D15).
+    """
     n = len(names)
-    n_val = min(max(1, round(cfg.val_fraction * n)), n - 1)
     order = sorted(range(n), key=lambda i: (_name_hash(str(cfg.split_seed), names[i]), i))
     is_val = np.zeros(n, dtype=bool)
-    is_val[order[:n_val]] = True
+    if cfg.split == "documents":
+        is_val[order[:min(max(1, round(cfg.val_fraction * n)), n - 1)]] = True
+        return is_val
+    assert sizes is not None and len(sizes) == n
+    folders: dict[str, list[int]] = {}
+    for i in order:
+        folders.setdefault(names[i].partition("/")[0] if "/" in names[i] else "", []).append(i)
+    for members in folders.values():
+        target = cfg.val_fraction * sum(sizes[i] for i in members)
+        held = 0
+        for i in members:
+            if held + sizes[i] / 2 >= target:  # |held + size - target| >= |held - target|
+                continue
+            is_val[i] = True
+            held += sizes[i]
+    if not is_val.any():
+        is_val[order[0]] = True
     return is_val
 
 
@@ -420,7 +448,8 @@ def prepare_data(cfg: DataConfig, vocab_size: int, cache_dir: Path | None = None
                         f"(256 bytes + end-of-text), got {vocab_size}")
     fingerprint = _fingerprint(cfg, src)
     vocab_size = int(vocab_size)
-    key_text = json.dumps([CACHE_VERSION, fingerprint, cfg.val_fraction, cfg.split_seed, vocab_size])
+    split = [cfg.val_fraction, cfg.split_seed] + ([cfg.split] if cfg.split != "documents" else [])
+    key_text = json.dumps([CACHE_VERSION, fingerprint, *split, vocab_size])
     key = hashlib.blake2b(key_text.encode(), digest_size=12).hexdigest()
     entry = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "data" / key
 
@@ -491,7 +520,7 @@ def _build_text(cfg: DataConfig, src: _Source, vocab_size: int, out: Path) -> di
     if len(docs) < MIN_DOCUMENTS:
         hint = " (a single text file is one document: pass a folder or a glob)" if src.format == "text" else ""
         raise DataError(str(_too_few(cfg, len(docs), "non-empty documents")) + hint)
-    is_val = _split([name for name, _ in docs], cfg)
+    is_val = _split([name for name, _ in docs], cfg, [len(text) for _, text in docs])
     train_texts = [text for (_, text), v in zip(docs, is_val) if not v]
     val_texts = [text for (_, text), v in zip(docs, is_val) if v]
 
@@ -536,7 +565,8 @@ def _build_tokens(cfg: DataConfig, src: _Source, vocab_size: int, out: Path) -> 
     if n_chunks < MIN_DOCUMENTS:
         raise DataError(f"{f.path}: holds {len(ids)} tokens, expected at least {TOKEN_CHUNK + 1} "
                         f"({MIN_DOCUMENTS} chunks of {TOKEN_CHUNK}, one per split)")
-    is_val = _split([f"chunk{i}" for i in range(n_chunks)], cfg)
+    is_val = _split([f"chunk{i}" for i in range(n_chunks)], cfg,
+                    [min(TOKEN_CHUNK, len(ids) - i * TOKEN_CHUNK) for i in range(n_chunks)])
     dtype = _id_dtype(vocab_size)
     chunks = [np.asarray(ids[i * TOKEN_CHUNK: (i + 1) * TOKEN_CHUNK], dtype=dtype) for i in range(n_chunks)]
     train = np.concatenate([c for c, v in zip(chunks, is_val) if not v])

@@ -60,7 +60,7 @@ def test_balance_aux_parses_is_recorded_and_keeps_old_trial_ids_while_off():
     # memory.overencoding_mean) existed.
     for plain in (to_dict(TrialConfig()), to_dict(from_dict(TrialConfig, {"data": {"corpus": "mix"}}))):
         del plain["model"]["balance_aux"], plain["model"]["balance_moments"]
-        del plain["model"]["memory"]["overencoding_mean"]
+        del plain["model"]["memory"]["overencoding_mean"], plain["data"]["split"]
         if plain["data"]["corpus"] != "mix":
             plain["data"] = {k: v for k, v in plain["data"].items()
                              if k not in ("knowledge_share", "mix_entities", "mix_seed")}
@@ -68,6 +68,19 @@ def test_balance_aux_parses_is_recorded_and_keeps_old_trial_ids_while_off():
         before = hashlib.sha256(text.encode()).hexdigest()[:16]
         assert config_hash(from_dict(TrialConfig, plain), "v9") == before
     assert config_hash(config, "v9") != config_hash(TrialConfig(), "v9")
+
+
+def test_split_enters_the_id_only_when_folders():
+    assert TrialConfig().data.split == "documents"
+    plain = to_dict(TrialConfig())
+    assert config_hash(from_dict(TrialConfig, plain)) == config_hash(TrialConfig())
+    folders = from_dict(TrialConfig, {"data": {"split": "folders"}})
+    assert folders.data.split == "folders" and from_dict(TrialConfig, to_dict(folders)) == folders
+    assert config_hash(folders) != config_hash(TrialConfig())
+    with pytest.raises(ConfigError, match=r"^trial\.data\.split: expected one of documents, folders"):
+        from_dict(TrialConfig, {"data": {"split": "chars"}}, "trial")
+    with pytest.raises(ConfigError, match=r"^trial\.data\.split: the generated corpus 'mix' is split by documents"):
+        from_dict(TrialConfig, {"data": {"corpus": "mix", "split": "folders"}}, "trial")
 
 
 def test_balance_moments_parses_and_enters_the_id_only_when_set():

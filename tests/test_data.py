@@ -17,7 +17,8 @@ import pytest
 from tokenizers import Tokenizer
 
 from engram.config import DataConfig
-from engram.data import DataError, TOKEN_CHUNK, _stdlib_files, corpus_fingerprint, prepare_data, stdlib_root
+from engram.data import (DataError, TOKEN_CHUNK, _documents, _resolve, _split, _stdlib_files, corpus_fingerprint,
+                         prepare_data, stdlib_root)
 
 VOCAB = 300
 WORDS = ("the cat sat on a mat while dogs ran past quick brown foxes jumping over lazy rivers and "
@@ -153,6 +154,58 @@ def test_split_is_document_level_deterministic_and_seeded(text_dir, tmp_path):
     assert len(val_docs) == 6 and len(train_docs) == 24 and not train_docs & val_docs
     other = prepare_data(DataConfig(corpus=str(text_dir), val_fraction=0.2, split_seed=1), VOCAB, tmp_path / "a")
     assert _markers(_decoded(other, other.val)) != val_docs
+
+
+def test_folders_split_holds_out_each_folders_share_of_characters(tmp_path):
+    # Three folders: a few large generated tables (as the stdlib's encodings/), many small files, and top-level
+    # files. The folder split holds out val_fraction of each folder's characters, within half a document.
+    root = tmp_path / "corpus"
+    sizes = {"tables": [6000] * 8, "code": [300 + 37 * i for i in range(40)], "": [900] * 20}
+    for folder, lengths in sizes.items():
+        (root / folder).mkdir(parents=True, exist_ok=True)
+        for i, n in enumerate(lengths):
+            (root / folder / f"{folder or 'top'}{i:03d}.txt").write_text(("w%d " % i * n)[:n], encoding="utf-8")
+    for seed in range(6):
+        cfg = DataConfig(corpus=str(root), val_fraction=0.1, split_seed=seed, split="folders")
+        docs, _ = _documents(cfg, _resolve(cfg))
+        names, lengths = [n for n, _ in docs], [len(t) for _, t in docs]
+        is_val = _split(names, cfg, lengths)
+        assert np.array_equal(is_val, _split(names, cfg, lengths))  # deterministic
+        for folder, folder_sizes in sizes.items():
+            member = [(n.partition("/")[0] if "/" in n else "") == folder for n in names]
+            held = sum(s for s, v, m in zip(lengths, is_val, member) if v and m)
+            assert abs(held - 0.1 * sum(folder_sizes)) <= max(folder_sizes) / 2, (seed, folder)
+            assert 0 < held < sum(folder_sizes)
+    other = _split(names, DataConfig(corpus=str(root), val_fraction=0.1, split_seed=1, split="folders"), lengths)
+    assert not np.array_equal(is_val, other)  # seeded
+    # The tables' share of the validation characters stays nearer their corpus share than by document count.
+    corpus_share = sum(sizes["tables"]) / sum(lengths)
+    off = {split: max(abs(_tables_share(names, lengths, _split(names, DataConfig(
+        corpus=str(root), val_fraction=0.1, split_seed=seed, split=split), lengths)) - corpus_share)
+        for seed in range(6)) for split in ("documents", "folders")}
+    assert off["folders"] < off["documents"], off
+
+
+def _tables_share(names, lengths, is_val) -> float:
+    held = sum(s for s, v in zip(lengths, is_val) if v)
+    return sum(s for s, v, n in zip(lengths, is_val, names) if v and n.startswith("tables/")) / held
+
+
+def test_folders_split_prepares_its_own_cache_entry(text_dir, tmp_path):
+    by_docs = prepare_data(DataConfig(corpus=str(text_dir), val_fraction=0.2), VOCAB, tmp_path / "cache")
+    by_folders = prepare_data(DataConfig(corpus=str(text_dir), val_fraction=0.2, split="folders"), VOCAB,
+                              tmp_path / "cache")
+    assert not by_folders.stats["cache_hit"] and by_folders.stats["cache_path"] != by_docs.stats["cache_path"]
+    train_docs, val_docs = _markers(_decoded(by_folders, by_folders.train)), _markers(_decoded(by_folders,
+                                                                                                by_folders.val))
+    assert len(train_docs | val_docs) == 30 and not train_docs & val_docs
+    # text_dir: 10 top-level documents and 20 in sub/, all of one size: 2 and 4 held out
+    assert sorted(int(m[6:9]) % 3 == 0 for m in val_docs) == [False] * 4 + [True] * 2
+    tokens = np.arange(3 * TOKEN_CHUNK, dtype=np.int32) % 50
+    np.save(tmp_path / "ids.npy", tokens)
+    chunks = prepare_data(DataConfig(corpus=str(tmp_path / "ids.npy"), val_fraction=0.3, split="folders"), 50,
+                          tmp_path / "cache")
+    assert len(chunks.val) == TOKEN_CHUNK and len(chunks.train) == 2 * TOKEN_CHUNK  # one folder of three chunks
 
 
 def test_second_prepare_is_a_cache_hit_with_identical_memmaps(text_dir, tmp_path):
