@@ -242,6 +242,7 @@ def _budget_table(runs: pd.DataFrame, usable: pd.DataFrame) -> pd.DataFrame:
 # The mix corpus (engram.mixcorpus): a U-curve per knowledge share, rho* against the share, per-kind losses
 
 SHARE_COL = "knowledge_share"
+MIX_ONLY_DATA = ("knowledge_share", "mix_entities", "mix_seed")  # engram.config.MIX_FIELDS (analysis imports no engram)
 KIND_LOSS_COLS = {"knowledge": "final_val_loss_knowledge", "computation": "final_val_loss_computation"}
 
 
@@ -661,8 +662,9 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
                    f"{len(runs)} trials recorded, {len(usable)} usable, {len(result.excluded)} excluded. "
                    f"Loss: `{LOSS_COL}` (nats/token on the held-out split). Intervals: {level} bootstrap "
                    "percentile intervals (seeds resampled, then points; points only for a single seed)."))
-    if data:
-        b.append(("p", "Data: " + ", ".join(f"{k} = `{v}`" for k, v in data.items())))
+    if data:  # the generated corpus's own fields only where it is that corpus (they enter no other trial's id)
+        b.append(("p", "Data: " + ", ".join(f"{k} = `{v}`" for k, v in data.items()
+                                            if k not in MIX_ONLY_DATA or data.get("corpus") == "mix")))
     if "experiments" in spec:
         b.append(("table", pd.DataFrame([{"experiment": e.get("name"), "kind": e.get("kind"),
                                           "definition": ", ".join(f"{k}={v}" for k, v in e.items()

@@ -38,7 +38,7 @@ def val_document_names(data_cfg) -> list[str] | None:
         docs, _ = D._documents(data_cfg, src)
     except (D.DataError, OSError):
         return None
-    is_val = D._split([n for n, _ in docs], data_cfg)
+    is_val = D._split([n for n, _ in docs], data_cfg, [len(t) for _, t in docs])
     return [n for (n, _), v in zip(docs, is_val) if v]
 
 

@@ -7,6 +7,7 @@ import math
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
 from analysis.report import analyse, split_usable, write_report
 from analysis.synthetic import PLANTED, write_synthetic_store
@@ -85,6 +86,21 @@ def _row(trial_id, experiment, rho, seed, loss, *, kind="allocation", status="ok
             "best_val_loss": loss, "train_loss": loss, "status": status, "error": error, "attempts": 1,
             "wall_seconds": 1.0, "tokens_per_second": 1.0, "device": "cpu", "host": "h", "versions": "{}",
             "git_commit": None, "started_at": "2026-11-29T00:00:00Z", "finished_at": "2026-11-29T00:00:01Z"}
+
+
+@pytest.mark.parametrize("corpus", ["stdlib", "mix"])
+def test_data_line_shows_the_mix_fields_only_for_the_mix_corpus(tmp_path, corpus):
+    store = ResultStore(tmp_path / "s")
+    store.write_spec(yaml.safe_dump({"name": "s", "data": {"corpus": corpus, "split": "folders",
+                                                          "knowledge_share": 0.5, "mix_entities": 2000,
+                                                          "mix_seed": 0}}))
+    curve = pd.DataFrame({"step": [0, 10], "tokens": [0, 1000], "train_loss": [5.0, 3.0],
+                          "val_loss": [math.nan, 3.0], "lr": [1e-3, 1e-4], "elapsed": [0.0, 1.0]})
+    store.write_trial(_row("one", "edge", 0.5, 0, 3.0), curve)
+    md = write_report(tmp_path / "s", tmp_path / "out", n_resamples=10).read_text()
+    (line,) = [ln for ln in md.splitlines() if ln.startswith("Data: ")]
+    assert f"corpus = `{corpus}`" in line and "split = `folders`" in line
+    assert ("knowledge_share" in line) == ("mix_entities" in line) == (corpus == "mix")
 
 
 @pytest.mark.slow
