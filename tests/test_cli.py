@@ -101,6 +101,7 @@ MALFORMED: list[tuple[str, Callable[[dict], None] | str, str]] = [
     ("unknown-model-key", _set("model.dmodel", 64), "model.dmodel: unknown key"),
     ("wrong-type", _set("model.d_model", "wide"), "model.d_model: expected an integer"),
     ("bad-head-split", _set("model.n_heads", 3), "model.n_heads: expected a divisor of d_model"),
+    ("bad-data-split", _set("data.split", "chars"), "data.split: expected one of documents, folders, got 'chars'"),
     ("rho-out-of-range", _set("experiments.0.rho", [0.0, 1.5]), "experiments[0].rho[1]: expected a number in [0, 1]"),
     ("rho-not-a-list", _set("experiments.0.rho", 0.5), "experiments[0].rho: expected a list"),
     ("rho-empty", _set("experiments.0.rho", []), "experiments[0].rho: expected a non-empty list"),
