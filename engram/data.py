@@ -278,7 +278,7 @@ def _documents(cfg: DataConfig, src: _Source) -> tuple[list[tuple[str, str]], bo
         for name, text in records:
             if budget <= 0:
                 truncated = True
-                continue
+                break
             data = text.encode()
             if len(data) > budget:
                 text = data[: int(budget)].decode("utf-8", errors="ignore")  # drop a cut multi-byte character

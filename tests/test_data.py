@@ -95,6 +95,11 @@ def test_jsonl_max_bytes_takes_a_prefix(tmp_path):
     whole = prepare_data(DataConfig(corpus=str(path), max_bytes=None), VOCAB, tmp_path / "cache")
     assert not whole.stats["truncated"] and whole.fingerprint != data.fingerprint
     assert corpus_fingerprint(DataConfig(corpus=str(path), max_bytes=path.stat().st_size)) == whole.fingerprint
+    # A prefix is read as one: records past the cap are never parsed (a broken line there is not an error).
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text(path.read_text() + "{not json\n")
+    capped = prepare_data(DataConfig(corpus=str(broken), max_bytes=max_bytes), VOCAB, tmp_path / "cache")
+    assert capped.stats["bytes_train"] + capped.stats["bytes_val"] == max_bytes
 
 
 def test_parquet_loads_with_text_column(tmp_path):
