@@ -24,10 +24,11 @@ and the last file taken is cut to fill the cap exactly; records of JSONL / Parqu
 The split is by document: with `split: documents` a document goes to validation when it ranks among the
 `round(val_fraction * n)` smallest blake2b hashes of (split_seed, its name), so the split depends on the seed and
 the names only (not on numpy's RNG streams). With `split: folders` the same hash order is walked folder by folder
-and each folder holds out about val_fraction of its characters (`_split`), so the validation split weighs the
-corpus's folders as training does: a few large documents of one folder (the stdlib's generated codec tables)
-cannot fill it (LOG.md, 2026-12-03). A token file's chunks share one folder. The tokenizer (`tokenizers` BPE over GPT-2 byte-level pre-tokenisation, one end-of-text
-special token, id 0) is trained on the training split only. Documents are joined with an end-of-text id after
+and each top-level folder holds out about val_fraction of its characters (`_split`), so the validation split
+weighs the corpus's folders as training does: a few large documents of one folder (the stdlib's generated codec
+tables) cannot fill it (LOG.md, 2026-12-03, D15). A token file's chunks share one folder. The tokenizer
+(`tokenizers` BPE over GPT-2 byte-level pre-tokenisation, one end-of-text special token, id 0) is trained on the
+training split only. Documents are joined with an end-of-text id after
 each one. Token ids are cached as `.npy` files (uint16 when the vocabulary fits) and opened memory-mapped.
 
 Cache entries live in `<cache_dir>/data/<key>/`, key = hash of (corpus fingerprint, split, vocabulary size,

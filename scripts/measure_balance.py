@@ -48,10 +48,8 @@ import torch
 
 import engram.trial
 from engram.moe import MoE
-from engram.trial import keep_large_buffers_in_heap, run_trial
-from scripts.measure_val_groups import codec_windows
-from sweeps.plan import Throughput, plan_sweep
-from sweeps.spec import load_spec
+from engram.trial import run_trial
+from scripts.measure_val_groups import codec_windows, sweep_trials
 
 
 def _rprop_update(self: MoE) -> None:
@@ -208,7 +206,7 @@ def _probe(config, model, solve_iters: int = 0, docsets: int = 0) -> dict[str, f
     out = {"probe_val_final_bias": load(val_NT), "probe_train_final_bias": load(train_NT),
            "probe_train1024_final_bias": load(sample_batch(data.train, 1024, config.model.seq_len,
                                                             torch.Generator().manual_seed(54321)))}
-    # The validation windows outside the codec tables (encodings/*.py: 22% of the stdlib split's bytes at seed 0)
+    # The validation windows outside the codec tables (encodings/*.py; scripts/measure_val_groups.py)
     codec = codec_windows(config, data, len(val_NT))
     eot = data.eot_id
     if codec is not None:
@@ -256,10 +254,7 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    torch.set_num_threads(1)
-    keep_large_buffers_in_heap()
-    trials = [t for t in plan_sweep(load_spec("sweep.yaml"), throughput=Throughput(1e9, 0, "-"))
-              if t.experiment == "allocation"]
+    trials = [t for t in sweep_trials() if t.experiment == "allocation"]
     for case in argv:
         name, _, rest = case.partition(":")
         try:

@@ -5,9 +5,9 @@
 A CASE is `allocation:rho=R,seed=S` or `memory:KIND[=SLOTS],seed=S` (KIND engram, overencoding or none) over the
 trials sweep.yaml plans. Each case retrains its trial (engram.trial.run_trial, one thread, deterministic on one
 machine) and prints one JSON line: the trial's final validation loss, and its final model's mean loss over the
-validation windows that start in a codec table (`encodings/*.py`: generated 256-entry tables, 34% of the default
-split's windows against ~11% of its training characters; LOG.md, V1) and over the other windows, with their
-counts. The windows are the trial's own (engram.trial.validation_windows); a window belongs to the document it
+validation windows that start in a codec table (`encodings/*.py`: generated 256-entry tables; 34% of D14's
+windows, split by document count, against ~11% of its training characters, LOG.md V1; 14% of D15's, split by
+folders) and over the other windows, with their counts. The windows are the trial's own (engram.trial.validation_windows); a window belongs to the document it
 starts in.
 """
 
@@ -54,6 +54,14 @@ def codec_windows(config, data, n_windows: int) -> np.ndarray | None:
     return np.array([names[min(doc_of[s], len(names) - 1)].startswith(CODEC_PREFIX) for s in starts])
 
 
+def sweep_trials() -> list:
+    """sweep.yaml's planned trials, with this process set for retraining them as a sweep does: one torch thread,
+    large buffers kept in the heap."""
+    torch.set_num_threads(1)
+    keep_large_buffers_in_heap()
+    return plan_sweep(load_spec("sweep.yaml"), throughput=Throughput(1e9, 0, "-"))
+
+
 def select(trials, case: str):
     experiment, _, rest = case.partition(":")
     kw = dict(item.split("=", 1) if "=" in item else (item, "") for item in rest.split(",") if item)
@@ -73,9 +81,7 @@ def main(argv: list[str]) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return
-    torch.set_num_threads(1)
-    keep_large_buffers_in_heap()
-    trials = plan_sweep(load_spec("sweep.yaml"), throughput=Throughput(1e9, 0, "-"))
+    trials = sweep_trials()
     captured: dict = {}
     set_rate = engram.trial.set_balance_rate
 
