@@ -328,3 +328,65 @@ def summarise_calibration(draws: pd.DataFrame, levels=(0.9, 0.95)) -> pd.DataFra
                                                  if interior.any() else float("nan"))
         out.append(rec)
     return pd.DataFrame(out)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Power of the verdict rule on a measured shape: "if these seed means were the truth, how often would N seeds
+# get each verdict?" (benchmarks/u_curve_power.py reads the shape off a results store)
+
+
+def measured_shape(rho: np.ndarray, loss: np.ndarray, seed: np.ndarray) -> tuple[np.ndarray, np.ndarray, float, float]:
+    """(rho values, mean loss at each minus the lowest mean, residual sd, seed-offset sd) of a complete rho x seed
+    table, read as an additive model loss = shape(rho) + offset(seed) + noise; the residual sd has
+    (n_rho - 1)(n_seeds - 1) degrees of freedom. Every seed must cover every rho once."""
+    table = pd.DataFrame({"rho": rho, "seed": seed, "loss": loss}).pivot_table(
+        index="rho", columns="seed", values="loss", aggfunc="count")
+    if table.isna().any().any() or (table != 1).any().any():
+        raise ValueError("measured_shape needs every seed at every rho exactly once")
+    grid = pd.DataFrame({"rho": rho, "seed": seed, "loss": loss}).pivot(index="rho", columns="seed", values="loss")
+    if grid.shape[0] < 2 or grid.shape[1] < 2:
+        raise ValueError("measured_shape needs at least 2 rho values and 2 seeds")
+    centred = grid.sub(grid.mean(axis=1), axis=0)
+    offsets = centred.mean(axis=0)
+    resid = centred.sub(offsets, axis=1).to_numpy()
+    dof = (grid.shape[0] - 1) * (grid.shape[1] - 1)
+    means = grid.mean(axis=1).to_numpy()
+    return (grid.index.to_numpy(dtype=float), means - means.min(), float(np.sqrt((resid ** 2).sum() / dof)),
+            float(offsets.std(ddof=1)))
+
+
+def shape_power(rho_points, shape, *, noise: float, offset_sd: float, seeds=(4, 8, 16), n_draws: int = 100,
+                n_resamples: int = 1000, methods=("cubic",), rng_seed: int = 0) -> pd.DataFrame:
+    """Per (method, seed count): the share of draws given each verdict when `shape` (loss above its minimum at
+    `rho_points`) is the truth, every seed trains every rho point, seeds differ by offsets of sd `offset_sd` and
+    trials by Gaussian noise of sd `noise`; and the median shares of resamples turning inward at each edge. The
+    report's fit (`fit_u_curve` defaults but `method` and `n_resamples`)."""
+    from analysis.fits import FitError, fit_u_curve
+
+    rho_points, shape = np.asarray(rho_points, dtype=float), np.asarray(shape, dtype=float)
+    rng = np.random.default_rng(rng_seed)
+    rows = []
+    for n_seeds in seeds:
+        for method in methods:
+            verdicts, p_lo, p_hi = [], [], []
+            for _ in range(n_draws):
+                rho = np.repeat(rho_points, n_seeds)
+                seed = np.tile(np.arange(n_seeds), len(rho_points))
+                loss = (3.0 + np.repeat(shape, n_seeds) + rng.normal(0.0, offset_sd, n_seeds)[seed]
+                        + rng.normal(0.0, noise, len(rho)))
+                try:
+                    fit = fit_u_curve(rho, loss, seed, method=method, n_resamples=n_resamples, rng=rng)
+                except FitError as err:
+                    verdicts.append(f"FitError: {err}")
+                    continue
+                verdicts.append(fit.verdict)
+                p_lo.append(fit.p_falls_at_lo)
+                p_hi.append(fit.p_rises_at_hi)
+            v = pd.Series(verdicts)
+            rec = {"method": method, "seeds": n_seeds, "draws": n_draws}
+            rec.update({k: float((v == k).mean()) for k in ("interior", "boundary", "concave", "flat", "too noisy")})
+            rec["fit errors"] = float(v.str.startswith("FitError").mean())
+            rec["median P(inward, low edge)"] = float(np.median(p_lo)) if p_lo else float("nan")
+            rec["median P(inward, high edge)"] = float(np.median(p_hi)) if p_hi else float("nan")
+            rows.append(rec)
+    return pd.DataFrame(rows)

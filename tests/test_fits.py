@@ -13,8 +13,8 @@ from analysis.fits import (LLAMA3_ISOFLOPS, DropReason, FitError, StartGrid, boo
                            fit_chinchilla, fit_chinchilla_table, fit_isoflop, fit_isoflop_table, fit_loglinear,
                            fit_optimum_scaling, fit_power_law, fit_power_law_table, fit_u_curve, fit_u_curve_table,
                            r2_from_seed_noise, single_threaded_blas)
-from analysis.synthetic import (U_CASES, detectability_calibration, null_calibration, planted_u_curve,
-                                summarise_calibration, u_curve_calibration)
+from analysis.synthetic import (U_CASES, detectability_calibration, measured_shape, null_calibration,
+                                planted_u_curve, shape_power, summarise_calibration, u_curve_calibration)
 from analysis.fits import _loaded_openblas  # the libraries whose setting the context manager changes
 
 RHO_GRID = np.array([0.0, 0.2, 0.4, 0.6, 0.8, 1.0])
@@ -362,6 +362,35 @@ def test_u_curve_verdicts_on_a_constant_truth_stay_near_the_two_tests_level():
     null = null_calibration(cases=((0.016, 5, 2),), offset_sds=(0.03,), n_draws=80, n_resamples=300)
     assert null.loc[0, "interior"] <= 0.05
     assert null.loc[0, "false claim"] <= 0.25
+
+
+def test_measured_shape_reads_the_additive_model_back():
+    """Seed means above the lowest, the residual sd and the seed offsets' sd of a complete rho x seed table."""
+    rng = np.random.default_rng(3)
+    points, truth = np.linspace(0, 1, 9), 0.08 * (np.linspace(0, 1, 9) - 0.6) ** 2
+    offsets = rng.normal(0, 0.01, 60)
+    rho, seed = np.repeat(points, 60), np.tile(np.arange(60), 9)
+    exact = measured_shape(rho, 3.0 + np.repeat(truth, 60) + offsets[seed], seed)
+    assert np.allclose(exact[0], points) and np.allclose(exact[1], truth - truth.min())
+    assert exact[2] == pytest.approx(0.0, abs=1e-12) and exact[3] == pytest.approx(offsets.std(ddof=1))
+    noisy = measured_shape(rho, 3.0 + np.repeat(truth, 60) + offsets[seed] + rng.normal(0, 0.004, len(rho)), seed)
+    assert noisy[2] == pytest.approx(0.004, rel=0.1)                       # 472 degrees of freedom
+    with pytest.raises(ValueError, match="every seed at every rho"):
+        measured_shape(rho[1:], np.ones(len(rho) - 1), seed[1:])
+
+
+def test_shape_power_counts_verdicts_on_a_planted_shape():
+    """A clear U gets "interior" from the cubic in most draws at 4 seeds; a shape where rho does nothing almost
+    never does; the table has one row per (method, seed count) and its verdict shares sum to 1."""
+    points = np.linspace(0, 1, 7)
+    u = shape_power(points, 0.3 * (points - 0.5) ** 2, noise=0.003, offset_sd=0.004, seeds=(4,), n_draws=30,
+                    n_resamples=200, methods=("cubic", "quadratic"))
+    assert list(zip(u["method"], u["seeds"])) == [("cubic", 4), ("quadratic", 4)]
+    assert (u["interior"] >= 0.8).all(), u
+    flat = shape_power(points, np.zeros(7), noise=0.003, offset_sd=0.004, seeds=(2, 4), n_draws=30, n_resamples=200)
+    assert (flat["interior"] <= 0.1).all(), flat
+    verdicts = flat[["interior", "boundary", "concave", "flat", "too noisy", "fit errors"]].sum(axis=1)
+    assert np.allclose(verdicts, 1.0)
 
 
 def test_u_curve_verdict_names_a_concave_fit_and_draws_no_u():
