@@ -42,16 +42,20 @@ def main() -> None:
     runs, _, _ = read_store(args.store)
     alloc = runs[(runs["kind"] == "allocation") & (runs["status"] == "ok")]
     for col, want in (("experiment", args.experiment), ("budget", args.budget)):
-        values = sorted(alloc[col].unique())
-        if want is None and len(values) != 1:
-            sys.exit(f"u_curve_power: --{col} needed, the store has {values}")
-        alloc = alloc[np.isclose(alloc[col], want) if col == "budget" and want is not None
-                      else alloc[col] == (values[0] if want is None else want)]
+        if want is None:
+            values = sorted(alloc[col].unique())
+            if len(values) != 1:
+                sys.exit(f"u_curve_power: --{col} needed, the store has "
+                         + ", ".join(f"{v:g}" if col == "budget" else str(v) for v in values))
+            want = values[0]
+        alloc = alloc[np.isclose(alloc[col].astype(float), want)] if col == "budget" else alloc[alloc[col] == want]
     if alloc.empty:
         sys.exit("u_curve_power: no finished allocation trial matches")
-    rho = alloc["rho"].round(6).to_numpy()  # the target rho: every seed shares it
-    points, shape, noise, offset_sd = measured_shape(rho, alloc["final_val_loss"].to_numpy(),
-                                                     alloc["seed"].to_numpy())
+    try:  # rho is the target rho, which every seed shares
+        points, shape, noise, offset_sd = measured_shape(alloc["rho"].to_numpy(), alloc["final_val_loss"].to_numpy(),
+                                                         alloc["seed"].to_numpy())
+    except ValueError as err:
+        sys.exit(f"u_curve_power: {err}")
     print(f"{args.store}: {len(alloc)} trials, {len(points)} rho x {alloc['seed'].nunique()} seeds; residual sd "
           f"{noise:.4f}, seed-offset sd {offset_sd:.4f}")
     print("shape (mean loss above the lowest mean): "
