@@ -49,8 +49,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):
         c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
         worker = c.add_node(num_cpus=1)
         c.wait_for_nodes()
-        warm_up(c.address, [c.head_node, worker])
         try:
+            warm_up(c.address, [c.head_node, worker])
             yield c, worker
         finally:
             c.shutdown()  # stops exactly the processes this fixture started
