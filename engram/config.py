@@ -187,8 +187,8 @@ class DataConfig:
     `mix_seed`. The three mix fields apply to the mix corpus only (and enter trial ids only there: MIX_FIELDS).
 
     split: "documents" holds out the round(val_fraction * n) documents with the smallest seeded hashes; "folders"
-    holds out about val_fraction of the characters of every top-level folder (engram.data: a validation split that weighs
-    the corpus's folders as training does).
+    holds out about val_fraction of the characters of every top-level folder (engram.data: a validation split that
+    weighs the corpus's folders as training does).
     """
 
     corpus: str = "stdlib"
@@ -328,8 +328,9 @@ def check_keys(data: dict, allowed: Iterable[str], path: str, required: Iterable
     unknown = sorted(str(k) for k in set(data) - set(allowed))
     if unknown:
         close = difflib.get_close_matches(unknown[0], allowed + list(elsewhere), n=1)
-        hint = f"; did you mean {close[0]!r}?" + (f" {elsewhere[close[0]]}" if close[0] in elsewhere else "") \
-            if close else ""
+        hint = ""
+        if close:
+            hint = f"; did you mean {close[0]!r}?" + (f" {elsewhere[close[0]]}" if close[0] in elsewhere else "")
         raise ConfigError(f"{_join(path, unknown[0])}: unknown key{hint} (expected one of {', '.join(allowed)})")
     for key in required:
         if key not in data:

@@ -28,8 +28,8 @@ and each top-level folder holds out about val_fraction of its characters (`_spli
 weighs the corpus's folders as training does: a few large documents of one folder (the stdlib's generated codec
 tables) cannot fill it (LOG.md, 2026-12-03, D15). A token file's chunks share one folder. The tokenizer
 (`tokenizers` BPE over GPT-2 byte-level pre-tokenisation, one end-of-text special token, id 0) is trained on the
-training split only. Documents are joined with an end-of-text id after
-each one. Token ids are cached as `.npy` files (uint16 when the vocabulary fits) and opened memory-mapped.
+training split only. Documents are joined with an end-of-text id after each one. Token ids are cached as `.npy`
+files (uint16 when the vocabulary fits) and opened memory-mapped.
 
 Cache entries live in `<cache_dir>/data/<key>/`, key = hash of (corpus fingerprint, split, vocabulary size,
 `CACHE_VERSION`). An entry is built in a temporary folder and renamed into place in one step, so concurrent

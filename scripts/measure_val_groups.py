@@ -7,8 +7,8 @@ trials sweep.yaml plans. Each case retrains its trial (engram.trial.run_trial, o
 machine) and prints one JSON line: the trial's final validation loss, and its final model's mean loss over the
 validation windows that start in a codec table (`encodings/*.py`: generated 256-entry tables; 34% of D14's
 windows, split by document count, against ~11% of its training characters, LOG.md V1; 14% of D15's, split by
-folders) and over the other windows, with their counts. The windows are the trial's own (engram.trial.validation_windows); a window belongs to the document it
-starts in.
+folders) and over the other windows, with their counts. The windows are the trial's own
+(engram.trial.validation_windows); a window belongs to the document it starts in.
 """
 
 from __future__ import annotations
