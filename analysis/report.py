@@ -712,7 +712,8 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
         for (experiment, budget), fits in result.u_curves.items():
             name, fit = default_u(fits)
             fallback = "" if name == DEFAULT_U else f" (the {DEFAULT_U} could not be fitted; the {name} stands in)"
-            b.append(("p", f"**{experiment} @ {_g(budget)} FLOPs**{fallback}: {_verdict_text(fit)}"))
+            power = f"python benchmarks/u_curve_power.py {store_dir} --experiment {experiment} --budget {_g(budget)}"
+            b.append(("p", f"**{experiment} @ {_g(budget)} FLOPs**{fallback}: {_verdict_text(fit, power)}"))
             caveat = _u_curve_fairness(result.usable, experiment, budget)
             if caveat:
                 b.append(("p", caveat))
@@ -910,7 +911,9 @@ def _levels_note(fits, quantities: str) -> str:
             "gain, slopes) are not affected.")
 
 
-def _verdict_text(fit: UCurveFit) -> str:
+def _verdict_text(fit: UCurveFit, power_command: str = "") -> str:
+    """The verdict in words. `power_command`: the command that estimates, on this sweep's shape, how many seeds an
+    edge-limited too-noisy verdict needs (named only then)."""
     seeds = " Single seed: the interval resamples points only." if fit.single_seed else ""
     text = f"{fit.verdict}: {fit.reason}."
     if fit.verdict == "interior":
@@ -935,7 +938,7 @@ def _verdict_text(fit: UCurveFit) -> str:
     else:
         text += f" No rho* is claimed (the curve's minimum, {fit.argmin}, is not an estimate of one)."
         if fit.verdict == "too noisy" and fit.seeds_for_fitted_gain is not None and fit.gain is not None:
-            text += " " + _what_is_unresolved(fit)
+            text += " " + _what_is_unresolved(fit, power_command)
     if fit.bootstrap.warning:
         text += f" WARNING: {fit.bootstrap.warning}."
     return text + seeds
@@ -980,9 +983,10 @@ def _law_reading(fit: PowerLawFit | LogLinearFit, usable: pd.DataFrame, experime
             f"{ll.n_points} trials){noise}; {tables}. {verdict}")
 
 
-def _what_is_unresolved(fit: UCurveFit) -> str:
+def _what_is_unresolved(fit: UCurveFit, power_command: str = "") -> str:
     """For a too-noisy U-curve with a fitted gain: the seeds that gain needs or, when the sweep already detects
-    a gain that size, which edge holds the verdict back and which way that edge leans."""
+    a gain that size, which edge holds the verdict back, which way that edge leans and (with `power_command`) the
+    command that estimates the seeds the edges need by simulation on this shape."""
     if fit.seeds_for_fitted_gain > fit.n_seeds:
         return (f"Resolving the fitted gain of {fit.gain.value:.3g} nats would take about "
                 f"{_seeds_text(fit.seeds_for_fitted_gain)} seeds.")
@@ -999,7 +1003,10 @@ def _what_is_unresolved(fit: UCurveFit) -> str:
                          f"of resamples, leaning to a minimum there rather than inside")
     return (f"The fitted gain of {fit.gain.value:.3g} nats is already above the smallest this sweep detects "
             f"({fit.detectable_gain:.3g}), so more seeds for the gain are not what it lacks: "
-            + "; ".join(edges) + f" (rule: {VERDICT_LEVEL:.0%} inward at both edges).")
+            + "; ".join(edges) + f" (rule: {VERDICT_LEVEL:.0%} inward at both edges)."
+            + (f" The seeds the edges need depend on the curve's shape, not only on the gain: `{power_command}` "
+               "estimates them from draws planted on this sweep's seed means (seconds to minutes)."
+               if power_command else ""))
 
 
 def _seeds_text(n: int | None) -> str:

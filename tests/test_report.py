@@ -244,10 +244,14 @@ def test_a_too_noisy_u_curve_says_what_holds_it_back():
     assert "would take about" not in text.split("No rho* is claimed")[1]
     assert "already above the smallest this sweep detects" in text
     assert "at the low edge (rho = 0) the loss falls toward the edge in" in text and "high edge (rho" not in text
+    assert "benchmarks/u_curve_power.py" not in text      # no command given, none named
+    command = "python benchmarks/u_curve_power.py results/d11 --experiment allocation --budget 2e+12"
+    assert f"`{command}` estimates them from draws planted on this sweep's seed means" in _verdict_text(fit, command)
     noisy = 3.0 + 0.01 * (rho - 0.6) ** 2 + np.random.default_rng(3).normal(0, 0.02, 10)
     fit = fit_u_curve(rho, noisy, seed, n_resamples=300)     # a small fitted gain: seeds are what it lacks
     assert fit.verdict == "too noisy" and fit.seeds_for_fitted_gain > fit.n_seeds
     assert f"would take about {fit.seeds_for_fitted_gain} seeds." in _verdict_text(fit)
+    assert "u_curve_power" not in _verdict_text(fit, "python benchmarks/u_curve_power.py x")  # the gain's count
 
 
 def test_an_interior_rho_star_whose_interval_reaches_an_edge_says_so():
