@@ -16,6 +16,7 @@ import datetime as dt
 import html
 import json
 import math
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
@@ -712,7 +713,7 @@ def _blocks(store_dir: Path, spec: dict, result: SweepAnalysis, figures: dict[st
         for (experiment, budget), fits in result.u_curves.items():
             name, fit = default_u(fits)
             fallback = "" if name == DEFAULT_U else f" (the {DEFAULT_U} could not be fitted; the {name} stands in)"
-            power = f"python benchmarks/u_curve_power.py {store_dir} --experiment {experiment} --budget {_g(budget)}"
+            power = _power_command(store_dir, experiment, budget)
             b.append(("p", f"**{experiment} @ {_g(budget)} FLOPs**{fallback}: {_verdict_text(fit, power)}"))
             caveat = _u_curve_fairness(result.usable, experiment, budget)
             if caveat:
@@ -909,6 +910,13 @@ def _levels_note(fits, quantities: str) -> str:
             "2 / 3 / 6 / 10 seeds, a power law's extrapolated loss 53% / 83% with 2 / 3; docs/analysis.md). "
             "Compare levels across sweeps only with that in mind; differences within this sweep (rho*, the "
             "gain, slopes) are not affected.")
+
+
+def _power_command(store_dir: Path | str, experiment: str, budget: float) -> str:
+    """The shell command that runs the seed-power study on one experiment and budget of a store, quoted so that it
+    can be pasted as printed (a store path with spaces or quotes in it)."""
+    args = ["python", "benchmarks/u_curve_power.py", str(store_dir), "--experiment", experiment, "--budget", _g(budget)]
+    return shlex.join(args)
 
 
 def _verdict_text(fit: UCurveFit, power_command: str = "") -> str:

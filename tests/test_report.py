@@ -3,6 +3,7 @@ stating verdicts, fitted laws with intervals and the excluded trials with their 
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -252,6 +253,19 @@ def test_a_too_noisy_u_curve_says_what_holds_it_back():
     assert fit.verdict == "too noisy" and fit.seeds_for_fitted_gain > fit.n_seeds
     assert f"would take about {fit.seeds_for_fitted_gain} seeds." in _verdict_text(fit)
     assert "u_curve_power" not in _verdict_text(fit, "python benchmarks/u_curve_power.py x")  # the gain's count
+
+
+def test_the_power_command_pastes_as_printed_for_any_store_path(tmp_path: Path):
+    """The report prints this command for the reader to paste: a store path with a space or a quote must come back
+    as one argument, and the command must name the experiment and budget as u_curve_power.py reads them."""
+    import shlex
+    from analysis.report import _power_command
+    store = tmp_path / "my results" / "it's here"
+    command = _power_command(store, "allocation", 9.6e12)
+    assert shlex.split(command) == ["python", "benchmarks/u_curve_power.py", str(store), "--experiment", "allocation",
+                                    "--budget", "9.6e+12"]
+    assert _power_command("results/d11", "allocation", 2e12) == ("python benchmarks/u_curve_power.py results/d11 "
+                                                                  "--experiment allocation --budget 2e+12")
 
 
 def test_an_interior_rho_star_whose_interval_reaches_an_edge_says_so():
