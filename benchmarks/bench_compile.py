@@ -114,7 +114,8 @@ def main() -> None:
     print(f"median step: eager {med['eager'] * 1e3:.0f} ms, compiled {med['compiled'] * 1e3:.0f} ms "
           f"(compiled / eager {med['compiled'] / med['eager']:.2f}); first {args.first} compiled steps "
           f"{sum(first):.1f} CPU s")
-    print(f"a default trial's {n_trial_steps} steps: eager {eager_trial:.0f} CPU s, compiled {compiled_trial:.0f} CPU s "
+    print(f"a default trial's {n_trial_steps} steps: eager {eager_trial:.0f} CPU s, "
+          f"compiled {compiled_trial:.0f} CPU s "
           f"(compiled / eager {compiled_trial / eager_trial:.2f}); load average now {os.getloadavg()[0]:.1f}")
 
 

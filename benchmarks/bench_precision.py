@@ -57,7 +57,8 @@ def main() -> None:
               f"{d:+10.4f}")
     for precision in ("fp32", "bf16"):
         losses = [results[s, precision].final_val_loss for s in args.seeds]
-        print(f"{precision}: mean {statistics.mean(losses):.4f}, seed spread (max - min) {max(losses) - min(losses):.4f}"
+        print(f"{precision}: mean {statistics.mean(losses):.4f}, "
+              f"seed spread (max - min) {max(losses) - min(losses):.4f}"
               f", sd {statistics.stdev(losses) if len(losses) > 1 else float('nan'):.4f}")
     print(f"paired bf16 - fp32: mean {statistics.mean(diffs):+.4f}, max |diff| {max(abs(d) for d in diffs):.4f}")
     for label, attr in (("wall seconds", "wall_seconds"), ("training tok/s", "tokens_per_second")):

@@ -67,7 +67,8 @@ def main() -> None:
         exp = next(e for e in spec.experiments if isinstance(e, MemoryExperiment))
         model = dataclasses.replace(spec.model, memory=memory_for_slots(spec.model, int(args.slots), exp.memory[0]))
         base = next(t for t in trials if t.experiment == exp.name)
-        cases.append((f"{exp.name}-{exp.memory[0]}-slots{int(args.slots)}", dataclasses.replace(base.config, model=model)))
+        cases.append((f"{exp.name}-{exp.memory[0]}-slots{int(args.slots)}",
+                      dataclasses.replace(base.config, model=model)))
     if args.tiny:
         from engram.config import from_dict
 

@@ -5,10 +5,10 @@ seed noise"; this script adds the seed sd that a target R^2 would need).
     PYTHONPATH=$PWD python scripts/r2_ceiling.py results/default
 
 For every memory experiment, kind and budget (the report's usable trials) with at least three slot counts (with
-two, a line meets both means whatever the law, and the report prints no R^2) and a repeated one, one line: the least-squares slope b and R^2 over the trials, the seed sd (within-slot-point spread,
-pooled), the sd of the fitted values over the trials, the R^2 to expect, var(fit) / (var(fit) + seed variance),
-and the seed sd at which that expectation would reach --target (default 0.9). A missing or empty store: one line
-on stderr, exit status 2.
+two, a line meets both means whatever the law, and the report prints no R^2) and a repeated one, one line: the
+least-squares slope b and R^2 over the trials, the seed sd (within-slot-point spread, pooled), the sd of the
+fitted values over the trials, the R^2 to expect, var(fit) / (var(fit) + seed variance), and the seed sd at which
+that expectation would reach --target (default 0.9). A missing or empty store: one line on stderr, exit status 2.
 """
 
 from __future__ import annotations

@@ -71,9 +71,10 @@ CPU_EFFICIENCY = CPU_EFFICIENCY_BF16 / BF16_CPU_SPEEDUP
 TRIAL_OVER_STEP = 1.0
 TIMED_STEPS = 3
 # The timed ETA over the measured run, lowest and highest of thirteen readings over eleven runs (docs/
-# benchmarks.md, "`plan`'s ETA against the trials it predicts"; D14, 2026-12-02: 0.74; MB1, 2026-12-03: 1.28). The same lone step, timed
-# again minutes apart on one idle machine, read 126-163 ms (2026-12-03): the drift is the machine's, and timing
-# two copies at once (as a sweep runs them) did not narrow it, so the plan prints the range with its ETA.
+# benchmarks.md, "`plan`'s ETA against the trials it predicts"; D14, 2026-12-02: 0.74; MB1, 2026-12-03: 1.28).
+# The same lone step, timed again minutes apart on one idle machine, read 126-163 ms (2026-12-03): the drift is
+# the machine's, and timing two copies at once (as a sweep runs them) did not narrow it, so the plan prints the
+# range with its ETA.
 TIMED_ETA_OVER_RUN = (0.74, 1.28)
 # Models whose step costs more than this (~2 s at the default's speed) or needs more memory are not timed at
 # plan time: the matmul calibration stands in.

@@ -222,7 +222,8 @@ def test_plan_prints_every_trial_and_marks_stored_ones(spec_dir: Path, capsys: p
     rows = [line for line in out.splitlines() if line.startswith(("alloc ", "mem "))]
     assert len(rows) == len(trials) == 3 * 2 + 2 * 2
     assert all(row.rstrip().endswith("no") for row in rows)
-    assert "ETA:" in out and "search: search, 3 Optuna trials over rho in [0, 1] at budget 1.50e+08 FLOPs (0 stored)" in out
+    assert "ETA:" in out
+    assert "search: search, 3 Optuna trials over rho in [0, 1] at budget 1.50e+08 FLOPs (0 stored)" in out
     assert "fairness (tolerance 0.5%)" in out and "peak mem" in out
     # The worst P_act deviation from the rho = 1 model, as the accounting has it, is printed and within tolerance.
     spec = load_spec(path)
@@ -291,7 +292,8 @@ def test_train_config_mistake_is_one_line(spec_dir: Path, capsys: pytest.Capture
     assert main(["train", "--config", str(path)]) == 2
     assert capsys.readouterr().err.strip() == ("engram-sweep: error: model.d_modle: unknown key; did you mean "
                                                "'d_model'? (expected one of "
-                                               "balance_aux, balance_moments, balance_rate, balance_travel, d_expert, d_ff_dense, d_model, memory, "
+                                               "balance_aux, balance_moments, balance_rate, balance_travel, "
+                                               "d_expert, d_ff_dense, d_model, memory, "
                                                "n_dense_layers, "
                                                "n_heads, n_layers, n_routed, n_shared_experts, rope_theta, seq_len, "
                                                "tie_embeddings, top_k, vocab_size)")
@@ -710,7 +712,8 @@ def test_output_folders_that_cannot_be_made_are_one_line(spec_dir: Path, capsys:
 ], ids=["report-out", "report", "status", "plan", "run-storage", "train-config", "train-checkpoint-dir",
         "train-cache-dir"])
 def test_an_empty_path_is_one_line_and_writes_nothing(spec_dir: Path, monkeypatch: pytest.MonkeyPatch,
-                                                      capsys: pytest.CaptureFixture, argv: list[str], name: str) -> None:
+                                                      capsys: pytest.CaptureFixture, argv: list[str],
+                                                      name: str) -> None:
     """Path("") is "." : `report --out ''` (an unset shell variable) wrote the report into the current folder."""
     path, store = store_every_trial(spec_dir, BASE_SPEC, n_search=3)   # every trial stored: `run` launches nothing
     here = spec_dir / "here"

@@ -207,7 +207,8 @@ def test_a_head_with_token_auth_refusing_the_driver_is_one_line(tmp_path):
     assert "Traceback" not in out.stderr
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith(f"engram-sweep: error: --address: Ray at 127.0.0.1:{port} refused this driver's token "
-                           f"(InvalidAuthToken). With token auth, every node and the driver need RAY_AUTH_MODE=token"), last
+                           f"(InvalidAuthToken). With token auth, every node and the driver need "
+                           f"RAY_AUTH_MODE=token"), last
     assert not (tmp_path / "results" / "auth" / "spec.yaml").exists()
 
 

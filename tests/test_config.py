@@ -6,7 +6,8 @@ from engram.config import ConfigError, MemoryConfig, TrainConfig, TrialConfig, c
 
 
 def test_round_trip_and_yaml_style_numbers():
-    config = from_dict(TrialConfig, {"model": {"memory": {"kind": "engram", "slots": "1e5"}}, "train": {"tokens": "1e6"}})
+    config = from_dict(TrialConfig, {"model": {"memory": {"kind": "engram", "slots": "1e5"}},
+                                     "train": {"tokens": "1e6"}})
     assert config.model.memory.slots == 100_000 and config.train.tokens == 1_000_000
     assert from_dict(TrialConfig, to_dict(config)) == config
 

@@ -89,7 +89,8 @@ def test_allocation_trials_hold_p_tot_and_move_rho(base_dir: Path) -> None:
 
 def test_memory_trials_keep_the_backbone(base_dir: Path) -> None:
     mem = [t for t in plan_sweep(spec_with(base_dir), throughput=FIXED) if t.experiment == "mem"]
-    assert {(t.memory, t.slots) for t in mem} == {(k, s) for k in ("engram", "overencoding") for s in (200, 2000, 20000)}
+    assert {(t.memory, t.slots) for t in mem} == {(k, s) for k in ("engram", "overencoding")
+                                                  for s in (200, 2000, 20000)}
     assert all(t.config.model.n_routed == TINY_MODEL["n_routed"] for t in mem)
     engram = sorted((t for t in mem if t.memory == "engram"), key=lambda t: t.slots)
     assert engram[0].counts.p_engram < engram[1].counts.p_engram < engram[2].counts.p_engram
