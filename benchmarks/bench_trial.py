@@ -44,7 +44,10 @@ of its plan (seed 0; allocation rho points, memory-free, Engram and OverEncoding
 vocabulary, fp32 and bf16 interleaved (and today's fp32 step on the first model), then the sweep's bf16 over fp32
 speed-up weighted by each model's tokens and seeds (what the sweep's wall time gains).
 
-    python -m benchmarks.bench_trial --spec sweep.yaml [--rounds 3] [--steps 3]
+    python -m benchmarks.bench_trial --spec sweep.yaml [--rounds 3] [--steps 3] [--profile]
+
+With `--profile` it then prints, per model and precision, where a step's time goes (the groups of the default's
+profile).
 """
 
 from __future__ import annotations
@@ -228,7 +231,7 @@ def main() -> None:
     if args.spec:
         heap = False if args.glibc_defaults else keep_large_buffers_in_heap()
         print(f"large buffers kept in the heap (glibc mallopt): {'yes' if heap else 'no'}")
-        spec_scan(args.spec, args.rounds, args.steps, args.cache_dir)
+        spec_scan(args.spec, args.rounds, args.steps, args.cache_dir, profile=args.profile)
         return
     heap = False if args.glibc_defaults else keep_large_buffers_in_heap()
     print(f"large buffers kept in the heap (glibc mallopt): {'yes' if heap else 'no'}")
@@ -362,9 +365,10 @@ def tied_vs_untied(base: ModelConfig, train: TrainConfig, tokens: np.ndarray, co
         print(f"{precision}: tied {1e3 * tied:.1f} ms, untied {1e3 * untied:.1f} ms, untied / tied {untied / tied:.3f}")
 
 
-def spec_scan(path: Path, n_rounds: int, n_steps: int, cache_dir: Path | None) -> None:
+def spec_scan(path: Path, n_rounds: int, n_steps: int, cache_dir: Path | None, *, profile: bool = False) -> None:
     """(s) and (a) on every distinct model a sweep spec plans (seed 0), with the spec's data, batch and vocabulary;
-    then the bf16 over fp32 speed-up of the whole sweep, each model weighted by its planned tokens x seeds."""
+    then the bf16 over fp32 speed-up of the whole sweep, each model weighted by its planned tokens x seeds.
+    `profile`: then, per model and precision, where a step's time goes (PROFILE_GROUPS, torch.profiler)."""
     from sweeps.plan import Throughput, plan_sweep
     from sweeps.spec import load_spec
 
@@ -419,6 +423,17 @@ def spec_scan(path: Path, n_rounds: int, n_steps: int, cache_dir: Path | None) -
     print(f"    the whole sweep's training steps (tokens x seeds per model), one thread: fp32 "
           f"{total['fp32'] / 60:.1f} min" + (f", bf16 {total['bf16'] / 60:.1f} min: bf16 over fp32 "
                                             f"{total['fp32'] / total['bf16']:.2f}" if "bf16" in total else ""))
+    if profile:
+        keys = [k for k in runs if k[1] in precisions]
+        breakdown = {k: dict(profile_breakdown(runs[k].run_step)) for k in keys}
+        groups = sorted({g for b in breakdown.values() for g in b}, key=lambda g: -sum(b.get(g, 0.0)
+                                                                                      for b in breakdown.values()))
+        print("\nwhere a step goes (self CPU ms per step, torch.profiler over 4 steps; share of the profiled step)")
+        for k in keys:
+            b = breakdown[k]
+            step = sum(b.values())
+            print(f"{k[0]} {k[1]} ({step:.0f} ms profiled): " + "; ".join(
+                f"{g} {b[g]:.1f} ({b[g] / step:.0%})" for g in groups if b.get(g, 0.0) >= 0.01 * step))
 
 
 if __name__ == "__main__":
