@@ -2,7 +2,8 @@
 
     PYTHONPATH=$PWD nice -n 19 python -m scripts.measure_balance CASE [CASE ...]
 
-A CASE is `name:key=value,...` over: rho (an allocation rho of sweep.yaml, default 1.0), seed (0), flops (the
+A CASE is `name:key=value,...` over: rho (an allocation rho of sweep.yaml, default 1.0), seed (0; a seed the sweep
+does not run trains its trial with that seed, as a sweep listing it would), flops (the
 spec's budget, 4e12; the experiment's tokens scale with it), aux (model.balance_aux, or none), travel
 (model.balance_travel, or none), rate (model.balance_rate), moments (model.balance_moments, or none), and the
 experiment-only variants below, which the library does not keep (LOG.md, 2026-11-30, "router balance, third
@@ -262,11 +263,12 @@ def main(argv: list[str]) -> None:
             rho, seed = float(kw.get("rho", 1.0)), int(kw.get("seed", 0))
         except ValueError:
             sys.exit(f"measure_balance: {case!r}: expected name:key=value,... (see --help)")
-        matches = [t for t in trials if abs(t.rho - rho) < 1e-9 and t.seed == seed]
+        matches = [t for t in trials if abs(t.rho - rho) < 1e-9]
         if not matches:
-            sys.exit(f"measure_balance: no allocation trial at rho={rho}, seed={seed} in sweep.yaml")
+            sys.exit(f"measure_balance: no allocation trial at rho={rho} in sweep.yaml")
+        matches = [t for t in matches if t.seed == seed] or matches  # a seed the sweep lacks: its trial, reseeded
         config = matches[0].config
-        model, train = config.model, config.train
+        model, train = config.model, dataclasses.replace(config.train, seed=seed)
         if "aux" in kw:
             model = dataclasses.replace(model, balance_aux=None if kw["aux"] == "none" else float(kw["aux"]))
         if "moments" in kw:
