@@ -153,8 +153,8 @@ def test_losing_the_worker_mid_sweep_is_survived(cluster, cache_dir, tmp_path):
         while time.monotonic() < deadline:
             # A trial actor lives on the worker and both trials (one per node) have checkpointed. Count trials, not
             # folders: a trial's new checkpoint is renamed in before its old one is removed, so for a moment one
-            # trial has two (<trial_id>.<n>); counting those once failed this test (.ci/run, 2026-12-03): the
-            # worker was killed before its own trial had checkpointed, and the retry started from scratch.
+            # trial has two (<trial_id>.<n>). Counted as two, the worker could be killed before its own trial had
+            # checkpointed, and the retry would start from scratch: the likely cause of one .ci/run failure (LOG.md).
             saved = {p.name.rsplit(".", 1)[0] for p in resume.iterdir()
                      if not p.name.startswith(".")} if resume.is_dir() else set()
             if trial_processes_under(raylet_pid) and len(saved) >= 2:
