@@ -1,12 +1,13 @@
 """Loss parity and trial wall time of bf16 against fp32: whole default-size trials, paired by seed.
 
-The trial is the default sweep's memory experiment at 1e5 Engram slots (sweep.yaml's backbone and budget,
-2e12 FLOPs), run once per seed in each precision with everything else equal; validation is fp32 in both
+The trial is the spec's largest Engram trial of its first memory experiment (sweep.yaml: 40,800 slots on the
+default's backbone and budget, as benchmarks/bench_gpu.py runs it on a GPU), or the one with `--slots` Engram
+slots, run once per seed in each precision with everything else equal; validation is fp32 in both
 (engram.trial.evaluate). Prints, per seed, the final validation loss of each and their difference, then the
 mean paired difference against the seed-to-seed spread of each precision, and the trials' wall and training
 times (tokens per second over training steps only). Trials run one after another on one torch thread.
 
-    python -m benchmarks.bench_precision [--seeds 0 1 2] [--slots 100000] [--spec sweep.yaml]
+    python -m benchmarks.bench_precision [--seeds 0 1 2] [--slots N] [--spec sweep.yaml]
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_gpu import trial_under_test
 from engram.trial import keep_large_buffers_in_heap, run_trial
 from sweeps.plan import Throughput, plan_sweep
 from sweeps.spec import load_spec
@@ -27,7 +29,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", type=Path, default=Path("sweep.yaml"))
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--slots", type=int, default=100_000)
+    parser.add_argument("--slots", type=int, default=None, help="default: the largest Engram trial")
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
@@ -35,7 +37,13 @@ def main() -> None:
 
     spec = load_spec(args.spec)
     planned = plan_sweep(spec, throughput=Throughput(1e9, 0.0, "unused"))
-    base = next(t for t in planned if t.kind == "memory" and t.memory == "engram" and t.slots == args.slots)
+    if args.slots is None:
+        base = trial_under_test(planned)
+    else:
+        base = next((t for t in planned if t.kind == "memory" and t.memory == "engram" and t.slots == args.slots),
+                    None)
+        if base is None:
+            parser.exit(2, f"bench_precision: --slots: no Engram trial of {args.spec} has {args.slots} slots\n")
     print(f"trial: {base.experiment}, engram {base.slots} slots, budget {base.budget:.3g} FLOPs, "
           f"{base.tokens} tokens, torch {torch.__version__}, 1 thread")
     results = {}

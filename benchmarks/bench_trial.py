@@ -97,14 +97,15 @@ class StepBench:
 
 
 def make_bench(cfg: ModelConfig, train: TrainConfig, tokens: np.ndarray, compression: torch.Tensor | None,
-               precision: str, n_batches: int = 8, model_cls: type[EngramMoE] = EngramMoE) -> StepBench:
+               precision: str, n_batches: int = 8, model_cls: type[EngramMoE] = EngramMoE,
+               device: torch.device | str = "cpu") -> StepBench:
     torch.manual_seed(0)
-    model = model_cls(cfg, compression)
+    model = model_cls(cfg, compression).to(device)
     model.train()
     dense_opt, sparse_opt = build_optimizers(model, train)
     params = [p for p in model.parameters() if p.requires_grad]
     gen = torch.Generator().manual_seed(0)
-    batches = [sample_batch(tokens, train.batch_size, cfg.seq_len, gen) for _ in range(n_batches)]
+    batches = [sample_batch(tokens, train.batch_size, cfg.seq_len, gen).to(device) for _ in range(n_batches)]
     state = {"i": 0}
 
     def run_step() -> None:
@@ -365,6 +366,18 @@ def tied_vs_untied(base: ModelConfig, train: TrainConfig, tokens: np.ndarray, co
         print(f"{precision}: tied {1e3 * tied:.1f} ms, untied {1e3 * untied:.1f} ms, untied / tied {untied / tied:.3f}")
 
 
+def planned_models(trials) -> dict[str, tuple[ModelConfig, float]]:
+    """Every distinct model of a plan (sweeps.plan.PlannedTrial list), by a label naming its experiment and point
+    ("allocation rho=0.5", "memory engram 7200", "memory none"), with the tokens of all its seeds."""
+    models: dict[str, tuple[ModelConfig, float]] = {}
+    for t in trials:
+        point = f"rho={t.rho:g}" if t.rho is not None else (f"{t.memory} {t.slots}" if t.memory != "none" else "none")
+        label = f"{t.experiment} {point}"
+        model, tokens = models.get(label, (t.config.model, 0.0))
+        models[label] = (model, tokens + t.tokens)
+    return models
+
+
 def spec_scan(path: Path, n_rounds: int, n_steps: int, cache_dir: Path | None, *, profile: bool = False) -> None:
     """(s) and (a) on every distinct model a sweep spec plans (seed 0), with the spec's data, batch and vocabulary;
     then the bf16 over fp32 speed-up of the whole sweep, each model weighted by its planned tokens x seeds.
@@ -373,13 +386,7 @@ def spec_scan(path: Path, n_rounds: int, n_steps: int, cache_dir: Path | None, *
     from sweeps.spec import load_spec
 
     spec = load_spec(path)
-    trials = plan_sweep(spec, throughput=Throughput(1.0, 0.0, "not used"))
-    models: dict[str, tuple[ModelConfig, float]] = {}  # label -> (model, tokens of all its seeds)
-    for t in trials:
-        point = f"rho={t.rho:g}" if t.rho is not None else (f"{t.memory} {t.slots}" if t.memory != "none" else "none")
-        label = f"{t.experiment} {point}"
-        model, tokens = models.get(label, (t.config.model, 0.0))
-        models[label] = (model, tokens + t.tokens)
+    models = planned_models(plan_sweep(spec, throughput=Throughput(1.0, 0.0, "not used")))
     train = dataclasses.replace(spec.train, steps=1)
     first = next(iter(models.values()))[0]
     data = prepare_data(spec.data, first.vocab_size, cache_dir, seq_len=first.seq_len)

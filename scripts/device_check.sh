@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Issue 9's GPU checks in one run, for a session lent a GPU machine (15 minutes of device time in all):
+# the gpu-marked tests, then benchmarks/bench_gpu.py on sweep.yaml (peaks, every planned model's step in fp32 and
+# bf16, the sweep's training time on the GPU, whole trials paired by seed, one CPU thread for reference).
+#
+#   bash scripts/device_check.sh            # from the repository root; ~5-7 min on an H200, data included
+#
+# It needs only python3 with torch (CUDA), numpy, PyYAML, pandas, tokenizers and pytest: the GPU machine's image
+# has them, and nothing here imports Ray or Optuna. Everything printed is also written under $OUT (or
+# /tmp/device_check), which the device tool brings back. Record the figures in docs/benchmarks.md ("GPU").
+set -uo pipefail
+OUT=${OUT:-/tmp/device_check}
+PY=${PYTHON:-python3}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1
+
+{
+    date -u
+    nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv 2>&1
+    "$PY" -c 'import torch, numpy, tokenizers, yaml, pandas; print("torch", torch.__version__, "cuda",
+torch.version.cuda, "gpu", torch.cuda.is_available(), "numpy", numpy.__version__, "tokenizers",
+tokenizers.__version__)'
+    nproc
+} 2>&1 | tee "$OUT/env.txt"
+
+# The three gpu-marked tests (CUDA forward against CPU, a CUDA bf16 step, a whole CUDA trial).
+timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+    tests/test_model.py tests/test_memory.py tests/test_trial.py 2>&1 | tee "$OUT/gpu_tests.txt"
+tests_rc=${PIPESTATUS[0]}
+
+timeout 400 "$PY" -m benchmarks.bench_gpu --spec sweep.yaml --device cuda --cpu-reference \
+    --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
+bench_rc=${PIPESTATUS[0]}
+
+echo "gpu tests exit $tests_rc, bench_gpu exit $bench_rc" | tee -a "$OUT/env.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
