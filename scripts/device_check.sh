@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Issue 9's GPU checks in one run, for a session lent a GPU machine (15 minutes of device time in all):
-# the gpu-marked tests, then benchmarks/bench_gpu.py on sweep.yaml (peaks, every planned model's step in fp32 and
-# bf16, the sweep's training time on the GPU, whole trials paired by seed, one CPU thread for reference).
+# the gpu-marked tests, `plan sweep.yaml` (its ETA timed on the GPU), then benchmarks/bench_gpu.py on sweep.yaml
+# (peaks, every planned model's step in fp32 and bf16, the sweep's training time on the GPU, whole trials paired
+# by seed, one CPU thread for reference).
 #
-#   bash scripts/device_check.sh            # from the repository root; ~5-7 min on an H200, data included
+#   bash scripts/device_check.sh     # from the repository root; at most 9 min (the timeouts below), so the
+#                                    # device tool's run can take it whole with timeout_s 590
 #
 # It needs only python3 with torch (CUDA), numpy, PyYAML, pandas, tokenizers and pytest: the GPU machine's image
 # has them, and nothing here imports Ray or Optuna. Everything printed is also written under $OUT (or
@@ -23,12 +25,15 @@ tokenizers.__version__)'
     nproc
 } 2>&1 | tee "$OUT/env.txt"
 
-# The three gpu-marked tests (CUDA forward against CPU, a CUDA bf16 step, a whole CUDA trial).
-timeout 150 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
-    tests/test_model.py tests/test_memory.py tests/test_trial.py 2>&1 | tee "$OUT/gpu_tests.txt"
+# The gpu-marked tests (CUDA forward against CPU, a CUDA bf16 step, a whole CUDA trial, plan's GPU timing).
+timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+    tests/test_model.py tests/test_memory.py tests/test_trial.py tests/test_plan.py 2>&1 | tee "$OUT/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
 
-timeout 400 "$PY" -m benchmarks.bench_gpu --spec sweep.yaml --device cuda --cpu-reference \
+# What `plan` says on a GPU machine (no Ray needed): its ETA from steps timed on the GPU.
+timeout 60 "$PY" -m sweeps.cli plan sweep.yaml 2>&1 | tail -4 | tee "$OUT/plan.txt"
+
+timeout 360 "$PY" -m benchmarks.bench_gpu --spec sweep.yaml --device cuda --cpu-reference \
     --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
 bench_rc=${PIPESTATUS[0]}
 

@@ -21,15 +21,20 @@ eval_tokens every eval_interval steps, and the effective FLOP/s of one trial is 
     FLOP/s of the fastest step, times TRIAL_OVER_STEP, the measured ratio of a sweep trial's throughput (two at
     once, checkpoints, Ray) to that lone step's; the experiments' rates combine as a harmonic mean (equal
     FLOPs each), or
-  * calibrated (GPU trials, or a step too large to time here): a short fp32 matmul of the trial's width on
-    `cpus_per_trial` threads (~0.15 s), times CPU_EFFICIENCY, the ratio of real trial throughput to that matmul
-    measured on this project's default models (d_model 128: about twice what a d_model 64 step reaches).
-The sweep's ETA is the sum over trials divided by the trials that run at once locally.
+  * timed on the GPU (trials that train on CUDA, `train.device` cuda or auto, planned on a machine that has it):
+    the same steps on the GPU, each timed to its end; no sweep-over-step factor (none measured on a GPU yet), or
+  * calibrated (a step too large to time here, or GPU trials planned on a machine without a GPU, where the
+    figure is a CPU's time and the plan says so): a short fp32 matmul of the trial's width on `cpus_per_trial`
+    threads (~0.15 s), times CPU_EFFICIENCY, the ratio of real trial throughput to that matmul measured on this
+    project's default models (d_model 128: about twice what a d_model 64 step reaches).
+The sweep's ETA is the sum over trials divided by the trials that run at once locally (CPUs over
+`cpus_per_trial`, GPUs over `gpus_per_trial` when that is set, and `max_concurrent`, as the launcher counts).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import statistics
 import time
@@ -265,6 +270,14 @@ def calibrate_throughput(spec: SweepSpec, runs: pd.DataFrame | None = None) -> T
     on_cpu = spec.train.device == "cpu" or (spec.train.device == "auto" and not torch.cuda.is_available())
     threads = max(1, int(spec.resources.cpus_per_trial))
     models = timing_models(spec)
+    if not on_cpu and torch.cuda.is_available() and models:
+        cuda = torch.device("cuda")
+        rates = {name: step_flops_per_second(m, spec.train, threads=threads, device=cuda)
+                 for name, m in models.items()}
+        rate = len(rates) / sum(1 / r for r in rates.values())
+        each = ", ".join(f"{name} {r / 1e9:.1f}" for name, r in rates.items())
+        return Throughput(rate, STARTUP_SECONDS, f"timed on {torch.cuda.get_device_name(cuda)}: training steps "
+                          f"at {each} GFLOP/s (a sweep's trials over a lone step: measured on CPUs only)")
     if models and on_cpu and all(step_flops(m, spec.train.batch_size) <= MAX_TIMED_STEP_FLOPS and
                                  timing_bytes(m, spec) <= MAX_TIMED_BYTES for m in models.values()):
         rates = {name: step_flops_per_second(m, spec.train, threads=threads) for name, m in models.items()}
@@ -276,8 +289,11 @@ def calibrate_throughput(spec: SweepSpec, runs: pd.DataFrame | None = None) -> T
     efficiency = CPU_EFFICIENCY
     if resolve_precision(spec.train.precision, torch.device("cpu")) == "bf16":
         efficiency *= BF16_CPU_SPEEDUP
-    return Throughput(peak * efficiency, STARTUP_SECONDS,
-                      f"calibrated: {peak / 1e9:.2f} GFLOP/s fp32 matmul x efficiency {efficiency:.3g}")
+    source = f"calibrated: {peak / 1e9:.2f} GFLOP/s fp32 matmul x efficiency {efficiency:.3g}"
+    if not on_cpu:  # train.device cuda, and no GPU here to time its steps on
+        source += (" on this machine's CPU; the trials train on a GPU this machine does not have, so this is a CPU's "
+                   "time for them, not theirs")
+    return Throughput(peak * efficiency, STARTUP_SECONDS, source)
 
 
 def timing_models(spec: SweepSpec) -> dict[str, ModelConfig]:
@@ -300,30 +316,34 @@ def timing_bytes(model: ModelConfig, spec: SweepSpec) -> int:
     return trial_footprint(TrialConfig(model=model, data=spec.data, train=spec.train), param_counts(model)).total
 
 
-def step_flops_per_second(model: ModelConfig, train: TrainConfig, *, threads: int) -> float:
+def step_flops_per_second(model: ModelConfig, train: TrainConfig, *, threads: int, device=None) -> float:
     """Training FLOP/s of `model`'s own optimiser step (engram.trial.train_step: forward, backward, clipping,
-    AdamW and SparseAdam, router biases) on `threads` CPU threads, in the precision `train` resolves to on the
-    CPU: random tokens, one warm-up step, then the fastest of TIMED_STEPS (on a shared machine the fastest is the
-    least disturbed)."""
+    AdamW and SparseAdam, router biases) on `threads` CPU threads, or on `device` (a torch.device; None: the CPU)
+    timed to the step's end, in the precision `train` resolves to there: random tokens, one warm-up step, then
+    the fastest of TIMED_STEPS (on a shared machine the fastest is the least disturbed)."""
     import torch
 
     from engram.model import EngramMoE
     from engram.trial import build_optimizers, resolve_precision, train_step
 
+    device = torch.device("cpu") if device is None else device
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with torch.random.fork_rng(devices=[]):
+        with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
             torch.manual_seed(0)
-            net = EngramMoE(model)
+            net = EngramMoE(model).to(device)
             dense_opt, sparse_opt = build_optimizers(net, train)
             params = [p for p in net.parameters() if p.requires_grad]
-            precision = resolve_precision(train.precision, torch.device("cpu"))
+            precision = resolve_precision(train.precision, device)
             best = float("inf")
             for i in range(1 + TIMED_STEPS):
-                batch = torch.randint(0, model.vocab_size, (train.batch_size, model.seq_len + 1))
+                batch = torch.randint(0, model.vocab_size, (train.batch_size, model.seq_len + 1)).to(device)
+                sync()
                 t0 = time.perf_counter()
                 train_step(net, batch, dense_opt, sparse_opt, params, lr=train.lr, train=train, precision=precision)
+                sync()
                 if i:  # the first step allocates the optimiser state and warms the allocator
                     best = min(best, time.perf_counter() - t0)
     finally:
@@ -355,8 +375,14 @@ def matmul_flops_per_second(d_model: int, n_tokens: int, *, threads: int) -> flo
 
 
 def parallel_slots(spec: SweepSpec) -> int:
-    """Trials running at once on this machine (an embedded local Ray)."""
-    n = max(1, int((os.cpu_count() or 1) // spec.resources.cpus_per_trial))
+    """Trials running at once on this machine (an embedded local Ray): its CPUs over cpus_per_trial, its GPUs
+    over gpus_per_trial when trials take GPUs, and max_concurrent, as the launcher counts them on a cluster."""
+    n = int((os.cpu_count() or 1) // spec.resources.cpus_per_trial)
+    if spec.resources.gpus_per_trial > 0:
+        import torch
+
+        n = min(n, math.floor(torch.cuda.device_count() / spec.resources.gpus_per_trial + 1e-9))
+    n = max(1, n)
     return min(n, spec.resources.max_concurrent) if spec.resources.max_concurrent else n
 
 

@@ -89,3 +89,18 @@ def test_bad_input_is_one_line_and_exit_2(args, message, capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+
+
+def test_the_device_check_script_parses_and_names_what_exists():
+    import re
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    script = root / "scripts" / "device_check.sh"
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    text = script.read_text()
+    for module in re.findall(r"-m ((?:benchmarks|sweeps)\.\w+)", text):
+        assert (root / (module.replace(".", "/") + ".py")).is_file(), module
+    for test_file in re.findall(r"tests/\w+\.py", text):
+        assert (root / test_file).is_file(), test_file
+        assert "pytest.mark.gpu" in (root / test_file).read_text(), f"{test_file} has no gpu-marked test"

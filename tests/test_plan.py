@@ -173,6 +173,50 @@ def test_a_step_too_large_to_time_falls_back_to_the_matmul_calibration(base_dir:
     assert calibrated.flops_per_second > 0 and calibrated.source.startswith("calibrated")
 
 
+def _on_gpu(raw: dict) -> None:
+    raw["train"]["device"] = "cuda"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_gpu_trials_planned_without_a_gpu_say_their_eta_is_a_cpus_time(base_dir: Path) -> None:
+    calibrated = calibrate_throughput(spec_with(base_dir, _on_gpu))
+    assert calibrated.source.startswith("calibrated") and "not theirs" in calibrated.source
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_gpu_trials_are_timed_on_the_gpu(base_dir: Path) -> None:
+    import torch
+
+    state = torch.cuda.get_rng_state()
+    timed = calibrate_throughput(spec_with(base_dir, _on_gpu))
+    assert timed.flops_per_second > 0 and timed.source.startswith(f"timed on {torch.cuda.get_device_name()}")
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("cpus, gpus, gpus_per_trial, max_concurrent, expected", [
+    (16, 0, 0.0, None, 16),   # CPU trials: one per core
+    (16, 2, 1.0, None, 2),    # one GPU each: as many as there are GPUs
+    (16, 2, 0.5, None, 4),    # half a GPU each: two per GPU
+    (16, 2, 0.5, 3, 3),       # and max_concurrent still caps
+    (3, 2, 0.25, None, 3),    # the CPUs can bind first
+    (16, 0, 1.0, None, 1),    # no GPU here: never below one (run refuses such a spec; the plan still prints)
+])
+def test_trials_at_once_count_gpus_as_the_launcher_does(base_dir: Path, monkeypatch, cpus, gpus, gpus_per_trial,
+                                                        max_concurrent, expected) -> None:
+    import torch
+
+    from sweeps.plan import parallel_slots
+
+    monkeypatch.setattr("os.cpu_count", lambda: cpus)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+
+    def change(raw: dict) -> None:
+        raw["resources"] = {"cpus_per_trial": 1, "gpus_per_trial": gpus_per_trial,
+                            "max_concurrent": max_concurrent}
+    assert parallel_slots(spec_with(base_dir, change)) == expected
+
+
 def test_trial_seconds_grow_with_the_budget(base_dir: Path) -> None:
     trials = plan_sweep(spec_with(base_dir), throughput=FIXED)
     small = next(t for t in trials if t.experiment == "alloc" and t.budget == 1.5e8)
