@@ -180,6 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{mfu:7.4f} {'' if speedup is None else f'{speedup:9.2f}'}")
             sweep_s[p] += tokens / b.tokens_per_step * s
     out["steps"] = rows
+    save(out, args.json)
     if args.cpu_reference:
         label = next(iter(models))
         threads = torch.get_num_threads()
@@ -197,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     # (3) the sweep's training steps on this device
     out["sweep_training_seconds"] = sweep_s
+    save(out, args.json)
     print(f"(3) the sweep's training steps ({len(planned)} trials, one at a time): " + ", ".join(
         f"{p} {sweep_s[p] / 60:.1f} min" for p in precisions) + " (evaluation, data and start-up not included)")
 
@@ -220,10 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
                 trials[seed, p] = {"seed": seed, "precision": p, "final_val_loss": r.final_val_loss,
                                    "wall_seconds": r.wall_seconds, "tokens_per_second": r.tokens_per_second,
                                    "steps": r.steps, "tokens": r.tokens, "peak_device_bytes": mem}
+                out["trials"] = list(trials.values())
+                save(out, args.json)
                 print(f"    seed {seed} {p}: final val {r.final_val_loss:.4f}, wall {r.wall_seconds:.1f} s, "
                       f"{r.tokens_per_second / 1e3:.1f}k tok/s over training steps"
                       + (f", peak {mem / 2**20:.0f} MiB on the device" if mem is not None else ""), flush=True)
-        out["trials"] = list(trials.values())
         for p in precisions:
             losses = [trials[s, p]["final_val_loss"] for s in args.seeds]
             print(f"    {p}: mean {statistics.mean(losses):.4f}, seed spread (max - min) "
@@ -233,9 +236,14 @@ def main(argv: list[str] | None = None) -> dict:
             out["paired_bf16_minus_fp32"] = diffs
             print(f"    paired bf16 - fp32: {', '.join(f'{d:+.4f}' for d in diffs)} (mean "
                   f"{statistics.mean(diffs):+.4f})")
-    if args.json:
-        args.json.write_text(json.dumps(out, indent=1))
+    save(out, args.json)
     return out
+
+
+def save(out: dict, path: Path | None) -> None:
+    """Write what is measured so far (each phase adds to it), so a run cut short by a time limit keeps it."""
+    if path is not None:
+        path.write_text(json.dumps(out, indent=1))
 
 
 if __name__ == "__main__":

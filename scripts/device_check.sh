@@ -2,7 +2,8 @@
 # Issue 9's GPU checks in one run, for a session lent a GPU machine (15 minutes of device time in all):
 # the gpu-marked tests, `plan sweep.yaml` (its ETA timed on the GPU), then benchmarks/bench_gpu.py on sweep.yaml
 # (peaks, every planned model's step in fp32 and bf16, the sweep's training time on the GPU, whole trials paired
-# by seed, one CPU thread for reference).
+# by seed, one CPU thread for reference), and, where the host CPU has native bf16, benchmarks/bench_trial.py
+# --spec sweep.yaml beside it.
 #
 #   bash scripts/device_check.sh     # from the repository root; at most 9 min (the timeouts below), so the
 #                                    # device tool's run can take it whole with timeout_s 590
@@ -26,9 +27,21 @@ tokenizers.__version__)'
 } 2>&1 | tee "$OUT/env.txt"
 
 # The gpu-marked tests (CUDA forward against CPU, a CUDA bf16 step, a whole CUDA trial, plan's GPU timing).
-timeout 120 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
+timeout 100 "$PY" -m pytest -q -m gpu -p no:cacheprovider -o addopts="" \
     tests/test_model.py tests/test_memory.py tests/test_trial.py tests/test_plan.py 2>&1 | tee "$OUT/gpu_tests.txt"
 tests_rc=${PIPESTATUS[0]}
+
+# The host's CPU, when it multiplies bf16 natively (AVX512_BF16 or AMX; these project machines mostly do not):
+# issue 9's CPU figures on the default's own models (bf16 over fp32 per model, MFU), one thread, in the
+# background on another core while the GPU is measured.
+cpu_pid=
+if grep -qE 'avx512_bf16|amx_bf16' /proc/cpuinfo; then
+    timeout 300 "$PY" -m benchmarks.bench_trial --spec sweep.yaml --rounds 2 --steps 3 \
+        > "$OUT/bench_trial_cpu.txt" 2>&1 &
+    cpu_pid=$!
+else
+    echo "host CPU without AVX512_BF16 or AMX: no CPU bf16 figures" > "$OUT/bench_trial_cpu.txt"
+fi
 
 # What `plan` says on a GPU machine (no Ray needed): its ETA from steps timed on the GPU.
 timeout 60 "$PY" -m sweeps.cli plan sweep.yaml 2>&1 | tail -4 | tee "$OUT/plan.txt"
@@ -37,5 +50,11 @@ timeout 360 "$PY" -m benchmarks.bench_gpu --spec sweep.yaml --device cuda --cpu-
     --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
 bench_rc=${PIPESTATUS[0]}
 
-echo "gpu tests exit $tests_rc, bench_gpu exit $bench_rc" | tee -a "$OUT/env.txt"
-[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
+cpu_rc=0
+if [ -n "$cpu_pid" ]; then
+    wait "$cpu_pid"; cpu_rc=$?
+    cat "$OUT/bench_trial_cpu.txt"
+fi
+
+echo "gpu tests exit $tests_rc, bench_gpu exit $bench_rc, bench_trial (CPU bf16) exit $cpu_rc" | tee -a "$OUT/env.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ] && [ "$cpu_rc" -eq 0 ]
