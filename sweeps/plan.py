@@ -21,8 +21,8 @@ eval_tokens every eval_interval steps, and the effective FLOP/s of one trial is 
     FLOP/s of the fastest step, times TRIAL_OVER_STEP, the measured ratio of a sweep trial's throughput (two at
     once, checkpoints, Ray) to that lone step's; the experiments' rates combine as a harmonic mean (equal
     FLOPs each), or
-  * timed on the GPU (trials that train on CUDA, `train.device` cuda or auto, planned on a machine that has it):
-    the same steps on the GPU, each timed to its end; no sweep-over-step factor (none measured on a GPU yet), or
+  * timed on the GPU (trials given GPUs by `gpus_per_trial`, planned on a machine that has one): the same steps
+    on the GPU, each timed to its end; no sweep-over-step factor (none measured on a GPU yet), or
   * calibrated (a step too large to time here, or GPU trials planned on a machine without a GPU, where the
     figure is a CPU's time and the plan says so): a short fp32 matmul of the trial's width on `cpus_per_trial`
     threads (~0.15 s), times CPU_EFFICIENCY, the ratio of real trial throughput to that matmul measured on this
@@ -267,7 +267,8 @@ def calibrate_throughput(spec: SweepSpec, runs: pd.DataFrame | None = None) -> T
 
     from engram.trial import resolve_precision
 
-    on_cpu = spec.train.device == "cpu" or (spec.train.device == "auto" and not torch.cuda.is_available())
+    # A trial trains on a GPU only when Ray gives it one (sweeps.launcher.worker.hide_gpus_not_given).
+    on_cpu = spec.train.device == "cpu" or spec.resources.gpus_per_trial == 0
     threads = max(1, int(spec.resources.cpus_per_trial))
     models = timing_models(spec)
     if not on_cpu and torch.cuda.is_available() and models:
@@ -290,7 +291,7 @@ def calibrate_throughput(spec: SweepSpec, runs: pd.DataFrame | None = None) -> T
     if resolve_precision(spec.train.precision, torch.device("cpu")) == "bf16":
         efficiency *= BF16_CPU_SPEEDUP
     source = f"calibrated: {peak / 1e9:.2f} GFLOP/s fp32 matmul x efficiency {efficiency:.3g}"
-    if not on_cpu:  # train.device cuda, and no GPU here to time its steps on
+    if not on_cpu:  # trials given GPUs, and no GPU here to time their steps on
         source += (" on this machine's CPU; the trials train on a GPU this machine does not have, so this is a CPU's "
                    "time for them, not theirs")
     return Throughput(peak * efficiency, STARTUP_SECONDS, source)

@@ -313,6 +313,9 @@ def _parse(raw: Any, base_dir: Path) -> SweepSpec:
     model = _parse_model(raw.get("model"))
     train = _parse_train(raw.get("train"))
     resources = from_dict(Resources, raw.get("resources"), "resources")
+    if train.device == "cuda" and resources.gpus_per_trial == 0:
+        raise ConfigError("train.device: cuda needs resources.gpus_per_trial above 0 (a trial sees only the GPUs "
+                          "Ray gives it; a fraction shares one)")
     testing = from_dict(Testing, raw.get("testing"), "testing")
 
     experiments_raw = raw["experiments"]

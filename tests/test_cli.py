@@ -127,6 +127,8 @@ MALFORMED: list[tuple[str, Callable[[dict], None] | str, str]] = [
     ("glob-matches-nothing", _set("data.corpus", "corpus/*.md"), "data.corpus: no file matches"),
     ("cpus-out-of-range", _set("resources.cpus_per_trial", 0), "resources.cpus_per_trial: expected a positive"),
     ("gpus-out-of-range", _set("resources.gpus_per_trial", 1.5), "resources.gpus_per_trial: expected 0, a fraction"),
+    ("cuda-without-gpus", _set("train.device", "cuda"),
+     "train.device: cuda needs resources.gpus_per_trial above 0 (a trial sees only the GPUs Ray gives it"),
     ("retries-out-of-range", _set("resources.max_retries", -1), "resources.max_retries: expected an integer in 0..100"),
     ("bad-name", _set("name", "my sweep!"), "name: expected up to 100 letters, digits"),
     ("horizon-in-train", _set("train.steps", 100), "train.steps: not allowed in a sweep spec"),
@@ -774,6 +776,7 @@ def test_a_second_run_on_a_store_in_use_is_refused(spec_dir: Path, capsys: pytes
 def test_a_spec_that_needs_a_gpu_is_refused_on_a_machine_without_one(spec_dir: Path, capsys: pytest.CaptureFixture,
                                                                      field: str, value: Any) -> None:
     spec = copy.deepcopy(BASE_SPEC)
+    _set("resources.gpus_per_trial", 1)(spec)  # train.device cuda needs it (else refused when the spec is read)
     _set(field, value)(spec)
     assert main(["run", str(write_spec(spec_dir, spec))]) == 2
     assert one_line(capsys.readouterr().err) == (f"engram-sweep: error: {field}: asks for a GPU, but this machine has "

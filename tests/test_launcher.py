@@ -177,3 +177,26 @@ def test_search_never_retrains_a_model_the_sweep_already_has(ray_env, cache_dir,
     runs = store.runs()
     assert len(runs) == 7 and runs["n_routed"].nunique() == 7
     assert (runs["experiment"] == "alloc").sum() == 4 and (runs["experiment"] == "search").sum() == 3
+
+
+def test_a_trial_sees_only_the_gpus_ray_gave_it(ray_env):
+    # Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone in a worker that asked for no GPU; the trainable empties it, so a
+    # `train.device: auto` trial with gpus_per_trial 0 stays on its CPUs. A Ray told it has one (fake) GPU shows
+    # both sides on a machine without any.
+    import os
+
+    import ray
+
+    from sweeps.launcher.worker import hide_gpus_not_given
+
+    def visible() -> str | None:
+        hide_gpus_not_given()
+        return os.environ.get("CUDA_VISIBLE_DEVICES")
+
+    ray.init(num_cpus=1, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    try:
+        assert ray.get(ray.remote(num_gpus=0)(visible).remote()) == ""
+        assert ray.get(ray.remote(num_gpus=1)(visible).remote()) == "0"
+        assert ray.get(ray.remote(num_gpus=0)(visible).remote()) == ""  # a worker reused after a GPU task too
+    finally:
+        ray.shutdown()

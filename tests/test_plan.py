@@ -175,6 +175,14 @@ def test_a_step_too_large_to_time_falls_back_to_the_matmul_calibration(base_dir:
 
 def _on_gpu(raw: dict) -> None:
     raw["train"]["device"] = "cuda"
+    raw["resources"] = {"gpus_per_trial": 1}
+
+
+@pytest.mark.parametrize("device", ["auto", "cpu"])
+def test_trials_given_no_gpu_are_timed_on_the_cpu(base_dir: Path, device: str) -> None:
+    def change(raw: dict) -> None:
+        raw["train"]["device"] = device
+    assert calibrate_throughput(spec_with(base_dir, change)).source.startswith("timed: training steps")
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")

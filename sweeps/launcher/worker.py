@@ -44,7 +44,17 @@ class Payload:
     fail: FailAttempts | None
 
 
+def hide_gpus_not_given() -> None:
+    """A trial sees only the GPUs Ray gave it. Ray 2.60 leaves CUDA_VISIBLE_DEVICES alone in a worker that asked
+    for no GPU (older Rays emptied it), so with `resources.gpus_per_trial: 0` every trial with `train.device: auto`
+    on a GPU node would find the node's GPUs and train on cuda:0, all of them at once. Emptying it before torch
+    touches CUDA keeps them on the CPUs Ray counted for them. A worker given GPUs is left as Ray set it."""
+    if not ray.get_gpu_ids():
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
 def trainable(tune_config: dict[str, Any], payload: Payload) -> None:
+    hide_gpus_not_given()  # first: before anything in this worker can initialise CUDA
     import torch
 
     from engram.trial import keep_large_buffers_in_heap, run_trial
