@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 9's GPU checks in one run, for a session lent a GPU machine (15 minutes of device time in all):
-# the gpu-marked tests, `plan sweep.yaml` (its ETA timed on the GPU), then benchmarks/bench_gpu.py on sweep.yaml
+# the gpu-marked tests, `plan` on sweep.yaml with a GPU per trial (its ETA timed on the GPU), then benchmarks/bench_gpu.py on sweep.yaml
 # (peaks, every planned model's step in fp32 and bf16, the sweep's training time on the GPU, whole trials paired
 # by seed, one CPU thread for reference), and, where the host CPU has native bf16, benchmarks/bench_trial.py
 # --spec sweep.yaml beside it.
@@ -43,8 +43,11 @@ else
     echo "host CPU without AVX512_BF16 or AMX: no CPU bf16 figures" > "$OUT/bench_trial_cpu.txt"
 fi
 
-# What `plan` says on a GPU machine (no Ray needed): its ETA from steps timed on the GPU.
-timeout 60 "$PY" -m sweeps.cli plan sweep.yaml 2>&1 | tail -4 | tee "$OUT/plan.txt"
+# What `plan` says on a GPU machine (no Ray needed): its ETA from steps timed on the GPU. sweep.yaml gives its
+# trials no GPU (gpus_per_trial 0 keeps them on CPUs), so plan a copy that gives each trial one.
+sed 's/^  gpus_per_trial: 0 /  gpus_per_trial: 1 /' sweep.yaml > "$OUT/sweep_gpu.yaml"
+grep -q '^  gpus_per_trial: 1 ' "$OUT/sweep_gpu.yaml" || echo "device_check: sweep.yaml has no 'gpus_per_trial: 0' line to set to 1"
+timeout 60 "$PY" -m sweeps.cli plan "$OUT/sweep_gpu.yaml" 2>&1 | tail -4 | tee "$OUT/plan.txt"
 
 timeout 360 "$PY" -m benchmarks.bench_gpu --spec sweep.yaml --device cuda --cpu-reference \
     --json "$OUT/bench_gpu.json" 2>&1 | tee "$OUT/bench_gpu.txt"
