@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Issue 9's GPU checks in one run, for a session lent a GPU machine (15 minutes of device time in all):
-# the gpu-marked tests, `plan` on sweep.yaml with a GPU per trial (its ETA timed on the GPU), then benchmarks/bench_gpu.py on sweep.yaml
-# (peaks, every planned model's step in fp32 and bf16, the sweep's training time on the GPU, whole trials paired
-# by seed, one CPU thread for reference), and, where the host CPU has native bf16, benchmarks/bench_trial.py
-# --spec sweep.yaml beside it.
+# the gpu-marked tests, `plan` on sweep.yaml with a GPU per trial (its ETA timed on the GPU), then
+# benchmarks/bench_gpu.py on sweep.yaml (peaks, every planned model's step in fp32 and bf16, the sweep's training
+# time on the GPU, whole trials paired by seed, one CPU thread for reference), and, where the host CPU has native
+# bf16, benchmarks/bench_trial.py --spec sweep.yaml beside it.
 #
 #   bash scripts/device_check.sh     # from the repository root; at most 9 min (the timeouts below), so the
 #                                    # device tool's run can take it whole with timeout_s 590
