@@ -45,8 +45,8 @@ fi
 
 # What `plan` says on a GPU machine (no Ray needed): its ETA from steps timed on the GPU. sweep.yaml gives its
 # trials no GPU (gpus_per_trial 0 keeps them on CPUs), so plan a copy that gives each trial one.
-sed 's/^  gpus_per_trial: 0 /  gpus_per_trial: 1 /' sweep.yaml > "$OUT/sweep_gpu.yaml"
-grep -q '^  gpus_per_trial: 1 ' "$OUT/sweep_gpu.yaml" || echo "device_check: sweep.yaml has no 'gpus_per_trial: 0' line to set to 1"
+"$PY" -c 'import sys, yaml; s = yaml.safe_load(open("sweep.yaml")); s["resources"]["gpus_per_trial"] = 1
+yaml.safe_dump(s, sys.stdout, sort_keys=False)' > "$OUT/sweep_gpu.yaml"
 timeout 60 "$PY" -m sweeps.cli plan "$OUT/sweep_gpu.yaml" 2>&1 | tail -4 | tee "$OUT/plan.txt"
 
 timeout 360 "$PY" -m benchmarks.bench_gpu --spec sweep.yaml --device cuda --cpu-reference \
